@@ -1,0 +1,225 @@
+"""Typed, frozen run configuration.
+
+An experiment is a Python file in ``experiments/`` whose ``get_config()`` returns a
+:class:`Config`. The command line overrides any field by its dotted name
+(``--sft.optim.learning_rate=3e-4``) through ``tyro``; the resolved config is written to
+``<workdir>/config.json`` and read back with :func:`config_from_dict`, which rejects
+unknown and ill-typed fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import dacite
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. ``family`` picks the block layout:
+
+    - ``gpt2``: learned positions, LayerNorm, GELU MLP, biases everywhere, tied embeddings.
+    - ``llama``: RoPE, RMSNorm, SwiGLU MLP, no biases (``qkv_bias`` for Qwen2), grouped-query
+      attention through ``n_kv_heads``, usually an untied head.
+    """
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 256
+    max_len: int = 256  # learned position table size (gpt2); cache bound for decoding
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # llama family only (Qwen2 sets it); gpt2 always has biases
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # residual and embedding dropout while training
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False  # recompute each block in the backward pass to save memory
+    attention_impl: Literal["xla", "cudnn", "default"] = "default"  # default: let JAX pick
+    hf_path: str | None = None  # a local HF checkpoint directory to start from
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.family == "gpt2" and self.kv_heads != self.n_heads:
+            raise ConfigError("model.n_kv_heads: the gpt2 family has no grouped-query attention")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over ``('data', 'fsdp', 'tensor')``; one axis may be -1 (fill)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """``task``: the embedded task's tokenizer; ``hf``: ``AutoTokenizer`` from local ``path``."""
+
+    kind: Literal["task", "hf"] = "task"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the paper's betas and a cosine decay to ``final_lr_fraction`` of peak."""
+
+    learning_rate: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.1
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    grad_accum_steps: int = 1  # micro-batches per optimiser update
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 100  # optimiser steps between checkpoints
+    keep: int = 2  # checkpoints kept on disk
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a stage's examples come from and how they are batched.
+
+    Paths are JSONL files, or ``task:<name>`` for a set the embedded task writes into the
+    run directory (for example ``task:demonstrations``).
+    """
+
+    train_path: str = "task:demonstrations"
+    val_path: str | None = "task:demonstrations_val"
+    batch_size: int = 16  # global batch, across all processes
+    max_len: int = 64  # every batch is [batch_size, max_len]: nothing recompiles
+    packing: bool = False  # pack several examples per row (segment ids keep them apart)
+    shuffle: bool = True
+    on_too_long: Literal["truncate", "error"] = "truncate"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations (paper: 16 epochs, dropout 0.2)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    epochs: int = 2
+    max_steps: int | None = None  # cap on optimiser steps; None: run all epochs
+    dropout: float = 0.0
+    eval_every: int = 50  # optimiser steps between validation passes
+    log_every: int = 10
+    init_from: str | None = None  # an export directory to start from; None: fresh init
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: the model, the mesh and each stage's settings."""
+
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        return self
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Builds a :class:`Config` from a dict, rejecting unknown and ill-typed fields."""
+    try:
+        cfg = dacite.from_dict(Config, data, config=dacite.Config(strict=True, cast=[tuple]))
+    except dacite.DaciteError as err:
+        raise ConfigError(f"{source}: invalid config: {err}") from err
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | pathlib.Path) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    return config_from_dict(data, source=str(path))
+
+
+def load_experiment(path: str | pathlib.Path) -> Config:
+    """Imports an experiment file and returns its ``get_config()``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no experiment file at {path}")
+    spec = importlib.util.spec_from_file_location(f"rlhf_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: an experiment file must define get_config() -> Config")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
+    return cfg
+
+
+def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
+    """Applies ``--dotted.field=value`` overrides; unknown or ill-typed fields exit with an error."""
+    import tyro
+
+    if not args:
+        return cfg.validate()
+    new = tyro.cli(Config, default=cfg, args=list(args),
+                   config=(tyro.conf.FlagConversionOff,), prog="rlhf-jax")
+    return new.validate()

@@ -1,0 +1,56 @@
+"""Heads on the shared :class:`Decoder`: next-token logits, or one scalar per token.
+
+Both keep the decoder under the parameter name ``backbone``, so a reward or value model
+starts from an SFT export by copying ``params['backbone']``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.transformer import Decoder, KVCache, _dense
+
+
+class LanguageModel(nn.Module):
+    """Returns (logits ``[B, T, V] f32``, cache)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.backbone = Decoder(self.cfg)
+        if not self.cfg.tie_embeddings:
+            self.lm_head = _dense(self.cfg.vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 deterministic: bool = True):
+        hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic)
+        if self.cfg.tie_embeddings:
+            logits = self.backbone.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32), cache
+
+
+class ScalarModel(nn.Module):
+    """The decoder with the unembedding replaced by a scalar head (reward or value).
+
+    Returns (scalars ``[B, T] f32``: one per position, cache). The head's ``bias`` is the
+    reward offset the RM stage sets so that demonstrations score mean 0.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.backbone = Decoder(self.cfg)
+        self.head = nn.Dense(
+            1, dtype=jnp.float32, param_dtype=jnp.dtype(self.cfg.param_dtype),
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "scalar")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("scalar",)))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 deterministic: bool = True):
+        hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic)
+        return self.head(hidden.astype(jnp.float32))[..., 0], cache

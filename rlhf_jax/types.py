@@ -1,0 +1,58 @@
+"""Struct dataclasses passed into and out of jitted steps (pytrees, never tuples)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes.
+
+    step: ``[] int32`` optimiser steps taken; rng: a typed PRNG key (per-step keys are
+    ``fold_in(rng, step)``, so resuming at step n replays the same randomness).
+    """
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+
+
+@struct.dataclass
+class TokenBatch:
+    """A batch of token rows, all ``[B, T]``.
+
+    tokens: int32 token ids (padding is ``pad_id``);
+    loss_mask: float32, 1 where the token at that position is a training target
+      (response tokens and EOS for SFT; every text token but a segment's first for LM data);
+    segment_ids: int32, which example of the row each token belongs to, 0 for padding;
+    positions: int32, position of each token within its example.
+    """
+
+    tokens: Array
+    loss_mask: Array
+    segment_ids: Array
+    positions: Array
+
+
+@struct.dataclass
+class RankingBatch:
+    """Comparison data: K responses per prompt, each a full (prompt + response) row.
+
+    tokens, segment_ids, positions: ``[B, K, T]``; last_index: ``[B, K] int32``, position of
+    each response's last token (where the reward is read); ranks: ``[B, K] int32`` (0 =
+    best, equal = tie); mask: ``[B, K] bool``, real responses (K varies by prompt).
+    """
+
+    tokens: Array
+    segment_ids: Array
+    positions: Array
+    last_index: Array
+    ranks: Array
+    mask: Array
