@@ -1,0 +1,149 @@
+"""Validating readers for the JSONL interchange files.
+
+One record per line; empty lines are skipped. Schemas (``kind``):
+
+- ``demonstrations``: ``{"prompt": str, "response": str}``
+- ``text``: ``{"text": str}`` (pretraining text)
+- ``prompts``: ``{"prompt": str}``
+- ``comparisons``: ``{"prompt": str, "responses": [str, ...], "ranks": [int, ...]}`` with
+  2 <= K <= 9 responses, 0 = best, equal ranks = tie; or pairwise
+  ``{"prompt": str, "chosen": str, "rejected": str}``, read as K=2 with ranks ``[0, 1]``.
+
+Unknown extra fields are ignored (labeling tools add metadata). Every bad record raises
+:class:`DataError` naming the file, the 1-based line and what is wrong, e.g.
+``demos.jsonl:17: field "response" is empty``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable, Iterator, Literal
+
+Kind = Literal["demonstrations", "text", "prompts", "comparisons"]
+KINDS: tuple[str, ...] = ("demonstrations", "text", "prompts", "comparisons")
+MIN_RESPONSES, MAX_RESPONSES = 2, 9  # the paper's labelers rank 4..9; pairwise data has 2
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message names file and line."""
+
+
+class _RecordError(Exception):
+    """Raised inside a validator; the reader prefixes ``file:line``."""
+
+
+def _string(obj: dict, name: str, *, allow_empty: bool = False) -> str:
+    if name not in obj:
+        raise _RecordError(f'missing field "{name}"')
+    value = obj[name]
+    if not isinstance(value, str):
+        raise _RecordError(f'field "{name}" must be a string, got {type(value).__name__}')
+    # A whitespace-only response tokenises to nothing: as useless as an empty one.
+    if not allow_empty and not value.strip():
+        raise _RecordError(f'field "{name}" is empty')
+    return value
+
+
+def _list(obj: dict, name: str) -> list:
+    if name not in obj:
+        raise _RecordError(f'missing field "{name}"')
+    value = obj[name]
+    if not isinstance(value, list):
+        raise _RecordError(f'field "{name}" must be a list, got {type(value).__name__}')
+    return value
+
+
+def _demonstration(obj: dict) -> dict[str, Any]:
+    # An empty prompt is legal: the response is then trained unconditionally.
+    return {"prompt": _string(obj, "prompt", allow_empty=True),
+            "response": _string(obj, "response")}
+
+
+def _text(obj: dict) -> dict[str, Any]:
+    return {"text": _string(obj, "text")}
+
+
+def _prompt(obj: dict) -> dict[str, Any]:
+    # The sampler needs at least one prompt token to start from.
+    return {"prompt": _string(obj, "prompt")}
+
+
+def _comparison(obj: dict) -> dict[str, Any]:
+    prompt = _string(obj, "prompt", allow_empty=True)
+    if "responses" not in obj and ("chosen" in obj or "rejected" in obj):
+        return {"prompt": prompt, "responses": [_string(obj, "chosen"), _string(obj, "rejected")],
+                "ranks": [0, 1]}
+    responses = _list(obj, "responses")
+    ranks = _list(obj, "ranks")
+    if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
+        raise _RecordError(f'field "responses" has {len(responses)} entries; a comparison needs '
+                           f"{MIN_RESPONSES} to {MAX_RESPONSES}")
+    if len(ranks) != len(responses):
+        raise _RecordError(f'field "ranks" has {len(ranks)} entries but "responses" has '
+                           f"{len(responses)}")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise _RecordError(f'field "responses"[{i}] must be a string, got {type(response).__name__}')
+        if not response.strip():
+            raise _RecordError(f'field "responses"[{i}] is empty')
+    for i, rank in enumerate(ranks):
+        # bool is an int subclass; true/false in a ranks list is a labeling-tool bug.
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise _RecordError(f'field "ranks"[{i}] must be an integer, got {type(rank).__name__}')
+        if rank < 0:
+            raise _RecordError(f'field "ranks"[{i}] is {rank}; ranks are >= 0 (0 = best)')
+    return {"prompt": prompt, "responses": list(responses), "ranks": list(ranks)}
+
+
+_VALIDATORS: dict[str, Callable[[dict], dict[str, Any]]] = {
+    "demonstrations": _demonstration,
+    "text": _text,
+    "prompts": _prompt,
+    "comparisons": _comparison,
+}
+
+
+def _parse(raw: bytes, is_last_unterminated: bool) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _RecordError(f"not valid UTF-8 (byte {err.start})") from err
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = " (truncated line?)" if is_last_unterminated else ""
+        raise _RecordError(f"not valid JSON{hint}: {err.msg} at column {err.colno}") from err
+    if not isinstance(obj, dict):
+        raise _RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def iter_records(path: str | pathlib.Path, kind: Kind) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields ``(line_number, record)`` for each non-empty line, validated for ``kind``.
+
+    ``record`` holds only the schema's fields (pairwise comparisons are converted).
+    Raises :class:`DataError` on a missing file or the first bad record.
+    """
+    if kind not in _VALIDATORS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    validate = _VALIDATORS[kind]
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file ({kind} JSONL expected)")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, validate(_parse(raw, not raw.endswith(b"\n")))
+            except _RecordError as err:
+                raise DataError(f"{path}:{number}: {err}") from None
+
+
+def read_records(path: str | pathlib.Path, kind: Kind) -> list[tuple[int, dict[str, Any]]]:
+    """All records of a file as ``(line_number, record)``; a file with none is an error."""
+    records = list(iter_records(path, kind))
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty)")
+    return records
