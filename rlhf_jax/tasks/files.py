@@ -1,0 +1,131 @@
+"""Writes the embedded task to disk: JSONL splits, the tokenizer and a manifest.
+
+Idempotent: ``task.json`` records the settings the files were made with and is written
+last, so a directory whose manifest matches the request is complete and is left alone;
+any other state is (re)written. Every file is written under a temporary name and renamed,
+so a reader never sees half a file, and two processes writing the same settings at once
+write identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Sequence
+
+from rlhf_jax.tasks import vocab as V
+from rlhf_jax.tasks.corpus import MAX_TEXT_TOKENS, make_splits
+from rlhf_jax.tasks.instructions import FAMILIES, MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS
+from rlhf_jax.tasks.tokenizer import save_tokenizer
+
+# Bump when generation changes, so directories written by older code are regenerated.
+FORMAT_VERSION = 1
+SPLITS: tuple[str, ...] = ("demonstrations", "demonstrations_val", "prompts", "prompts_val",
+                           "pretrain", "pretrain_val")
+MANIFEST = "task.json"
+
+
+def task_info() -> dict:
+    """Sizes a model and data pipeline need: ``vocab_size``, ``max_prompt_tokens``,
+    ``max_response_tokens`` (neither counts ``<eos>``) and ``max_text_tokens`` (pretraining
+    texts). Lengths are in tokens of the task tokenizer (one token per word)."""
+    return {"vocab_size": V.VOCAB_SIZE, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+            "max_response_tokens": MAX_RESPONSE_TOKENS, "max_text_tokens": MAX_TEXT_TOKENS,
+            "pad_id": 0, "eos_id": V.VOCAB.index(V.EOS), "families": list(FAMILIES)}
+
+
+def _paths(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    paths = {name: out_dir / f"{name}.jsonl" for name in SPLITS}
+    paths["tokenizer"] = out_dir / "tokenizer"
+    paths["manifest"] = out_dir / MANIFEST
+    return paths
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_tokenizer(target: pathlib.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tokenizer.") as tmp:
+        save_tokenizer(tmp)
+        for f in sorted(pathlib.Path(tmp).iterdir()):
+            os.replace(f, target / f.name)
+
+
+def _is_complete(paths: dict[str, pathlib.Path], manifest: dict) -> bool:
+    try:
+        current = json.loads(paths["manifest"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    files_there = all(paths[n].is_file() for n in SPLITS)
+    return current == manifest and files_there and (paths["tokenizer"] / "tokenizer.json").is_file()
+
+
+def write_task_files(out_dir: str | pathlib.Path, seed: int = 0, n_demonstrations: int = 2000,
+                     n_demonstrations_val: int = 200, n_prompts: int = 2000,
+                     n_prompts_val: int = 200, n_pretrain: int = 20000,
+                     n_pretrain_val: int = 1000, demo_noise: float = 0.1,
+                     pretrain_pair_fraction: float = 0.5, pretrain_noise: float = 0.3,
+                     families: Sequence[str] = FAMILIES) -> dict[str, pathlib.Path]:
+    """Writes the task into ``out_dir`` (created if needed) and returns its paths.
+
+    Returned names: ``tokenizer`` (a ``save_pretrained`` directory), ``demonstrations`` and
+    ``demonstrations_val`` (``{"prompt", "response"}``), ``prompts`` and ``prompts_val``
+    (``{"prompt"}``), ``pretrain`` and ``pretrain_val`` (``{"text"}``), all JSONL, and
+    ``manifest`` (``task.json``: the settings plus :func:`task_info`).
+
+    Every prompt ends with the separator ``=>``; the response starts right after it (the
+    model sees ``prompt`` tokens then ``response`` tokens then ``<eos>``). Held-out
+    problems (``prompts_val``, ``demonstrations_val``) occur in no training split; a
+    ``demo_noise`` fraction of demonstrations has one wrong edit; pretraining is
+    ``pretrain_pair_fraction`` instruction/answer pairs (``pretrain_noise`` of them wrong)
+    plus plain lists, runs and sentences. Same arguments, same bytes; a second call with
+    the same arguments writes nothing.
+    """
+    out_dir = pathlib.Path(out_dir)
+    settings = dict(seed=seed, n_demonstrations=n_demonstrations,
+                    n_demonstrations_val=n_demonstrations_val, n_prompts=n_prompts,
+                    n_prompts_val=n_prompts_val, n_pretrain=n_pretrain,
+                    n_pretrain_val=n_pretrain_val, demo_noise=demo_noise,
+                    pretrain_pair_fraction=pretrain_pair_fraction,
+                    pretrain_noise=pretrain_noise, families=list(families))
+    manifest = {"format_version": FORMAT_VERSION, "settings": settings, **task_info()}
+    # Through JSON and back, so the comparison with a manifest on disk is like for like.
+    manifest = json.loads(json.dumps(manifest))
+    paths = _paths(out_dir)
+    if _is_complete(paths, manifest):
+        return paths
+
+    splits = make_splits(**{**settings, "families": tuple(families)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths["manifest"].unlink(missing_ok=True)  # incomplete until the last rename below
+    for name in SPLITS:
+        _atomic_write(paths[name], "".join(json.dumps(r) + "\n" for r in splits[name]))
+    _write_tokenizer(paths["tokenizer"])
+    _atomic_write(paths["manifest"], json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return paths
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    """The records of a JSONL file; raises ``ValueError`` naming file and line on bad JSON."""
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {err.msg}") from err
+    return records
