@@ -1,0 +1,172 @@
+"""JSONL files stored as TFDS datasets in array_record, for random access without TensorFlow.
+
+A validated JSONL file is written once by a ``tfds.core.GeneratorBasedBuilder`` with
+``file_format='array_record'`` into ``<cache_dir>/<kind>/<content hash>/<version>/``; a
+second call with the same file content finds it there and skips the build. It is read back
+with ``tfds.builder_from_directory(...).as_data_source()``, which needs only
+``array_record`` (``as_dataset`` would need TensorFlow). Records keep file order
+(``disable_shuffling``) and their source line number, so later errors can name
+``file:line``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rlhf_jax.data.jsonl import KINDS, DataError, Kind, iter_records
+
+_TEXT = tfds.features.Text
+_FIELDS = {
+    "demonstrations": lambda: {"prompt": _TEXT(), "response": _TEXT()},
+    "text": lambda: {"text": _TEXT()},
+    "prompts": lambda: {"prompt": _TEXT()},
+    "comparisons": lambda: {"prompt": _TEXT(),
+                            "responses": tfds.features.Sequence(_TEXT()),
+                            "ranks": tfds.features.Sequence(np.int32)},
+}
+
+
+class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """One split, ``train``, holding every record of one JSONL file plus its ``line``.
+
+    Not registered with TFDS: instances are made here, with the JSONL path, and the
+    stored datasets are read back from their directory.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")  # bump when validation or features change
+    KIND: str = ""
+
+    def __init__(self, *, jsonl_path: pathlib.Path, **kwargs):
+        self._jsonl_path = jsonl_path
+        super().__init__(**kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        # TFDS looks beside a builder's code for checksums and metadata; ours has none, and
+        # that look-up imports `importlib_resources`, which tensorflow-datasets 4.9 declares
+        # only for Python < 3.9 (ModuleNotFoundError here otherwise).
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict({**_FIELDS[self.KIND](), "line": np.int64})
+        return tfds.core.DatasetInfo(
+            builder=self, features=features, disable_shuffling=True,
+            description=f"rlhf_jax {self.KIND} records from {self._jsonl_path}")
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download: the source is a local file
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        count = 0
+        for line, record in iter_records(self._jsonl_path, self.KIND):
+            count += 1
+            yield line, {**record, "line": line}
+        if not count:
+            raise DataError(f"{self._jsonl_path}: no records (the file is empty)")
+
+
+class Demonstrations(_JsonlBuilder, skip_registration=True):
+    name = "demonstrations"
+    KIND = "demonstrations"
+
+
+class Texts(_JsonlBuilder, skip_registration=True):
+    name = "text"
+    KIND = "text"
+
+
+class Prompts(_JsonlBuilder, skip_registration=True):
+    name = "prompts"
+    KIND = "prompts"
+
+
+class Comparisons(_JsonlBuilder, skip_registration=True):
+    name = "comparisons"
+    KIND = "comparisons"
+
+
+_BUILDERS = {cls.KIND: cls for cls in (Demonstrations, Texts, Prompts, Comparisons)}
+
+
+def content_hash(path: pathlib.Path) -> str:
+    """First 16 hex digits of the file's SHA-256: the cache key of its stored dataset."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def build_store(path: str | pathlib.Path, kind: Kind, cache_dir: str | pathlib.Path) -> pathlib.Path:
+    """Validates ``path`` and stores it as array_record, once. Returns the dataset directory.
+
+    Safe when several processes share ``cache_dir``: each writes into its own incomplete
+    directory, the first rename wins, and a loser whose rename fails uses the winner's.
+    """
+    if kind not in _BUILDERS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file ({kind} JSONL expected)")
+    builder = _BUILDERS[kind](
+        jsonl_path=path, data_dir=str(cache_dir), file_format="array_record",
+        config=tfds.core.BuilderConfig(name=content_hash(path)))
+    data_dir = pathlib.Path(builder.data_dir)
+    try:
+        builder.download_and_prepare()
+    except OSError:
+        if not (data_dir / "dataset_info.json").is_file():
+            raise
+    return data_dir
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_decode(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class RecordSource:
+    """Random access to a stored file's records as plain Python (str, int, lists).
+
+    ``source[i]`` is the i-th record of the file (file order) with its ``line``; ``path``
+    is the JSONL file, for error messages. Usable as a grain data source.
+    """
+
+    def __init__(self, dataset_dir: str | pathlib.Path, path: str | pathlib.Path):
+        self.path = str(path)
+        self.dataset_dir = pathlib.Path(dataset_dir)
+        self._source = tfds.builder_from_directory(str(dataset_dir)).as_data_source()["train"]
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {k: _decode(v) for k, v in self._source[int(index)].items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        if not len(indices):
+            return []  # padding rows read nothing
+        rows = self._source.__getitems__([int(i) for i in indices])
+        return [{k: _decode(v) for k, v in row.items()} for row in rows]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        chunk = 1024  # batched reads: one array_record call per chunk, not per record
+        for start in range(0, len(self), chunk):
+            yield from self.__getitems__(range(start, min(start + chunk, len(self))))
+
+
+def open_store(path: str | pathlib.Path, kind: Kind, cache_dir: str | pathlib.Path) -> RecordSource:
+    """Builds the store for ``path`` if needed and opens it for random access."""
+    return RecordSource(build_store(path, kind, cache_dir), path)
