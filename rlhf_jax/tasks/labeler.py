@@ -9,10 +9,10 @@ response's utility is ``gold / temperature``, and a ranking is one Plackett-Luce
 
 ``DEFAULT_TEMPERATURE`` was chosen with :func:`labeler_agreement` on responses typical of a
 partially trained policy (:func:`~rlhf_jax.tasks.instructions.sample_responses`, K = 4,
-2000 prompts): two independent labelers agree on 0.728 of the pairs with different gold
-scores (0.727 and 0.741 with seeds 1 and 2; temperature 0.28 gives 0.734, 0.30 gives 0.721),
-and each agrees with the gold order on 0.806 of them. Agreement depends on how far apart
-the responses are: near-identical responses split labelers more often, so on a strong
+2000 prompts): two independent labelers agree on 0.729 of the pairs with different gold
+scores (seeds 0, 1, 2: 0.729, 0.731, 0.728; temperature 0.28 gives 0.736, 0.30 gives
+0.722), and each agrees with the gold order on 0.809 of them. Agreement depends on how far
+apart the responses are: near-identical responses split labelers more often, so on a strong
 policy's samples agreement at the same temperature is lower.
 """
 
