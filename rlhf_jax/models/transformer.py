@@ -156,7 +156,7 @@ class Attention(nn.Module):
         impl = None if cfg.attention_impl == "default" else cfg.attention_impl
         out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
                                            mask=mask[:, None], implementation=impl)
-        out = _dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", bias)(out)
+        out = _dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out)
         return out, new_cache
 
 

@@ -1,0 +1,185 @@
+"""Deterministic, random-access, process-local batches fed by grain.
+
+Every loader turns a stored JSONL file (:mod:`rlhf_jax.data.tfds_store`) into a list of
+*rows* fixed at construction, then serves them through
+``grain.MapDataset.source(rows).shuffle(seed).map(assemble).batch(local_batch_size)``.
+Global batch ``step`` is rows ``[k*B, (k+1)*B)`` of epoch ``e``'s permutation, where
+``e, k = divmod(step, steps_per_epoch)``; grain's shuffle draws each epoch's permutation
+from ``seed + e`` alone, so a run resumed at step n gets exactly the batches an
+uninterrupted run got. Process ``p`` of ``P`` reads only its ``B/P`` rows of each batch.
+An epoch's last partial batch is dropped (a different one each epoch, as orders differ).
+
+Rows are assembled (read, tokenised, packed) lazily in ``get``; construction tokenises
+every record once to fix the row layout, count truncations and fail fast on records
+``on_too_long='error'`` rejects.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from rlhf_jax.config import DataConfig
+from rlhf_jax.data.jsonl import DataError
+from rlhf_jax.data.rows import example_piece, first_fit, fit_example, pack_row, text_chunks
+from rlhf_jax.data.tfds_store import RecordSource, open_store
+from rlhf_jax.data.tokenizer import TextTokenizer
+from rlhf_jax.sharding import batch_sharding
+from rlhf_jax.types import RankingBatch, TokenBatch
+
+
+class RowBatches(abc.ABC):
+    """Shared batching over a fixed list of rows; subclasses define a row's arrays.
+
+    ``rows[i]`` is whatever ``_assemble`` understands; ``None`` is a padding row (only
+    ``eval_batches`` uses them). Attributes: ``num_rows``, ``steps_per_epoch``,
+    ``global_batch_size``, ``local_batch_size``, ``source`` (its ``path`` names the file).
+    """
+
+    def __init__(self, source: RecordSource, rows: Sequence[Any], *, batch_size: int,
+                 seed: int, shuffle: bool, process_index: int, process_count: int):
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise DataError(f"process_index={process_index} is not in [0, {process_count})")
+        if batch_size < 1 or batch_size % process_count:
+            raise DataError(f"data.batch_size={batch_size} must be a positive multiple of the "
+                            f"{process_count} processes")
+        self.source = source
+        self._rows = list(rows)
+        self.num_rows = len(self._rows)
+        self.global_batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.steps_per_epoch = self.num_rows // batch_size
+        self._process_index, self._process_count = process_index, process_count
+        ordered = grain.MapDataset.source(self._rows)
+        ordered = ordered.shuffle(seed=seed) if shuffle else ordered
+        # Grain batches within an epoch of rows: with drop_remainder it has
+        # num_rows // local_batch_size local batches per epoch.
+        self._train = ordered.map(self._assemble).batch(self.local_batch_size, drop_remainder=True)
+        self._local_per_epoch = self.num_rows // self.local_batch_size
+
+    @abc.abstractmethod
+    def _assemble(self, row: Any) -> dict[str, np.ndarray]:
+        """One row's arrays (a padding row for ``None``); runs inside grain's map."""
+
+    def _to_batch(self, arrays: dict[str, np.ndarray]) -> Any:
+        return TokenBatch(**arrays)
+
+    def get(self, step: int):
+        """This process's rows of global batch ``step`` (numpy arrays, leading dim B/P)."""
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.source.path}: {self.num_rows} rows, fewer than one batch of "
+                            f"data.batch_size={self.global_batch_size}")
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        epoch, k = divmod(int(step), self.steps_per_epoch)
+        index = epoch * self._local_per_epoch + k * self._process_count + self._process_index
+        return self._to_batch(self._train[index])
+
+    def num_eval_batches(self) -> int:
+        return math.ceil(self.num_rows / self.global_batch_size)
+
+    def eval_batches(self) -> Iterator[Any]:
+        """Every row once, in file order; the last batch is filled with padding rows.
+
+        Padding rows have loss_mask 0 (ranking: mask False), so sums over a pass count
+        each real example exactly once. Every process yields ``num_eval_batches()``.
+        """
+        total = self.num_eval_batches() * self.global_batch_size
+        rows = self._rows + [None] * (total - self.num_rows)
+        batches = grain.MapDataset.source(rows).map(self._assemble).batch(self.local_batch_size)
+        for b in range(self.num_eval_batches()):
+            yield self._to_batch(batches[b * self._process_count + self._process_index])
+
+
+def too_long_error(source: RecordSource, record: dict, what: str, n: int, max_len: int) -> DataError:
+    return DataError(f"{source.path}:{record['line']}: {what} is {n} tokens, more than "
+                     f"data.max_len={max_len} (data.on_too_long='error'; 'truncate' cuts it)")
+
+
+class SFTBatches(RowBatches):
+    """Demonstrations as :class:`TokenBatch` rows ``[B/P, max_len]``.
+
+    A row is ``prompt + response + EOS``, loss on response and EOS, padded with
+    ``pad_id``. Too long: ``on_too_long='error'`` raises naming file and line;
+    ``'truncate'`` applies :func:`rlhf_jax.data.rows.fit_example` (prompt tail, response
+    head) and counts it in ``num_truncated``. ``packing``: first-fit in file order, each
+    example its own segment. Packed rows are fixed once, then shuffled per epoch.
+    """
+
+    def __init__(self, path: str, tokenizer: TextTokenizer, cfg: DataConfig, *, seed: int,
+                 cache_dir: str, process_index: int = 0, process_count: int = 1):
+        source = open_store(path, "demonstrations", cache_dir)
+        self.tokenizer = tokenizer
+        self.max_len = cfg.max_len
+        self.num_truncated = 0
+        lengths = []
+        for record in source:
+            n = len(tokenizer.encode(record["prompt"])) + len(tokenizer.encode(record["response"])) + 1
+            if n > cfg.max_len:
+                if cfg.on_too_long == "error":
+                    raise too_long_error(source, record, "prompt + response + EOS", n, cfg.max_len)
+                self.num_truncated += 1
+            lengths.append(min(n, cfg.max_len))
+        rows = first_fit(lengths, cfg.max_len) if cfg.packing else [[i] for i in range(len(lengths))]
+        super().__init__(source, [tuple(r) for r in rows], batch_size=cfg.batch_size, seed=seed,
+                         shuffle=cfg.shuffle, process_index=process_index,
+                         process_count=process_count)
+
+    def _assemble(self, row: tuple[int, ...] | None) -> dict[str, np.ndarray]:
+        encode, eos = self.tokenizer.encode, self.tokenizer.eos_id
+        pieces = []
+        for record in self.source.__getitems__(row or ()):
+            tokens, n_prompt, _ = fit_example(encode(record["prompt"]), encode(record["response"]),
+                                              eos, self.max_len)
+            pieces.append(example_piece(tokens, n_prompt))
+        return pack_row(pieces, self.max_len, self.tokenizer.pad_id)
+
+
+class TextBatches(RowBatches):
+    """Pretraining text as language-model :class:`TokenBatch` rows ``[B/P, max_len]``.
+
+    Each text is ``tokens + EOS``, split by :func:`rlhf_jax.data.rows.text_chunks` into
+    pieces of at most ``max_len`` (nothing is truncated); loss on every token but a
+    piece's first. Without ``packing`` each piece is a row; with it, first-fit.
+    """
+
+    def __init__(self, path: str, tokenizer: TextTokenizer, cfg: DataConfig, *, seed: int,
+                 cache_dir: str, process_index: int = 0, process_count: int = 1):
+        source = open_store(path, "text", cache_dir)
+        self.tokenizer = tokenizer
+        self.max_len = cfg.max_len
+        pieces, lengths = [], []
+        for index, record in enumerate(source):
+            chunks = text_chunks(tokenizer.encode(record["text"]), tokenizer.eos_id, cfg.max_len)
+            for c, (tokens, _) in enumerate(chunks):
+                pieces.append((index, c))
+                lengths.append(len(tokens))
+        groups = first_fit(lengths, cfg.max_len) if cfg.packing else [[i] for i in range(len(pieces))]
+        rows = [tuple(pieces[i] for i in group) for group in groups]
+        super().__init__(source, rows, batch_size=cfg.batch_size, seed=seed, shuffle=cfg.shuffle,
+                         process_index=process_index, process_count=process_count)
+
+    def _assemble(self, row: tuple[tuple[int, int], ...] | None) -> dict[str, np.ndarray]:
+        row = row or ()
+        records = sorted({index for index, _ in row})
+        chunks = {index: text_chunks(self.tokenizer.encode(record["text"]), self.tokenizer.eos_id,
+                                     self.max_len)
+                  for index, record in zip(records, self.source.__getitems__(records))}
+        pieces = [chunks[index][c] for index, c in row]
+        return pack_row(pieces, self.max_len, self.tokenizer.pad_id)
+
+
+def to_global(batch: TokenBatch | RankingBatch, mesh: Mesh) -> TokenBatch | RankingBatch:
+    """Process-local numpy batch -> global ``jax.Array`` batch split over (data, fsdp).
+
+    Each process passes its own ``B/P`` rows (from ``get``); the global leading dim is B.
+    """
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), x),
+        batch)

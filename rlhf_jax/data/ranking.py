@@ -1,0 +1,83 @@
+"""Comparisons for the reward model as :class:`~rlhf_jax.types.RankingBatch`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rlhf_jax.config import DataConfig
+from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES, DataError
+from rlhf_jax.data.loader import RowBatches, too_long_error
+from rlhf_jax.data.rows import fit_example
+from rlhf_jax.data.tfds_store import open_store
+from rlhf_jax.data.tokenizer import TextTokenizer
+from rlhf_jax.types import RankingBatch
+
+
+class RankingBatches(RowBatches):
+    """One comparison per batch element: ``[B/P, k_max, max_len]`` rows, one per response.
+
+    Each response ``k`` is its own ``prompt + response + EOS`` row (segment 1, positions
+    from 0, ``pad_id`` after), so a prompt costs K forward passes whatever the number of
+    pairs. ``last_index[b, k]`` is the row's last token (the EOS unless truncated), where
+    the reward is read. Prompts with K < ``k_max`` get all-padding rows with ``mask``
+    False, ``rank`` 0 and ``last_index`` 0. Too long: as
+    :class:`~rlhf_jax.data.loader.SFTBatches`; ``num_truncated`` counts responses.
+    Packing does not apply (each response must be a separate row).
+    """
+
+    def __init__(self, path: str, tokenizer: TextTokenizer, cfg: DataConfig, *, seed: int,
+                 cache_dir: str, k_max: int = MAX_RESPONSES, process_index: int = 0,
+                 process_count: int = 1):
+        if cfg.packing:
+            raise DataError("data.packing=True does not apply to comparisons: every response "
+                            "is its own row")
+        if k_max < MIN_RESPONSES:
+            raise DataError(f"k_max={k_max}: a comparison has at least {MIN_RESPONSES} responses")
+        source = open_store(path, "comparisons", cache_dir)
+        self.tokenizer = tokenizer
+        self.max_len = cfg.max_len
+        self.k_max = k_max
+        self.num_truncated = 0
+        for record in source:
+            if len(record["responses"]) > k_max:
+                raise DataError(f"{source.path}:{record['line']}: {len(record['responses'])} "
+                                f"responses, more than k_max={k_max}")
+            n_prompt = len(tokenizer.encode(record["prompt"]))
+            for i, response in enumerate(record["responses"]):
+                n = n_prompt + len(tokenizer.encode(response)) + 1
+                if n > cfg.max_len:
+                    if cfg.on_too_long == "error":
+                        raise too_long_error(source, record, f"prompt + responses[{i}] + EOS", n,
+                                        cfg.max_len)
+                    self.num_truncated += 1
+        super().__init__(source, range(len(source)), batch_size=cfg.batch_size, seed=seed,
+                         shuffle=cfg.shuffle, process_index=process_index,
+                         process_count=process_count)
+
+    def _assemble(self, row: int | None) -> dict[str, np.ndarray]:
+        shape = (self.k_max, self.max_len)
+        out = {"tokens": np.full(shape, self.tokenizer.pad_id, np.int32),
+               "segment_ids": np.zeros(shape, np.int32),
+               "positions": np.zeros(shape, np.int32),
+               "last_index": np.zeros(self.k_max, np.int32),
+               "ranks": np.zeros(self.k_max, np.int32),
+               "mask": np.zeros(self.k_max, bool)}
+        if row is None:
+            return out
+        record = self.source[row]
+        encode = self.tokenizer.encode
+        prompt = encode(record["prompt"])
+        for k, (response, rank) in enumerate(zip(record["responses"], record["ranks"])):
+            tokens, _, _ = fit_example(prompt, encode(response), self.tokenizer.eos_id,
+                                       self.max_len)
+            n = len(tokens)
+            out["tokens"][k, :n] = tokens
+            out["segment_ids"][k, :n] = 1
+            out["positions"][k, :n] = np.arange(n)
+            out["last_index"][k] = n - 1
+            out["ranks"][k] = rank
+            out["mask"][k] = True
+        return out
+
+    def _to_batch(self, arrays: dict[str, np.ndarray]) -> RankingBatch:
+        return RankingBatch(**arrays)

@@ -1,0 +1,144 @@
+"""Pure, jitted train and eval steps: ``step(state, batch) -> (state, metrics)``.
+
+Each ``make_*`` closes over static things (the model, the optimiser, config) and returns a
+function jitted with explicit in/out shardings and the state donated. Maths comes from
+``rlhf_jax.losses``; nothing here prints or syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import losses, sharding
+from rlhf_jax.types import TokenBatch, TrainState
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                       rng: jax.Array, params: Any = None) -> tuple[TrainState, Any]:
+    """A sharded TrainState. ``params`` (already placed, e.g. restored) skips random init.
+
+    Returns (state, state_shardings).
+    """
+    tokens = sharding._sample_tokens(mesh)
+    init_rng, state_rng = jax.random.split(rng)
+
+    def create(given_params):
+        boxed = model.init(init_rng, tokens)["params"]
+        if given_params is not None:
+            # Keep the logical-axis boxes (they carry the shardings), swap in the values.
+            boxed = jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, given_params,
+                                 is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
+                          rng=state_rng)
+
+    with sharding.activate(mesh):
+        sharding.check_all_partitioned(jax.eval_shape(lambda: model.init(init_rng, tokens)["params"]))
+    return sharding.sharded_create(create, mesh, params)
+
+
+def _split_microbatches(batch: Any, n: int) -> Any:
+    """``[B, ...]`` -> ``[n, B/n, ...]`` taking every n-th row, so each device's rows stay local."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any, n_micro: int, rng: jax.Array):
+    """Sum of ``value_and_grad(loss_fn)`` over ``n_micro`` micro-batches (a ``lax.scan``).
+
+    ``loss_fn(params, microbatch, rng) -> (loss, metrics)`` must already be normalised by the
+    whole batch's denominator, so the sum equals the full-batch gradient.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if n_micro == 1:
+        return grad_fn(params, batch, rng)
+    micro = _split_microbatches(batch, n_micro)
+
+    def body(carry, xs):
+        index, mb = xs
+        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, index))
+        total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+        return total, None
+
+    zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
+                                             (jnp.arange(n_micro), micro))
+    return (loss, metrics), grads
+
+
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
+
+
+def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                  state_shardings: Any, grad_accum_steps: int = 1,
+                  learning_rate: optax.Schedule | None = None) -> Callable:
+    """The SFT (and pretraining) step: masked next-token cross-entropy, accumulated over
+    ``grad_accum_steps`` micro-batches, one optimiser update.
+
+    step(state, batch: TokenBatch ``[B, T]``) -> (state, metrics)
+    """
+
+    def loss_fn(params, batch: TokenBatch, rng, denominator):
+        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
+                                deterministic=False, rngs={"dropout": rng})
+        return losses.sft_loss(logits, batch.tokens, batch.loss_mask, denominator)
+
+    def step(state: TrainState, batch: TokenBatch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        denominator = jnp.sum(batch.loss_mask[:, 1:].astype(jnp.float32))
+        (loss, metrics), grads = accumulate_gradients(
+            lambda p, b, r: loss_fn(p, b, r, denominator), state.params, batch, grad_accum_steps, rng)
+        metrics = dict(metrics, **{"sft/target_tokens": denominator,
+                                   "optim/grad_norm": optax.global_norm(grads)})
+        if learning_rate is not None:
+            metrics["optim/learning_rate"] = learning_rate(state.step)
+        return apply_gradients(state, grads, tx), metrics
+
+    return _jit_step(step, mesh, state_shardings)
+
+
+def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
+    """eval(params, batch) -> (summed NLL, target count): exact means over many batches."""
+
+    def evaluate(params, batch: TokenBatch):
+        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids)
+        target_mask = batch.loss_mask[:, 1:].astype(jnp.float32)
+        nll = -losses.next_token_logprobs(logits, batch.tokens)
+        return losses.masked_sum(nll, target_mask), jnp.sum(target_mask)
+
+    return jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, TokenBatch)),
+                          out_shardings=sharding.replicated(mesh))
+
+
+def _batch_shardings(mesh: Mesh, batch_cls, ndim: int = 2):
+    fields = {name: sharding.batch_sharding(mesh, ndim) for name in batch_cls.__dataclass_fields__}
+    return batch_cls(**fields)
+
+
+def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
+    """``jax.jit(fn, **jit_kwargs)``, traced and run with the mesh and axis rules in scope
+    (so the model's logical constraints apply). ``.jitted`` is the underlying jit object."""
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    def run(*args):
+        with sharding.activate(mesh):
+            return jitted(*args)
+
+    run.jitted = jitted
+    return run
+
+
+def _jit_step(step: Callable, mesh: Mesh, state_shardings: Any, batch_cls=TokenBatch) -> Callable:
+    """A train step jitted with explicit shardings and the state donated."""
+    return jit_under_mesh(step, mesh, in_shardings=(state_shardings, _batch_shardings(mesh, batch_cls)),
+                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
