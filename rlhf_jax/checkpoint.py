@@ -1,0 +1,125 @@
+"""Orbax checkpoints for resuming a stage, and exports that hand params to the next stage.
+
+``<workdir>/<stage>/checkpoints``: a ``CheckpointManager`` with two items, ``state`` (the
+whole TrainState, sharded) and ``meta`` (JSON: data position, the resolved config). A
+rerun of the same command restores the latest step onto the current mesh.
+
+``<workdir>/<stage>/export``: ``params/`` (Orbax) and ``export.json`` (model config and any
+stage extras, e.g. the reward normalisation). Exports are always restored with a target,
+so they land on whatever mesh the next stage runs on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from rlhf_jax.config import CheckpointConfig, ModelConfig
+
+EXPORT_META = "export.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that cannot be used for this run; names the path."""
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with shardings: the restore target for ``tree``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class StageCheckpoints:
+    """Keeps the newest ``cfg.keep`` checkpoints of one stage."""
+
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores ``step`` (default: latest) shaped and sharded like ``target_state``
+        (arrays or ShapeDtypeStructs with shardings)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        target = jax.tree.map(
+            lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{self.directory}/{step}: does not match this run's state (was it written by a "
+                f"different model config?): {err}") from err
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelConfig,
+                  extra: dict[str, Any] | None = None) -> pathlib.Path:
+    """Writes ``params`` and their model config; replaces an older export atomically-enough
+    (a new export is written beside it and renamed over it)."""
+    directory = pathlib.Path(directory).absolute()
+    staging = directory.with_name(directory.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(staging / "params", params)
+    meta = {"model": dataclasses.asdict(model_cfg), **(extra or {})}
+    if jax.process_index() == 0:
+        (staging / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    return directory
+
+
+def read_export_meta(directory: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(directory) / EXPORT_META
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not an export (no {EXPORT_META}); did the stage finish?")
+    return json.loads(path.read_text())
+
+
+def load_export(directory: str | pathlib.Path, target_params: Any,
+                model_cfg: ModelConfig | None = None) -> Any:
+    """Restores exported params shaped and sharded like ``target_params`` (arrays or
+    ShapeDtypeStructs). With ``model_cfg``, first checks the export was made for the same
+    architecture and names the fields that differ."""
+    directory = pathlib.Path(directory).absolute()
+    meta = read_export_meta(directory)
+    if model_cfg is not None:
+        saved = meta["model"]
+        ignore = {"dropout", "remat", "compute_dtype", "attention_impl", "hf_path"}
+        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model_cfg).items()
+                if k not in ignore and saved.get(k) != v}
+        if diff:
+            raise CheckpointError(f"{directory}: exported for a different model; (export, config) "
+                                  f"differ in {diff}")
+    target = jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_params)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(directory / "params", target)
