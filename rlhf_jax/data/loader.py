@@ -37,12 +37,13 @@ from rlhf_jax.types import RankingBatch, TokenBatch
 class RowBatches(abc.ABC):
     """Shared batching over a fixed list of rows; subclasses define a row's arrays.
 
-    ``rows[i]`` is whatever ``_assemble`` understands; ``None`` is a padding row (only
-    ``eval_batches`` uses them). Attributes: ``num_rows``, ``steps_per_epoch``,
+    ``rows[i]`` is a tuple ``_assemble`` understands; ``()`` is a padding row (only
+    ``eval_batches`` uses them; not ``None``, which grain's map takes for a filtered-out
+    element). Attributes: ``num_rows``, ``steps_per_epoch``,
     ``global_batch_size``, ``local_batch_size``, ``source`` (its ``path`` names the file).
     """
 
-    def __init__(self, source: RecordSource, rows: Sequence[Any], *, batch_size: int,
+    def __init__(self, source: RecordSource, rows: Sequence[tuple], *, batch_size: int,
                  seed: int, shuffle: bool, process_index: int, process_count: int):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise DataError(f"process_index={process_index} is not in [0, {process_count})")
@@ -64,8 +65,8 @@ class RowBatches(abc.ABC):
         self._local_per_epoch = self.num_rows // self.local_batch_size
 
     @abc.abstractmethod
-    def _assemble(self, row: Any) -> dict[str, np.ndarray]:
-        """One row's arrays (a padding row for ``None``); runs inside grain's map."""
+    def _assemble(self, row: tuple) -> dict[str, np.ndarray]:
+        """One row's arrays (all padding for ``()``); runs inside grain's map."""
 
     def _to_batch(self, arrays: dict[str, np.ndarray]) -> Any:
         return TokenBatch(**arrays)
@@ -91,7 +92,7 @@ class RowBatches(abc.ABC):
         each real example exactly once. Every process yields ``num_eval_batches()``.
         """
         total = self.num_eval_batches() * self.global_batch_size
-        rows = self._rows + [None] * (total - self.num_rows)
+        rows = self._rows + [()] * (total - self.num_rows)
         batches = grain.MapDataset.source(rows).map(self._assemble).batch(self.local_batch_size)
         for b in range(self.num_eval_batches()):
             yield self._to_batch(batches[b * self._process_count + self._process_index])
@@ -131,10 +132,10 @@ class SFTBatches(RowBatches):
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
 
-    def _assemble(self, row: tuple[int, ...] | None) -> dict[str, np.ndarray]:
+    def _assemble(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         encode, eos = self.tokenizer.encode, self.tokenizer.eos_id
         pieces = []
-        for record in self.source.__getitems__(row or ()):
+        for record in self.source.__getitems__(row):
             tokens, n_prompt, _ = fit_example(encode(record["prompt"]), encode(record["response"]),
                                               eos, self.max_len)
             pieces.append(example_piece(tokens, n_prompt))
@@ -165,8 +166,7 @@ class TextBatches(RowBatches):
         super().__init__(source, rows, batch_size=cfg.batch_size, seed=seed, shuffle=cfg.shuffle,
                          process_index=process_index, process_count=process_count)
 
-    def _assemble(self, row: tuple[tuple[int, int], ...] | None) -> dict[str, np.ndarray]:
-        row = row or ()
+    def _assemble(self, row: tuple[tuple[int, int], ...]) -> dict[str, np.ndarray]:
         records = sorted({index for index, _ in row})
         chunks = {index: text_chunks(self.tokenizer.encode(record["text"]), self.tokenizer.eos_id,
                                      self.max_len)

@@ -38,19 +38,19 @@ class PromptBatches(RowBatches):
                 if cfg.on_too_long == "error":
                     raise too_long_error(source, record, "the prompt", n, cfg.max_len)
                 self.num_truncated += 1
-        super().__init__(source, range(len(source)), batch_size=cfg.batch_size, seed=seed,
+        super().__init__(source, [(i,) for i in range(len(source))], batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
 
-    def _assemble(self, row: int | None) -> dict[str, np.ndarray]:
+    def _assemble(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         length = self.prompt_len
         out = {"tokens": np.full(length, self.tokenizer.pad_id, np.int32),
                "loss_mask": np.zeros(length, np.float32),
                "segment_ids": np.zeros(length, np.int32),
                "positions": np.zeros(length, np.int32)}
-        if row is None:
+        if not row:  # a padding row
             return out
-        tokens = self.tokenizer.encode(self.source[row]["prompt"])[-length:]
+        tokens = self.tokenizer.encode(self.source[row[0]]["prompt"])[-length:]
         n = len(tokens)
         out["tokens"][length - n:] = tokens
         out["segment_ids"][length - n:] = 1

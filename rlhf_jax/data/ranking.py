@@ -50,11 +50,11 @@ class RankingBatches(RowBatches):
                         raise too_long_error(source, record, f"prompt + responses[{i}] + EOS", n,
                                         cfg.max_len)
                     self.num_truncated += 1
-        super().__init__(source, range(len(source)), batch_size=cfg.batch_size, seed=seed,
+        super().__init__(source, [(i,) for i in range(len(source))], batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
 
-    def _assemble(self, row: int | None) -> dict[str, np.ndarray]:
+    def _assemble(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         shape = (self.k_max, self.max_len)
         out = {"tokens": np.full(shape, self.tokenizer.pad_id, np.int32),
                "segment_ids": np.zeros(shape, np.int32),
@@ -62,9 +62,9 @@ class RankingBatches(RowBatches):
                "last_index": np.zeros(self.k_max, np.int32),
                "ranks": np.zeros(self.k_max, np.int32),
                "mask": np.zeros(self.k_max, bool)}
-        if row is None:
+        if not row:  # a padding row
             return out
-        record = self.source[row]
+        record = self.source[row[0]]
         encode = self.tokenizer.encode
         prompt = encode(record["prompt"])
         for k, (response, rank) in enumerate(zip(record["responses"], record["ranks"])):
