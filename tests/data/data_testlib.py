@@ -7,9 +7,6 @@ as 3..102, so ``"w1 w2"`` encodes to ``[4, 5]`` and expected rows can be written
 
 import pathlib
 
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
 from rlhf_jax.config import DataConfig
 
 PAD, EOS, UNK = 0, 1, 2
@@ -26,6 +23,11 @@ def words(start: int, n: int) -> str:
 
 
 def save_tokenizer(out_dir: pathlib.Path, with_pad: bool) -> pathlib.Path:
+    """Writes the word-level test tokenizer (``save_pretrained`` layout) to ``out_dir``."""
+    # Imported here: transformers pulls in torch, seconds the multiprocess worker should not pay.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK, **{f"w{i}": i + 3 for i in range(100)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
