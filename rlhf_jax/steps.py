@@ -25,7 +25,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
 
     Returns (state, state_shardings).
     """
-    tokens = sharding._sample_tokens(mesh)
+    tokens = sharding.sample_tokens(mesh)
     init_rng, state_rng = jax.random.split(rng)
 
     def create(given_params):
@@ -99,7 +99,7 @@ def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
         (loss, metrics), grads = accumulate_gradients(
             lambda p, b, r: loss_fn(p, b, r, denominator), state.params, batch, grad_accum_steps, rng)
         metrics = dict(metrics, **{"sft/target_tokens": denominator,
-                                   "optim/grad_norm": optax.global_norm(grads)})
+                                   "optim/grad_norm": optax.tree.norm(grads)})
         if learning_rate is not None:
             metrics["optim/learning_rate"] = learning_rate(state.step)
         return apply_gradients(state, grads, tx), metrics

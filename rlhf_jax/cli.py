@@ -1,0 +1,51 @@
+"""``rlhf-jax {sft, ...} [--config experiments/x.py] [--workdir DIR] [--a.b=value ...]``.
+
+``--config`` names an experiment file (default: ``experiments/tiny_cpu.py`` shipped with the
+package's default config); every other ``--dotted.field=value`` overrides a config field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhf_jax.config import Config, ConfigError, apply_overrides, load_experiment
+
+STAGES = ("sft",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=STAGES)
+    parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
+    parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="run at most this many steps now, checkpoint and exit 0; rerun to continue")
+    return parser
+
+
+def resolve_config(config_path: str | None, overrides: list[str]) -> Config:
+    from rlhf_jax.default_config import default_config
+
+    cfg = load_experiment(config_path) if config_path else default_config()
+    return apply_overrides(cfg, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        cfg = resolve_config(args.config, overrides)
+        if args.command == "sft":
+            from rlhf_jax.stages.sft import run_sft
+
+            export = run_sft(cfg, args.workdir, stop_after=args.stop_after_steps)
+            print(f"sft export: {export}" if export else "sft: stopped early; rerun to resume")
+    except (ConfigError, ValueError) as err:
+        print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""What every stage loop shares: run directory, mesh, tokenizer, data paths, state
+creation or resume, and the train loop skeleton. No maths here."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import checkpoint, sharding
+from rlhf_jax.config import CheckpointConfig, Config, ConfigError, save_config, to_dict
+from rlhf_jax.data import load_tokenizer, to_global
+from rlhf_jax.logging import MetricsLogger
+
+TASK_PREFIX = "task:"
+
+
+@dataclasses.dataclass
+class StageEnv:
+    """The run-wide context a stage works in."""
+
+    cfg: Config
+    workdir: pathlib.Path
+    stage: str
+    mesh: Any
+    tokenizer: Any
+
+    @property
+    def stage_dir(self) -> pathlib.Path:
+        return self.workdir / self.stage
+
+    @property
+    def cache_dir(self) -> str:
+        return str(self.workdir / "data" / "cache")
+
+    @property
+    def process(self) -> dict[str, int]:
+        return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+    def data_path(self, spec: str, field: str) -> str:
+        """A JSONL path, or ``task:<split>`` for a split of the embedded task (written into
+        ``<workdir>/data/task`` on first use)."""
+        if spec.startswith(TASK_PREFIX):
+            from rlhf_jax.tasks import SPLITS
+
+            split = spec[len(TASK_PREFIX):]
+            if split not in SPLITS:
+                raise ConfigError(f"{field}={spec!r}: the embedded task has splits {list(SPLITS)}")
+            return str(task_files(self.workdir, self.cfg.seed)[split])
+        if not pathlib.Path(spec).is_file():
+            raise ConfigError(f"{field}={spec!r}: no such file")
+        return spec
+
+
+def task_files(workdir: pathlib.Path, seed: int) -> dict[str, pathlib.Path]:
+    from rlhf_jax.tasks import write_task_files
+
+    return write_task_files(workdir / "data" / "task", seed=seed)
+
+
+def quiet_tfds() -> None:
+    """TFDS prints progress bars and 'Downloading and preparing' for every local store it
+    builds; our own progress bar says what is happening."""
+    import absl.logging
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str) -> StageEnv:
+    """Validates what can be checked before data is read: mesh vs devices, tokenizer vs
+    model vocabulary."""
+    cfg.validate()
+    quiet_tfds()
+    workdir = pathlib.Path(workdir).absolute()
+    mesh = sharding.make_mesh(cfg.mesh)
+    if cfg.tokenizer.kind == "task":
+        tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"])
+    else:
+        if not cfg.tokenizer.path:
+            raise ConfigError("tokenizer.path must name a local tokenizer directory when tokenizer.kind='hf'")
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens")
+    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer)
+
+
+def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
+                     ) -> tuple[checkpoint.StageCheckpoints, Any, int]:
+    """Opens the stage's checkpoints (creating the directory) and resumes from the latest.
+
+    Call only after inputs are validated: a run that fails validation writes nothing here.
+    Returns (checkpoints, state, first step to run).
+    """
+    ckpts = checkpoint.StageCheckpoints(env.stage_dir / "checkpoints", ckpt_cfg)
+    if ckpts.latest_step() is None:
+        return ckpts, state, 0
+    saved = ckpts.restore(state)
+    state, meta = saved
+    saved_model = meta.get("config", {}).get("model")
+    current_model = to_dict(env.cfg)["model"]
+    keys = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+    if saved_model and any(saved_model.get(k) != current_model[k] for k in keys):
+        raise checkpoint.CheckpointError(
+            f"{ckpts.directory}: written by a different model config ({ {k: saved_model.get(k) for k in keys} }); "
+            "use a new --workdir or the original config")
+    return ckpts, state, int(meta["step"])
+
+
+def write_run_config(env: StageEnv) -> None:
+    if jax.process_index() == 0:
+        save_config(env.cfg, env.workdir / "config.json")
+        save_config(env.cfg, env.stage_dir / "config.json")
+
+
+def count_tokens(batch: Any) -> int:
+    """Real (non-padding) tokens in a process-local numpy batch."""
+    return int((batch.segment_ids > 0).sum()) * jax.process_count()
+
+
+def train_loop(env: StageEnv, *, state: Any, step_fn: Callable, batches: Any, total_steps: int,
+               ckpts: checkpoint.StageCheckpoints, start_step: int, log_every: int, eval_every: int,
+               evaluate: Callable[[Any], dict[str, float]] | None, save_every: int,
+               logger: MetricsLogger, progress_key: str, stop_after: int | None = None) -> tuple[Any, bool]:
+    """Runs ``step_fn`` from ``start_step`` to ``total_steps``; logs, evaluates and saves.
+
+    Device values are fetched only at log and eval points; the data position saved with
+    each checkpoint is the step count, since batches are a pure function of the step.
+    ``stop_after``: run at most this many steps in this call, then checkpoint and return
+    (for time-sliced jobs; a rerun continues). Returns (state, finished).
+    """
+    stop = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+    tokens, last_time = 0, time.perf_counter()
+    for step in range(start_step, stop):
+        local = batches.get(step)
+        tokens += count_tokens(local)
+        state, metrics = step_fn(state, to_global(local, env.mesh))
+        done = step + 1
+        if done % log_every == 0 or done == stop:
+            jax.block_until_ready(metrics)  # the only wait on the device, once per log interval
+            now = time.perf_counter()
+            values = logger.log(done, {**metrics, "perf/tokens_per_second": tokens / (now - last_time)})
+            logger.progress(done, **{progress_key: values[progress_key],
+                                     "tok/s": values["perf/tokens_per_second"]})
+            tokens, last_time = 0, now
+        if evaluate is not None and (done % eval_every == 0 or done == total_steps):
+            logger.log(done, evaluate(state))
+            last_time = time.perf_counter()  # evaluation time is not training throughput
+        if done % save_every == 0 or done == stop:
+            ckpts.save(done, state, {"step": done, "config": to_dict(env.cfg)})
+    ckpts.wait()
+    return state, stop == total_steps
+
+
+def abstract_params(model, mesh) -> Any:
+    """ShapeDtypeStructs (with shardings) of ``model``'s params: a restore target."""
+    tokens = sharding.sample_tokens(mesh)
+    with sharding.activate(mesh):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
+    shardings = sharding.logical_shardings(boxed, mesh)
+    return checkpoint.abstract_like(sharding.strip_boxes(boxed), shardings)
+
+
+def evaluate_lm(eval_fn: Callable, params: Any, batches: Any, mesh) -> dict[str, float]:
+    """Mean next-token loss over every validation example (exact: sums then one divide)."""
+    total, count = 0.0, 0.0
+    for local in batches.eval_batches():
+        nll, n = eval_fn(params, to_global(local, mesh))
+        total, count = total + nll, count + n
+    return {"val/loss": float(total / jnp.maximum(count, 1.0))}
+

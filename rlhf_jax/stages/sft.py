@@ -1,0 +1,77 @@
+"""Stage 1: supervised fine-tuning on demonstrations (and base-LM pretraining on text).
+
+The loop only wires things together: data from ``rlhf_jax.data``, the jitted step from
+``rlhf_jax.steps``, checkpoints from ``rlhf_jax.checkpoint``. Rerunning the same command
+resumes from the last checkpoint; the final params are exported for the next stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+
+from rlhf_jax import checkpoint, steps
+from rlhf_jax.config import Config, SFTConfig
+from rlhf_jax.data import SFTBatches, TextBatches
+from rlhf_jax.logging import MetricsLogger
+from rlhf_jax.models import LanguageModel
+from rlhf_jax.optim import learning_rate_schedule, make_optimizer
+from rlhf_jax.stages import common
+
+
+def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
+            stage_cfg: SFTConfig | None = None, data_kind: str = "demonstrations",
+            show_progress: bool = True, stop_after: int | None = None) -> pathlib.Path | None:
+    """Trains a language model with masked next-token loss; returns the export directory.
+
+    ``data_kind='demonstrations'`` is SFT (loss on responses only); ``'text'`` is plain LM
+    training on ``{"text"}`` records, which the pipeline uses to pretrain its base model
+    (``stage='pretrain'``, ``stage_cfg=cfg.pretrain``). ``stop_after``: run at most that
+    many steps now, checkpoint and return None (a rerun resumes).
+    """
+    stage_cfg = stage_cfg or cfg.sft
+    env = common.make_env(cfg, workdir, stage)
+    batches_cls = SFTBatches if data_kind == "demonstrations" else TextBatches
+    data_field = f"{stage}.data"
+    train = batches_cls(env.data_path(stage_cfg.data.train_path, f"{data_field}.train_path"), env.tokenizer,
+                        stage_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+    val = None
+    if stage_cfg.data.val_path:
+        val = batches_cls(env.data_path(stage_cfg.data.val_path, f"{data_field}.val_path"), env.tokenizer,
+                          dataclasses.replace(stage_cfg.data, shuffle=False), seed=cfg.seed,
+                          cache_dir=env.cache_dir, **env.process)
+    total_steps = stage_cfg.max_steps or stage_cfg.epochs * train.steps_per_epoch
+
+    model = LanguageModel(dataclasses.replace(cfg.model, dropout=stage_cfg.dropout))
+    tx = make_optimizer(stage_cfg.optim, total_steps)
+    init_params = None
+    if stage_cfg.init_from:
+        init_params = checkpoint.load_export(stage_cfg.init_from, common.abstract_params(model, env.mesh),
+                                             cfg.model)
+    state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed),
+                                                      init_params)
+    ckpts, state, start = common.restore_or_start(env, stage_cfg.checkpoint, state)
+    common.write_run_config(env)
+
+    step_fn = steps.make_sft_step(model, tx, env.mesh, state_shardings, stage_cfg.optim.grad_accum_steps,
+                                  learning_rate_schedule(stage_cfg.optim, total_steps))
+    evaluate = None
+    if val is not None:
+        eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params)
+        evaluate = lambda s: common.evaluate_lm(eval_fn, s.params, val, env.mesh)  # noqa: E731
+    logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
+    if start == 0 and getattr(train, "num_truncated", 0):
+        logger.log(0, {"data/truncated_examples": train.num_truncated})
+    state, finished = common.train_loop(
+        env, state=state, step_fn=step_fn, batches=train, total_steps=total_steps, ckpts=ckpts,
+        start_step=start, log_every=stage_cfg.log_every, eval_every=stage_cfg.eval_every,
+        evaluate=evaluate, save_every=stage_cfg.checkpoint.save_every, logger=logger,
+        progress_key="sft/loss", stop_after=stop_after)
+    logger.close()
+    ckpts.close()
+    if not finished:
+        return None
+    return checkpoint.export_params(env.stage_dir / "export", state.params, cfg.model,
+                                    {"stage": stage, "steps": total_steps})
