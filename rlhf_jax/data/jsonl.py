@@ -84,7 +84,8 @@ def _comparison(obj: dict) -> dict[str, Any]:
                            f"{len(responses)}")
     for i, response in enumerate(responses):
         if not isinstance(response, str):
-            raise _RecordError(f'field "responses"[{i}] must be a string, got {type(response).__name__}')
+            raise _RecordError(f'field "responses"[{i}] must be a string, '
+                               f"got {type(response).__name__}")
         if not response.strip():
             raise _RecordError(f'field "responses"[{i}] is empty')
     for i, rank in enumerate(ranks):

@@ -98,7 +98,9 @@ class RowBatches(abc.ABC):
             yield self._to_batch(batches[b * self._process_count + self._process_index])
 
 
-def too_long_error(source: RecordSource, record: dict, what: str, n: int, max_len: int) -> DataError:
+def too_long_error(source: RecordSource, record: dict, what: str, n: int,
+                   max_len: int) -> DataError:
+    """The error ``on_too_long='error'`` raises: ``file:line: <what> is n tokens, ...``."""
     return DataError(f"{source.path}:{record['line']}: {what} is {n} tokens, more than "
                      f"data.max_len={max_len} (data.on_too_long='error'; 'truncate' cuts it)")
 
@@ -121,13 +123,15 @@ class SFTBatches(RowBatches):
         self.num_truncated = 0
         lengths = []
         for record in source:
-            n = len(tokenizer.encode(record["prompt"])) + len(tokenizer.encode(record["response"])) + 1
+            n = (len(tokenizer.encode(record["prompt"]))
+                 + len(tokenizer.encode(record["response"])) + 1)
             if n > cfg.max_len:
                 if cfg.on_too_long == "error":
                     raise too_long_error(source, record, "prompt + response + EOS", n, cfg.max_len)
                 self.num_truncated += 1
             lengths.append(min(n, cfg.max_len))
-        rows = first_fit(lengths, cfg.max_len) if cfg.packing else [[i] for i in range(len(lengths))]
+        rows = (first_fit(lengths, cfg.max_len) if cfg.packing
+                else [[i] for i in range(len(lengths))])
         super().__init__(source, [tuple(r) for r in rows], batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
@@ -161,7 +165,8 @@ class TextBatches(RowBatches):
             for c, (tokens, _) in enumerate(chunks):
                 pieces.append((index, c))
                 lengths.append(len(tokens))
-        groups = first_fit(lengths, cfg.max_len) if cfg.packing else [[i] for i in range(len(pieces))]
+        groups = (first_fit(lengths, cfg.max_len) if cfg.packing
+                  else [[i] for i in range(len(pieces))])
         rows = [tuple(pieces[i] for i in group) for group in groups]
         super().__init__(source, rows, batch_size=cfg.batch_size, seed=seed, shuffle=cfg.shuffle,
                          process_index=process_index, process_count=process_count)

@@ -38,7 +38,8 @@ class PromptBatches(RowBatches):
                 if cfg.on_too_long == "error":
                     raise too_long_error(source, record, "the prompt", n, cfg.max_len)
                 self.num_truncated += 1
-        super().__init__(source, [(i,) for i in range(len(source))], batch_size=cfg.batch_size, seed=seed,
+        super().__init__(source, [(i,) for i in range(len(source))],
+                         batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
 

@@ -50,7 +50,8 @@ class RankingBatches(RowBatches):
                         raise too_long_error(source, record, f"prompt + responses[{i}] + EOS", n,
                                         cfg.max_len)
                     self.num_truncated += 1
-        super().__init__(source, [(i,) for i in range(len(source))], batch_size=cfg.batch_size, seed=seed,
+        super().__init__(source, [(i,) for i in range(len(source))],
+                         batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
 

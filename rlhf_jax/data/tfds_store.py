@@ -104,7 +104,8 @@ def content_hash(path: pathlib.Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_store(path: str | pathlib.Path, kind: Kind, cache_dir: str | pathlib.Path) -> pathlib.Path:
+def build_store(path: str | pathlib.Path, kind: Kind,
+                cache_dir: str | pathlib.Path) -> pathlib.Path:
     """Validates ``path`` and stores it as array_record, once. Returns the dataset directory.
 
     Safe when several processes share ``cache_dir``: each writes into its own incomplete
@@ -115,10 +116,14 @@ def build_store(path: str | pathlib.Path, kind: Kind, cache_dir: str | pathlib.P
     path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file ({kind} JSONL expected)")
-    builder = _BUILDERS[kind](
-        jsonl_path=path, data_dir=str(cache_dir), file_format="array_record",
-        config=tfds.core.BuilderConfig(name=content_hash(path)))
-    data_dir = pathlib.Path(builder.data_dir)
+    builder_cls, key = _BUILDERS[kind], content_hash(path)
+    data_dir = pathlib.Path(cache_dir) / builder_cls.name / key / str(builder_cls.VERSION)
+    # TFDS renames a finished build into place, so an existing directory is complete.
+    if (data_dir / "dataset_info.json").is_file():
+        return data_dir
+    builder = builder_cls(jsonl_path=path, data_dir=str(cache_dir), file_format="array_record",
+                          config=tfds.core.BuilderConfig(name=key))
+    assert pathlib.Path(builder.data_dir) == data_dir, (builder.data_dir, data_dir)
     try:
         builder.download_and_prepare()
     except OSError:

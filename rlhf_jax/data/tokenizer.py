@@ -31,7 +31,8 @@ class HFTokenizer:
 
     def __init__(self, hf_tokenizer, source: str = "<tokenizer>"):
         if hf_tokenizer.eos_token_id is None:
-            raise DataError(f"{source}: the tokenizer has no EOS token; responses must end with one")
+            raise DataError(f"{source}: the tokenizer has no EOS token; "
+                            "responses must end with one")
         self.hf = hf_tokenizer
         self.eos_id: int = int(hf_tokenizer.eos_token_id)
         pad = hf_tokenizer.pad_token_id

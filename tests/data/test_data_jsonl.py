@@ -12,7 +12,8 @@ GOOD_DEMO = {"prompt": "w1", "response": "w2"}
 @pytest.mark.parametrize("kind, bad_line, message", [
     ("demonstrations", '{"prompt": "a", "response": "b"', "not valid JSON"),
     ("demonstrations", '{"prompt": "a"}', 'missing field "response"'),
-    ("demonstrations", '{"prompt": 3, "response": "b"}', 'field "prompt" must be a string, got int'),
+    ("demonstrations", '{"prompt": 3, "response": "b"}',
+     'field "prompt" must be a string, got int'),
     ("demonstrations", '{"prompt": "a", "response": ""}', 'field "response" is empty'),
     ("demonstrations", '{"prompt": "a", "response": "  \\n "}', 'field "response" is empty'),
     ("demonstrations", '["a", "b"]', "expected a JSON object, got list"),

@@ -36,7 +36,8 @@ def test_sft_row_loss_mask_is_response_and_eos(write_jsonl, tok, cache_dir):
 
 
 def test_too_long_truncate_counts_and_error_names_line(write_jsonl, tok, cache_dir):
-    demos = [{"prompt": "w1", "response": "w2"}] * 3 + [{"prompt": words(0, 6), "response": words(10, 5)}]
+    demos = ([{"prompt": "w1", "response": "w2"}] * 3
+             + [{"prompt": words(0, 6), "response": words(10, 5)}])
     path = write_jsonl("demos.jsonl", demos)
     loader = sft(path, tok, cache_dir, batch_size=4, max_len=8)
     assert loader.num_truncated == 1

@@ -30,7 +30,8 @@ def test_ranking_batch_varying_k_and_ties(write_jsonl, tok, cache_dir):
     np.testing.assert_array_equal(batch.positions[0, 1], [0, 1, 2, 3, 0, 0])
     np.testing.assert_array_equal(batch.last_index, [[2, 3, 2, 0], [3, 5, 0, 0]])
     np.testing.assert_array_equal(batch.ranks, [[1, 0, 1, 0], [0, 1, 0, 0]])
-    np.testing.assert_array_equal(batch.mask, [[True, True, True, False], [True, True, False, False]])
+    np.testing.assert_array_equal(batch.mask, [[True, True, True, False],
+                                               [True, True, False, False]])
     assert batch.tokens[batch.mask].shape == (5, 6)  # 3 + 2 real responses
     # The reward is read at the EOS of every real response here (nothing truncated).
     assert (np.take_along_axis(batch.tokens, batch.last_index[..., None], 2)[..., 0][batch.mask]
@@ -44,8 +45,10 @@ def test_ranking_limits(write_jsonl, tok, cache_dir):
         {"prompt": "w1", "responses": ["w2", "w3", "w4"], "ranks": [0, 1, 2]}])
     with pytest.raises(DataError, match=r"cmp\.jsonl:2: 3 responses, more than k_max=2"):
         RankingBatches(str(path), tok, data_cfg(), seed=0, k_max=2, cache_dir=cache_dir)
-    long = write_jsonl("long.jsonl", [{"prompt": words(0, 5), "chosen": "w9", "rejected": words(10, 9)}])
-    with pytest.raises(DataError, match=r"long\.jsonl:1: prompt \+ responses\[1\] \+ EOS is 15 tokens"):
+    long = write_jsonl("long.jsonl",
+                       [{"prompt": words(0, 5), "chosen": "w9", "rejected": words(10, 9)}])
+    with pytest.raises(DataError,
+                       match=r"long\.jsonl:1: prompt \+ responses\[1\] \+ EOS is 15 tokens"):
         RankingBatches(str(long), tok, data_cfg(max_len=8, on_too_long="error"), seed=0,
                        cache_dir=cache_dir)
     loader = RankingBatches(str(long), tok, data_cfg(batch_size=1, max_len=8), seed=0, k_max=2,
@@ -81,6 +84,7 @@ def test_prompts_left_padded(write_jsonl, tok, cache_dir):
     np.testing.assert_array_equal(batch.positions, [[0, 0, 0, 0, 1], [0, 1, 2, 3, 4]])
     assert not batch.loss_mask.any()
     assert loader.num_truncated == 1
-    with pytest.raises(DataError, match=r"p\.jsonl:2: the prompt is 7 tokens, more than data\.max_len=5"):
+    with pytest.raises(DataError,
+                       match=r"p\.jsonl:2: the prompt is 7 tokens, more than data\.max_len=5"):
         PromptBatches(str(path), tok, data_cfg(max_len=5, on_too_long="error"), seed=0,
                       cache_dir=cache_dir)
