@@ -1,0 +1,83 @@
+"""Config: experiment files, dotted overrides, saved-config round trip, clear errors."""
+
+import dataclasses
+import json
+
+import pytest
+
+from rlhf_jax.config import (Config, ConfigError, ModelConfig, apply_overrides, config_from_dict,
+                             load_config, load_experiment, save_config, to_dict)
+from rlhf_jax.default_config import default_config
+
+
+def test_overrides_reach_nested_fields_with_their_types():
+    cfg = apply_overrides(default_config(), ["--model.d_model=256", "--sft.optim.learning_rate=3e-4",
+                                             "--model.family=gpt2", "--model.n_kv_heads=None",
+                                             "--sft.data.packing=True"])
+    assert cfg.model.d_model == 256 and cfg.sft.optim.learning_rate == 3e-4
+    assert cfg.model.family == "gpt2" and cfg.model.n_kv_heads is None and cfg.sft.data.packing is True
+    assert cfg.sft.epochs == default_config().sft.epochs  # untouched fields keep the experiment's values
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--model.no_such_field=3", "no_such_field"),
+    ("--model.d_model=big", "d_model"),
+    ("--model.family=gpt5", "family"),
+])
+def test_unknown_or_ill_typed_override_is_an_error(arg, expected, capsys):
+    with pytest.raises(SystemExit):
+        apply_overrides(default_config(), [arg])
+    assert expected in capsys.readouterr().err.replace("-", "_")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = apply_overrides(default_config(), ["--seed=7", "--sft.max_steps=11"])
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+
+
+def test_config_from_dict_rejects_unknown_and_ill_typed_fields():
+    data = to_dict(default_config())
+    data["model"]["n_layer"] = 4  # a typo of n_layers
+    with pytest.raises(ConfigError, match="n_layer"):
+        config_from_dict(data)
+    data = to_dict(default_config())
+    data["model"]["d_model"] = "128"
+    with pytest.raises(ConfigError, match="d_model"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(d_model=100, n_heads=3), "model.d_model=100 is not divisible by model.n_heads=3"),
+    (dict(n_heads=4, n_kv_heads=3), "model.n_heads=4 is not a multiple of model.n_kv_heads=3"),
+    (dict(family="gpt2", n_kv_heads=2), "gpt2 family has no grouped-query attention"),
+    (dict(n_layers=0), "model.n_layers must be positive"),
+    (dict(dropout=1.5), r"model.dropout must be in \[0, 1\)"),
+])
+def test_invalid_model_config_names_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(ModelConfig(family="llama"), **change).validate()
+
+
+def test_experiment_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no experiment file"):
+        load_experiment(tmp_path / "missing.py")
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="must define get_config"):
+        load_experiment(tmp_path / "bad.py")
+
+
+def test_experiments_in_repo_load():
+    import pathlib
+
+    for path in sorted(pathlib.Path(__file__).parents[1].glob("experiments/*.py")):
+        assert isinstance(load_experiment(path).validate(), Config), path
+
+
+def test_corrupt_saved_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"seed": 1,')
+    with pytest.raises(ConfigError, match="config.json"):
+        load_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"seed": "one"}))
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(tmp_path / "config.json")
