@@ -8,6 +8,8 @@ One record per line; empty lines are skipped. Schemas (``kind``):
 - ``comparisons``: ``{"prompt": str, "responses": [str, ...], "ranks": [int, ...]}`` with
   2 <= K <= 9 responses, 0 = best, equal ranks = tie; or pairwise
   ``{"prompt": str, "chosen": str, "rejected": str}``, read as K=2 with ranks ``[0, 1]``.
+  A compared response may be empty: a policy sample that stops at once is real data the
+  reward model must learn to score (its row is ``prompt + EOS``).
 
 Unknown extra fields are ignored (labeling tools add metadata). Every bad record raises
 :class:`DataError` naming the file, the 1-based line and what is wrong, e.g.
@@ -72,8 +74,9 @@ def _prompt(obj: dict) -> dict[str, Any]:
 def _comparison(obj: dict) -> dict[str, Any]:
     prompt = _string(obj, "prompt", allow_empty=True)
     if "responses" not in obj and ("chosen" in obj or "rejected" in obj):
-        return {"prompt": prompt, "responses": [_string(obj, "chosen"), _string(obj, "rejected")],
-                "ranks": [0, 1]}
+        return {"prompt": prompt, "ranks": [0, 1],
+                "responses": [_string(obj, "chosen", allow_empty=True),
+                              _string(obj, "rejected", allow_empty=True)]}
     responses = _list(obj, "responses")
     ranks = _list(obj, "ranks")
     if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
@@ -86,8 +89,6 @@ def _comparison(obj: dict) -> dict[str, Any]:
         if not isinstance(response, str):
             raise _RecordError(f'field "responses"[{i}] must be a string, '
                                f"got {type(response).__name__}")
-        if not response.strip():
-            raise _RecordError(f'field "responses"[{i}] is empty')
     for i, rank in enumerate(ranks):
         # bool is an int subclass; true/false in a ranks list is a labeling-tool bug.
         if not isinstance(rank, int) or isinstance(rank, bool):

@@ -27,8 +27,6 @@ GOOD_DEMO = {"prompt": "w1", "response": "w2"}
      'field "responses" has 1 entries; a comparison needs 2 to 9'),
     ("comparisons", json.dumps({"prompt": "p", "responses": ["a"] * 10, "ranks": [0] * 10}),
      'field "responses" has 10 entries; a comparison needs 2 to 9'),
-    ("comparisons", '{"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]}',
-     'field "responses"[1] is empty'),
     ("comparisons", '{"prompt": "p", "responses": ["a", 7], "ranks": [0, 1]}',
      'field "responses"[1] must be a string, got int'),
     ("comparisons", '{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1.5]}',
@@ -41,7 +39,8 @@ GOOD_DEMO = {"prompt": "w1", "response": "w2"}
      'field "responses" must be a list, got str'),
     ("comparisons", '{"prompt": "p", "responses": ["a", "b"]}', 'missing field "ranks"'),
     ("comparisons", '{"prompt": "p", "chosen": "a"}', 'missing field "rejected"'),
-    ("comparisons", '{"prompt": "p", "chosen": "a", "rejected": ""}', 'field "rejected" is empty'),
+    ("comparisons", '{"prompt": "p", "chosen": "a", "rejected": 0}',
+     'field "rejected" must be a string, got int'),
 ])
 def test_bad_record_names_file_and_line(write_jsonl, kind, bad_line, message):
     good = {"demonstrations": GOOD_DEMO, "text": {"text": "w1"}, "prompts": {"prompt": "w1"},
@@ -88,6 +87,13 @@ def test_good_records_with_line_numbers(write_jsonl):
         (1, {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 0, 1]}),  # extra key dropped
         (3, {"prompt": "", "responses": ["good", "bad"], "ranks": [0, 1]}),  # pairwise -> K=2
     ]
+
+
+def test_compared_responses_may_be_empty(write_jsonl):
+    # A policy sample that emits EOS at once is an empty response the RM must score.
+    path = write_jsonl("c.jsonl", [{"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]},
+                                   {"prompt": "p", "chosen": "a", "rejected": ""}])
+    assert [r["responses"] for _, r in read_records(path, "comparisons")] == [["a", ""], ["a", ""]]
 
 
 def test_demonstration_prompt_may_be_empty_but_ppo_prompt_may_not(write_jsonl):

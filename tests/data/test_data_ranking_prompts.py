@@ -14,6 +14,7 @@ def test_ranking_batch_varying_k_and_ties(write_jsonl, tok, cache_dir):
     path = write_jsonl("c.jsonl", [
         {"prompt": "w1", "responses": ["w2", "w3 w4", "w5"], "ranks": [1, 0, 1]},  # tie: 0 and 2
         {"prompt": "w6 w7", "chosen": "w8", "rejected": "w9 w10 w11"},  # pairwise -> K=2
+        {"prompt": "w1", "chosen": "w2", "rejected": ""},  # an empty sample: prompt + EOS
     ])
     loader = RankingBatches(str(path), tok, data_cfg(batch_size=2, max_len=6), seed=0, k_max=4,
                             cache_dir=cache_dir)
@@ -37,6 +38,11 @@ def test_ranking_batch_varying_k_and_ties(write_jsonl, tok, cache_dir):
     assert (np.take_along_axis(batch.tokens, batch.last_index[..., None], 2)[..., 0][batch.mask]
             == EOS).all()
     assert loader.num_truncated == 0
+    # Comparison 3 (first row of eval batch 1): the empty response is w1 <eos>, read at 1.
+    third = list(loader.eval_batches())[1]
+    np.testing.assert_array_equal(third.tokens[0, 1], [4, EOS, PAD, PAD, PAD, PAD])
+    np.testing.assert_array_equal(third.last_index[0], [2, 1, 0, 0])
+    assert not third.mask[1].any()  # the padding comparison filling the batch
 
 
 def test_ranking_limits(write_jsonl, tok, cache_dir):
