@@ -161,15 +161,12 @@ class RecordSource:
         return {k: _decode(v) for k, v in self._source[int(index)].items()}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        if not len(indices):
-            return []  # padding rows read nothing
-        rows = self._source.__getitems__([int(i) for i in indices])
-        return [{k: _decode(v) for k, v in row.items()} for row in rows]
+        # One read per record: array_record's batched read starts a thread pool per call,
+        # ~600 us for a single local record against ~45 us for a plain read.
+        return [self[i] for i in indices]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        chunk = 1024  # batched reads: one array_record call per chunk, not per record
-        for start in range(0, len(self), chunk):
-            yield from self.__getitems__(range(start, min(start + chunk, len(self))))
+        return (self[i] for i in range(len(self)))
 
 
 def open_store(path: str | pathlib.Path, kind: Kind, cache_dir: str | pathlib.Path) -> RecordSource:
