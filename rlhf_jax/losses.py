@@ -8,6 +8,8 @@ an explicit denominator so micro-batches and packed rows reduce exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,3 +59,239 @@ def sft_loss(logits: Array, tokens: Array, loss_mask: Array,
         "sft/target_tokens": jnp.sum(target_mask),
     }
     return loss, metrics
+
+
+def _better_pairs(ranks: Array, mask: Array) -> Array:
+    """``[B, K, K] bool``: (w, l) where response w is ranked strictly better than l (lower
+    rank), both real. Ties (equal ranks) and padded responses form no pair."""
+    real = mask[:, :, None] & mask[:, None, :]
+    return real & (ranks[:, :, None] < ranks[:, None, :])
+
+
+def ranking_loss(rewards: Array, ranks: Array, mask: Array,
+                 denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """InstructGPT's K-wise reward-model loss, all C(K, 2) pairs of a prompt in one element.
+
+    rewards: ``[B, K] f32``, r(x, y_k); ranks: ``[B, K] int32``, 0 = best, equal = tie;
+    mask: ``[B, K] bool``, real responses (K varies by prompt).
+    For each prompt, the mean over its ordered pairs (w better than l) of
+    ``-log sigmoid(r_w - r_l)``; then the mean over prompts that have at least one pair
+    (``denominator`` overrides that count, for micro-batches).
+    """
+    pairs = _better_pairs(ranks, mask).astype(jnp.float32)
+    margins = rewards[:, :, None] - rewards[:, None, :]  # [B, K, K]: r_w - r_l
+    pairs_per_prompt = jnp.sum(pairs, axis=(1, 2))
+    per_prompt = jnp.sum(-jax.nn.log_sigmoid(margins) * pairs, axis=(1, 2)) / jnp.maximum(pairs_per_prompt, 1.0)
+    has_pairs = (pairs_per_prompt > 0).astype(jnp.float32)
+    if denominator is None:
+        denominator = jnp.sum(has_pairs)
+    loss = masked_mean(per_prompt, has_pairs, denominator)
+    _, accuracy_metrics = pairwise_accuracy(rewards, ranks, mask)
+    metrics = {
+        "rm/loss": loss,
+        **accuracy_metrics,
+        "rm/margin": masked_mean(margins, pairs),
+        "rm/reward_mean": masked_mean(rewards, mask),
+        "rm/prompts_with_pairs": jnp.sum(has_pairs),
+    }
+    return loss, metrics
+
+
+def pairwise_accuracy(rewards: Array, ranks: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
+    """Fraction of ordered pairs (over the batch) where the better response gets the higher
+    reward; a reward tie counts half. Shapes as in :func:`ranking_loss`."""
+    pairs = _better_pairs(ranks, mask).astype(jnp.float32)
+    margins = rewards[:, :, None] - rewards[:, None, :]
+    right = jnp.where(margins > 0, 1.0, jnp.where(margins == 0, 0.5, 0.0))
+    accuracy = masked_mean(right, pairs)
+    return accuracy, {"rm/accuracy": accuracy, "rm/pairs": jnp.sum(pairs)}
+
+
+def pairwise_loss(chosen_rewards: Array, rejected_rewards: Array) -> tuple[Array, dict[str, Array]]:
+    """``-log sigmoid(r_chosen - r_rejected)`` averaged over the batch (Anthropic HH style
+    data); the K = 2 case of :func:`ranking_loss`. Both ``[B] f32``."""
+    rewards = jnp.stack([chosen_rewards, rejected_rewards], axis=1)
+    ranks = jnp.broadcast_to(jnp.array([0, 1], jnp.int32), rewards.shape)
+    return ranking_loss(rewards, ranks, jnp.ones(rewards.shape, bool))
+
+
+# ---------------------------------------------------------------- PPO and PPO-ptx
+# Shapes: B episodes, T response positions. ``mask`` ``[B, T]`` marks the response tokens
+# (right-padded: each row's tokens come first). Log-probs are of the sampled tokens.
+
+KLKind = str  # "k1" | "k2" | "k3"
+
+
+def kl_estimate(logp: Array, ref_logp: Array, kind: KLKind = "k1") -> Array:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020).
+
+    logp, ref_logp: ``[B, T] f32`` -> ``[B, T] f32``. With ``log_ratio = logp - ref_logp``:
+    k1 = log_ratio (unbiased, can be negative); k2 = log_ratio^2 / 2 (biased, low variance);
+    k3 = exp(-log_ratio) - 1 + log_ratio (unbiased, always >= 0). All are 0 when pi == pi_ref.
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    if kind == "k3":
+        return jnp.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl kind {kind!r}: expected 'k1', 'k2' or 'k3'")
+
+
+def last_token_mask(mask: Array) -> Array:
+    """``[B, T] bool``: the last True of each (right-padded) row of ``mask``."""
+    mask = mask.astype(bool)
+    next_is_real = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    return mask & ~next_is_real
+
+
+def kl_shaped_rewards(logp: Array, ref_logp: Array, scores: Array, mask: Array, beta: Array | float,
+                      kind: KLKind = "k1") -> tuple[Array, dict[str, Array]]:
+    """InstructGPT's per-token reward: ``r_t = -beta * KL_t``, plus the episode's score at
+    its last response token.
+
+    logp, ref_logp: ``[B, T] f32``; scores: ``[B] f32`` (RM score, penalties included);
+    mask: ``[B, T]``. Returns (rewards ``[B, T] f32``, metrics).
+    """
+    mask = mask.astype(jnp.float32)
+    kl = kl_estimate(logp, ref_logp, kind) * mask
+    rewards = -beta * kl + scores[:, None] * last_token_mask(mask)
+    kl_per_episode = jnp.sum(kl, axis=1)
+    metrics = {
+        "ppo/kl_to_ref": jnp.mean(kl_per_episode),  # summed over the response, mean over episodes
+        "ppo/kl_penalty": -beta * jnp.mean(kl_per_episode),
+        "ppo/beta": jnp.asarray(beta, jnp.float32),
+    }
+    return rewards, metrics
+
+
+def gae(rewards: Array, values: Array, mask: Array, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Array, Array]:
+    """Generalised advantage estimation over each row's response tokens.
+
+    rewards, values: ``[B, T] f32``; mask: ``[B, T]`` (right-padded). The value after a
+    row's last token is 0 (the episode ends). Returns (advantages, returns), ``[B, T]``,
+    0 outside the mask; ``returns = advantages + values`` are the value targets.
+    """
+    mask = mask.astype(jnp.float32)
+    next_values = jnp.concatenate([values[:, 1:] * mask[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    deltas = (rewards + gamma * next_values - values) * mask
+
+    def backwards(carry, xs):
+        delta, cont = xs
+        advantage = delta + gamma * lam * cont * carry
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backwards, jnp.zeros_like(deltas[:, 0]),
+                                 (deltas.T, next_mask.T), reverse=True)
+    advantages = advantages.T * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) -> Array:
+    """Normalise ``x`` to unit variance (and zero mean) over ``mask``; 0 outside it."""
+    mask = mask.astype(jnp.float32)
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, clip: float = 0.2,
+                    denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Clipped surrogate: mean over tokens of ``max(-A * ratio, -A * clip(ratio, 1-e, 1+e))``.
+
+    logp (current policy), old_logp (at rollout), advantages, mask: ``[B, T]``.
+    """
+    log_ratio = (logp - old_logp) * mask
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask, denominator)
+    metrics = {
+        "ppo/policy_loss": loss,
+        "ppo/clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask, denominator),
+        "ppo/approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask, denominator),
+        "ppo/ratio": masked_mean(ratio, mask, denominator),
+    }
+    return loss, metrics
+
+
+def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, clip: float = 0.2,
+               denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Clipped value loss ``0.5 * max((V - R)^2, (V_clipped - R)^2)``, where V_clipped stays
+    within ``clip`` of the rollout's values. All ``[B, T]``."""
+    clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
+    unclipped_error = jnp.square(values - returns)
+    clipped_error = jnp.square(clipped_values - returns)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped_error, clipped_error), mask, denominator)
+    metrics = {
+        "value/loss": loss,
+        "value/clipfrac": masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask, denominator),
+        "value/mean": masked_mean(values, mask, denominator),
+    }
+    return loss, metrics
+
+
+def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
+    """``1 - Var[R - V] / Var[R]`` over the mask: 1 is a perfect value function, 0 a constant."""
+    mask = mask.astype(jnp.float32)
+    residual = returns - values
+    var_returns = masked_mean(jnp.square(returns - masked_mean(returns, mask)), mask)
+    var_residual = masked_mean(jnp.square(residual - masked_mean(residual, mask)), mask)
+    return 1.0 - var_residual / jnp.maximum(var_returns, 1e-8)
+
+
+def entropy(logits: Array, mask: Array, denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Mean entropy of the policy's next-token distributions over the mask.
+
+    logits: ``[B, T, V] f32``; mask: ``[B, T]``.
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    per_token = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    value = masked_mean(per_token, mask, denominator)
+    return value, {"ppo/entropy": value}
+
+
+def ptx_loss(logits: Array, tokens: Array, loss_mask: Array,
+             denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """The pretraining term of PPO-ptx: next-token NLL on pretraining text (shapes as
+    :func:`sft_loss`); minimising it maximises ``E_pretrain[log pi(x)]``."""
+    loss, metrics = sft_loss(logits, tokens, loss_mask, denominator)
+    return loss, {"ptx/loss": loss, "ptx/accuracy": metrics["sft/accuracy"]}
+
+
+def ppo_objective(policy_loss: Array, entropy_value: Array, ptx: Array, *, entropy_coef: float,
+                  ptx_coef: float) -> tuple[Array, dict[str, Array]]:
+    """The policy's loss: ``policy_loss - entropy_coef * entropy + ptx_coef * ptx``.
+
+    (InstructGPT: ``ptx_coef`` = gamma = 27.8 for PPO-ptx, 0 for plain PPO. With 0 the ptx
+    term contributes exactly nothing, not even a zero-times-NaN.)
+    """
+    terms = {"ppo/objective/policy": policy_loss,
+             "ppo/objective/entropy": -entropy_coef * entropy_value}
+    if ptx_coef:
+        terms["ppo/objective/ptx"] = ptx_coef * ptx
+    total = sum(terms.values())
+    return total, {**terms, "ppo/objective/total": total}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move beta so the observed KL tracks ``target``.
+
+    ``update`` is pure: ``beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)``
+    where ``observed_kl`` is the batch's mean per-episode KL and ``n_steps`` the episodes
+    since the last update.
+    """
+
+    target: float
+    horizon: float
+
+    def update(self, beta: Array, observed_kl: Array, n_steps: int) -> Array:
+        error = jnp.clip(observed_kl / self.target - 1.0, -0.2, 0.2)
+        return beta * (1.0 + error * n_steps / self.horizon)
