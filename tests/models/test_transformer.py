@@ -18,7 +18,7 @@ LLAMA_GQA = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n
 
 def _init(cfg, model_cls=LanguageModel):
     model = model_cls(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     return model, params
 
 

@@ -1,0 +1,150 @@
+"""A jit-compiled sampler: prefill the KV cache with the prompts, then a ``lax.while_loop``
+decodes one token per iteration for every row, stopping each row at EOS and the whole loop
+as soon as every row is done. Shapes are fixed by (batch, prompt length, max new tokens),
+so calling it again never recompiles, and no token goes back to the host until the end.
+
+Prompts are left-padded (``segment_ids`` 0 on padding), so every row's last prompt token
+sits at the same position and decoding advances all rows together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding
+from rlhf_jax.models import KVCache, positions_from_segments
+from rlhf_jax.models.transformer import KV_CACHE_LOGICAL_AXES
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@struct.dataclass
+class Samples:
+    """Sampled responses to a batch of prompts.
+
+    prompt_tokens, prompt_segments: ``[B, P]`` (left-padded);
+    tokens: ``[B, N] int32`` (after EOS: pad); logprobs: ``[B, N] f32`` under the sampling
+    distribution's temperature (0 where masked); mask: ``[B, N] bool``, response tokens
+    including the EOS; ended: ``[B] bool``, the row emitted EOS.
+    """
+
+    prompt_tokens: Array
+    prompt_segments: Array
+    tokens: Array
+    logprobs: Array
+    mask: Array
+    ended: Array
+
+    def full_sequences(self) -> tuple[Array, Array, Array]:
+        """(tokens, segment_ids, positions), each ``[B, P+N]``: prompt then response."""
+        tokens = jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
+        segments = jnp.concatenate([self.prompt_segments, self.mask.astype(jnp.int32)], axis=1)
+        return tokens, segments, positions_from_segments(segments)
+
+
+def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
+    """Sets logits outside the top-k and outside the top-p nucleus to -inf. ``[B, V]``."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep a token if the mass before it is < top_p (so the top token is always kept)
+        keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def choose_tokens(logits: Array, rng: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+    """Next tokens ``[B] int32`` and their log-probs ``[B] f32`` from logits ``[B, V]``."""
+    if cfg.temperature == 0.0:
+        tokens = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / cfg.temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        tokens = jax.random.categorical(rng, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+    return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+@struct.dataclass
+class _DecodeState:
+    step: Array
+    cache: KVCache
+    logits: Array  # [B, V] for the next token
+    tokens: Array
+    logprobs: Array
+    mask: Array
+    done: Array
+    rng: Array
+
+
+def sample(model: nn.Module, params: Any, prompt_tokens: Array, prompt_segments: Array, rng: Array,
+           cfg: SamplingConfig, eos_id: int, pad_id: int) -> Samples:
+    """Samples up to ``cfg.max_new_tokens`` tokens after each prompt (traceable; see
+    :func:`make_sampler` for the jitted, sharded version)."""
+    batch, prompt_len = prompt_tokens.shape
+    n_new = cfg.max_new_tokens
+    cache = KVCache.init(model.cfg, batch, prompt_len + n_new)
+    cache = jax.tree.map(nn.with_logical_constraint, cache, KV_CACHE_LOGICAL_AXES)
+    prompt_positions = positions_from_segments(prompt_segments)
+    logits, cache = model.apply({"params": params}, prompt_tokens, prompt_positions, prompt_segments, cache=cache)
+    next_position = prompt_positions[:, -1] + 1  # [B]
+
+    def cond(state: _DecodeState):
+        return (state.step < n_new) & ~jnp.all(state.done)
+
+    def body(state: _DecodeState):
+        token, logp = choose_tokens(state.logits, jax.random.fold_in(state.rng, state.step), cfg)
+        live = ~state.done
+        token = jnp.where(live, token, pad_id)
+        tokens = state.tokens.at[:, state.step].set(token)
+        logprobs = state.logprobs.at[:, state.step].set(jnp.where(live, logp, 0.0))
+        mask = state.mask.at[:, state.step].set(live)
+        done = state.done | (token == eos_id)
+        logits, cache = model.apply({"params": params}, token[:, None], (next_position + state.step)[:, None],
+                                    live.astype(jnp.int32)[:, None], cache=state.cache)
+        return _DecodeState(step=state.step + 1, cache=cache, logits=logits[:, -1], tokens=tokens,
+                            logprobs=logprobs, mask=mask, done=done, rng=state.rng)
+
+    init = _DecodeState(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
+                        tokens=jnp.full((batch, n_new), pad_id, jnp.int32),
+                        logprobs=jnp.zeros((batch, n_new), jnp.float32),
+                        mask=jnp.zeros((batch, n_new), bool), done=jnp.zeros((batch,), bool), rng=rng)
+    final = jax.lax.while_loop(cond, body, init)
+    return Samples(prompt_tokens=prompt_tokens, prompt_segments=prompt_segments, tokens=final.tokens,
+                   logprobs=final.logprobs, mask=final.mask, ended=final.done)
+
+
+def make_sampler(model: nn.Module, cfg: SamplingConfig, mesh: Mesh, param_shardings: Any,
+                 eos_id: int, pad_id: int) -> Callable[[Any, Array, Array, Array], Samples]:
+    """``sampler(params, prompt_tokens [B, P], prompt_segments [B, P], rng) -> Samples``,
+    jitted with params in their shardings and the batch split over (data, fsdp)."""
+    from rlhf_jax.steps import jit_under_mesh
+
+    batch = sharding.batch_sharding(mesh, 1)
+
+    def run(params, prompt_tokens, prompt_segments, rng):
+        return sample(model, params, prompt_tokens, prompt_segments, rng, cfg, eos_id, pad_id)
+
+    return jit_under_mesh(run, mesh, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)),
+                          out_shardings=batch)
