@@ -1,0 +1,449 @@
+"""Hugging Face checkpoints <-> our params, for GPT-2 and the Llama family (Llama, Mistral, Qwen2).
+
+Weights are read from safetensors with ``safe_open(framework="numpy")`` (never torch, never
+pickle). Each parameter is built with ``jax.make_array_from_callback``, and the callback
+reads only the slice of the HF tensor that one shard needs, so every device materialises
+its own shard and a model larger than one device loads.
+
+One table (:func:`param_sources`) says where each of our parameters lives in a HF
+checkpoint; loading reads through it and exporting writes through it, so load -> export
+-> load is the identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+import re
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlhf_jax import sharding
+from rlhf_jax.config import ConfigError, ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+# Non-parameter buffers some checkpoints carry: GPT-2's causal mask and Llama's RoPE table.
+IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+
+
+class HFError(ValueError):
+    """A HF checkpoint we cannot read or represent; names the file and field or tensor."""
+
+
+# ---------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _get(hf: dict, key: str, path: pathlib.Path) -> Any:
+    if key not in hf:
+        raise HFError(f"{path}: missing field {key!r}")
+    return hf[key]
+
+
+def _require(hf: dict, key: str, default: Any, allowed: tuple, path: pathlib.Path, why: str) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise HFError(f"{path}: {key}={value!r} is not supported ({why})")
+
+
+def _gpt2_config(hf: dict, path: pathlib.Path) -> ModelConfig:
+    _require(hf, "activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"), path,
+             "our GPT-2 MLP uses the tanh-approximate GELU")
+    _require(hf, "scale_attn_weights", True, (True,), path, "attention is scaled by 1/sqrt(head_dim)")
+    _require(hf, "scale_attn_by_inverse_layer_idx", False, (False,), path, "no per-layer attention scaling")
+    _require(hf, "add_cross_attention", False, (False,), path, "decoder-only")
+    d_model = _get(hf, "n_embd", path)
+    return ModelConfig(
+        family="gpt2", vocab_size=_get(hf, "vocab_size", path), d_model=d_model,
+        n_layers=_get(hf, "n_layer", path), n_heads=_get(hf, "n_head", path),
+        d_ff=hf.get("n_inner") or 4 * d_model, max_len=_get(hf, "n_positions", path),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), hf_path=str(path.parent))
+
+
+def _rope_theta(hf: dict, path: pathlib.Path) -> float:
+    """RoPE base; configs before transformers 5 use ``rope_theta`` + ``rope_scaling``,
+    later ones ``rope_parameters``."""
+    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(field) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise HFError(f"{path}: {field}.rope_type={kind!r} is not supported (only unscaled RoPE)")
+    for where in (hf, rope):
+        if where.get("partial_rotary_factor", 1.0) != 1.0:
+            raise HFError(f"{path}: partial_rotary_factor={where['partial_rotary_factor']} is not "
+                          "supported (RoPE rotates the whole head)")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _check_no_sliding_window(hf: dict, path: pathlib.Path, max_len: int) -> None:
+    """A window at least ``max_position_embeddings`` long never masks anything: accept it."""
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        active = any(kind != "full_attention" for kind in layer_types)
+    else:
+        active = hf.get("use_sliding_window", True)
+    if active and window is not None and window < max_len:
+        raise HFError(f"{path}: sliding_window={window} is active (max_position_embeddings={max_len}); "
+                      "sliding-window attention is not supported")
+
+
+def _llama_config(hf: dict, path: pathlib.Path) -> ModelConfig:
+    _require(hf, "hidden_act", "silu", ("silu", "swish"), path, "our Llama MLP is SwiGLU")
+    _require(hf, "attention_bias", False, (False,), path, "the output projection has no bias")
+    _require(hf, "mlp_bias", False, (False,), path, "the Llama MLP has no biases")
+    d_model, n_heads = _get(hf, "hidden_size", path), _get(hf, "num_attention_heads", path)
+    kv_heads = hf.get("num_key_value_heads") or n_heads
+    head_dim = hf.get("head_dim") or d_model // n_heads
+    max_len = _get(hf, "max_position_embeddings", path)
+    _check_no_sliding_window(hf, path, max_len)
+    return ModelConfig(
+        family="llama", vocab_size=_get(hf, "vocab_size", path), d_model=d_model,
+        n_layers=_get(hf, "num_hidden_layers", path), n_heads=n_heads,
+        n_kv_heads=None if kv_heads == n_heads else kv_heads,
+        head_dim=None if head_dim * n_heads == d_model else head_dim,
+        d_ff=_get(hf, "intermediate_size", path), max_len=max_len,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=hf["model_type"] == "qwen2", rope_theta=_rope_theta(hf, path),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), hf_path=str(path.parent))
+
+
+def model_config_from_hf(directory: str | pathlib.Path) -> ModelConfig:
+    """The :class:`ModelConfig` of the HF checkpoint in ``directory`` (its ``config.json``),
+    with ``hf_path`` set to it. Raises :class:`HFError` naming the field for anything our
+    model does not compute the same way."""
+    path = pathlib.Path(directory) / "config.json"
+    if not path.is_file():
+        raise HFError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HFError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        cfg = _gpt2_config(hf, path)
+    elif model_type in LLAMA_TYPES:
+        cfg = _llama_config(hf, path)
+    else:
+        raise HFError(f"{path}: model_type={model_type!r} is not supported; "
+                      f"supported: {['gpt2', *LLAMA_TYPES]}")
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise HFError(f"{path}: {err}") from err
+    return cfg
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` of ``cfg`` as a HF causal LM (``gpt2``; ``llama``; ``qwen2`` when
+    ``qkv_bias``, the one Llama-family type with q/k/v biases and no output bias)."""
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "dtype": cfg.param_dtype}
+    if cfg.family == "gpt2":
+        if cfg.dim_per_head * cfg.n_heads != cfg.d_model:
+            raise HFError(f"model.head_dim={cfg.head_dim}: HF GPT-2 needs head_dim * n_heads == d_model")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+                "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+                "n_inner": cfg.d_ff, "n_positions": cfg.max_len, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True}
+    model_type = "qwen2" if cfg.qkv_bias else "llama"
+    arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
+    extra = {"use_sliding_window": False} if cfg.qkv_bias else {"attention_bias": False, "mlp_bias": False}
+    return {"architectures": [arch], "model_type": model_type, **common, **extra,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.dim_per_head, "intermediate_size": cfg.d_ff, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+
+
+# ---------------------------------------------------------------------------------------
+# where each parameter lives
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one of our parameters lives in a HF checkpoint.
+
+    Take tensor ``name`` (for a fused tensor, the ``part``-th of ``parts`` equal blocks
+    along ``part_axis``), cut every axis whose ``split`` entry is a head size ``D`` into
+    ``(n, D)``, and transpose by ``perm``: that is our array. E.g. a torch ``q_proj.weight``
+    ``[H*D, E]`` is ``split=(D, None)`` -> ``[H, D, E]``, ``perm=(2, 0, 1)`` -> ``[E, H, D]``.
+    """
+
+    name: str
+    split: tuple[int | None, ...]
+    perm: tuple[int, ...]
+    part: int = 0
+    parts: int = 1
+    part_axis: int = 0
+
+    def block_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of our block in HF coordinates, for our array of ``shape``."""
+        cut = [shape[self.perm.index(j)] for j in range(len(self.perm))]
+        out, j = [], 0
+        for head_dim in self.split:
+            width = 1 if head_dim is None else 2
+            out.append(int(np.prod(cut[j:j + width])))
+            j += width
+        return tuple(out)
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        block = list(self.block_shape(shape))
+        block[self.part_axis] *= self.parts
+        return tuple(block)
+
+    def read(self, tensor, shape: tuple[int, ...], bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """Our array's ``[start, stop)`` per axis ``bounds``, reading only the HF rows and
+        columns it needs from ``tensor`` (a safetensors slice)."""
+        cut_bounds = [bounds[self.perm.index(j)] for j in range(len(self.perm))]
+        hf_index, cut_shape, after, j = [], [], [], 0
+        for head_dim in self.split:
+            if head_dim is None:
+                start, stop = cut_bounds[j]
+                hf_index.append(slice(start, stop))
+                cut_shape.append(stop - start)
+                after.append(slice(None))
+                j += 1
+            else:  # whole heads are read; the head-dim range is cut after the reshape
+                (h0, h1), (d0, d1) = cut_bounds[j], cut_bounds[j + 1]
+                hf_index.append(slice(h0 * head_dim, h1 * head_dim))
+                cut_shape += [h1 - h0, head_dim]
+                after += [slice(None), slice(d0, d1)]
+                j += 2
+        offset = self.part * self.block_shape(shape)[self.part_axis]
+        axis = hf_index[self.part_axis]
+        hf_index[self.part_axis] = slice(axis.start + offset, axis.stop + offset)
+        block = np.asarray(tensor[tuple(hf_index)]).reshape(cut_shape)
+        return block[tuple(after)].transpose(self.perm)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`read` on the whole array: our array -> its HF block."""
+        return array.transpose(np.argsort(self.perm)).reshape(self.block_shape(array.shape))
+
+
+def _same(name: str, ndim: int = 1) -> Source:
+    return Source(name, (None,) * ndim, tuple(range(ndim)))
+
+
+def _linear(name: str) -> Source:
+    """torch Linear ``[out, in]`` -> kernel ``[in, out]``."""
+    return Source(name, (None, None), (1, 0))
+
+
+def _gpt2_sources(cfg: ModelConfig, prefix: str) -> dict[str, Source]:
+    """GPT-2's Conv1D weights are already ``[in, out]``; ``c_attn`` fuses q, k, v along out."""
+    d = cfg.dim_per_head
+    table = {"backbone/embed/embedding": _same(f"{prefix}wte.weight", 2),
+             "backbone/position_embed/embedding": _same(f"{prefix}wpe.weight", 2),
+             "backbone/final_norm/scale": _same(f"{prefix}ln_f.weight"),
+             "backbone/final_norm/bias": _same(f"{prefix}ln_f.bias")}
+    for i in range(cfg.n_layers):
+        ours, hf = f"backbone/layers_{i}", f"{prefix}h.{i}"
+        for norm, ln in (("norm_attn", "ln_1"), ("norm_mlp", "ln_2")):
+            table[f"{ours}/{norm}/scale"] = _same(f"{hf}.{ln}.weight")
+            table[f"{ours}/{norm}/bias"] = _same(f"{hf}.{ln}.bias")
+        for part, proj in enumerate(("query", "key", "value")):
+            table[f"{ours}/attn/{proj}/kernel"] = Source(f"{hf}.attn.c_attn.weight", (None, d), (0, 1, 2),
+                                                         part, 3, 1)
+            table[f"{ours}/attn/{proj}/bias"] = Source(f"{hf}.attn.c_attn.bias", (d,), (0, 1), part, 3, 0)
+        table[f"{ours}/attn/out/kernel"] = Source(f"{hf}.attn.c_proj.weight", (d, None), (0, 1, 2))
+        table[f"{ours}/attn/out/bias"] = _same(f"{hf}.attn.c_proj.bias")
+        for layer, conv in (("fc_in", "c_fc"), ("fc_out", "c_proj")):
+            table[f"{ours}/mlp/{layer}/kernel"] = _same(f"{hf}.mlp.{conv}.weight", 2)
+            table[f"{ours}/mlp/{layer}/bias"] = _same(f"{hf}.mlp.{conv}.bias")
+    return table
+
+
+def _llama_sources(cfg: ModelConfig) -> dict[str, Source]:
+    d = cfg.dim_per_head
+    table = {"backbone/embed/embedding": _same("model.embed_tokens.weight", 2),
+             "backbone/final_norm/scale": _same("model.norm.weight")}
+    for i in range(cfg.n_layers):
+        ours, hf = f"backbone/layers_{i}", f"model.layers.{i}"
+        table[f"{ours}/norm_attn/scale"] = _same(f"{hf}.input_layernorm.weight")
+        table[f"{ours}/norm_mlp/scale"] = _same(f"{hf}.post_attention_layernorm.weight")
+        for proj in ("query", "key", "value"):
+            name = f"{hf}.self_attn.{proj[0]}_proj"
+            table[f"{ours}/attn/{proj}/kernel"] = Source(f"{name}.weight", (d, None), (2, 0, 1))
+            if cfg.qkv_bias:
+                table[f"{ours}/attn/{proj}/bias"] = Source(f"{name}.bias", (d,), (0, 1))
+        table[f"{ours}/attn/out/kernel"] = Source(f"{hf}.self_attn.o_proj.weight", (None, d), (1, 2, 0))
+        for layer, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("fc_out", "down_proj")):
+            table[f"{ours}/mlp/{layer}/kernel"] = _linear(f"{hf}.mlp.{proj}.weight")
+    return table
+
+
+def param_sources(cfg: ModelConfig, gpt2_prefix: str = "transformer.") -> dict[str, Source]:
+    """Our parameter path (``backbone/layers_0/attn/query/kernel``) -> its :class:`Source`,
+    for a :class:`LanguageModel` of ``cfg``. ``gpt2_prefix``: ``transformer.`` as
+    ``save_pretrained`` writes; the original OpenAI checkpoints have none."""
+    table = _gpt2_sources(cfg, gpt2_prefix) if cfg.family == "gpt2" else _llama_sources(cfg)
+    if not cfg.tie_embeddings:
+        table["lm_head/kernel"] = _linear("lm_head.weight")
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+class _Checkpoint:
+    """The safetensors file(s) of a HF directory: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists. Use as a context manager (files stay open)."""
+
+    def __init__(self, directory: pathlib.Path):
+        single, index = directory / SINGLE_FILE, directory / INDEX_FILE
+        if single.is_file():
+            with safe_open(single, framework="numpy") as f:
+                self.files = {name: single for name in f.keys()}
+            self.listing = single
+        elif index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+            self.listing = index
+        else:
+            raise HFError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints "
+                          "are read; pytorch_model.bin is pickle and is never loaded)")
+        self._stack = contextlib.ExitStack()
+        self._opened: dict[pathlib.Path, Any] = {}
+
+    def __enter__(self) -> "_Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def check_all_used(self, table: dict[str, Source], cfg: ModelConfig) -> None:
+        """A tensor we would not read means the checkpoint is not the model ``cfg`` describes."""
+        used = {src.name for src in table.values()}
+        unused = [n for n in self.files if n not in used and not IGNORED.search(n)
+                  and not (cfg.tie_embeddings and n == "lm_head.weight")]
+        if unused:
+            raise HFError(f"{self.listing}: tensors {sorted(unused)[:5]} ({len(unused)} in all) have "
+                          f"no place in a {cfg.family} model with {cfg.n_layers} layers "
+                          "(does config.json match?)")
+
+    def slice(self, src: Source, path: str, shape: tuple[int, ...]):
+        """The lazily read tensor behind our parameter ``path`` of ``shape``, shape-checked."""
+        if src.name not in self.files:
+            raise HFError(f"{self.listing}: tensor {src.name} (for our {path}) is missing")
+        file = self.files[src.name]
+        if file not in self._opened:
+            self._opened[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+        tensor = self._opened[file].get_slice(src.name)
+        if tuple(tensor.get_shape()) != src.hf_shape(shape):
+            raise HFError(f"{file}: tensor {src.name} has shape {tuple(tensor.get_shape())}, expected "
+                          f"{src.hf_shape(shape)} for our {path} {shape} (does config.json match?)")
+        return tensor
+
+
+def _path_str(key_path) -> str:
+    return jax.tree_util.keystr(key_path, simple=True, separator="/")
+
+
+def load_hf_params(directory: str | pathlib.Path, cfg: ModelConfig, target: Any) -> Any:
+    """Reads a HF causal-LM checkpoint into our params, each leaf shaped, typed and sharded
+    like ``target``'s (ShapeDtypeStructs with NamedShardings, e.g. from
+    ``stages.common.abstract_params(LanguageModel(cfg), mesh)``).
+
+    ``target`` may be any sub-tree of a :class:`LanguageModel`'s params, e.g.
+    ``{"backbone": abstract["backbone"]}`` to start a reward or value model. Every leaf is
+    checked (tensor present, shape, divisible by its mesh axes) before anything is read.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    for key_path, leaf in leaves:
+        if not isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+            raise HFError(f"target {_path_str(key_path)}: needs a NamedSharding (use "
+                          "stages.common.abstract_params(model, mesh))")
+    sharding.check_divisible(target, jax.tree.map(lambda leaf: leaf.sharding, target))
+    with _Checkpoint(pathlib.Path(directory)) as ckpt:
+        table = param_sources(cfg, "transformer." if "transformer.wte.weight" in ckpt.files else "")
+        ckpt.check_all_used(table, cfg)
+        plan = []
+        for key_path, leaf in leaves:
+            path = _path_str(key_path)
+            if path not in table:
+                raise HFError(f"{path}: not a parameter of a {cfg.family} causal LM; a HF checkpoint "
+                              "gives only the language model's params (e.g. params['backbone'])")
+            plan.append((table[path], ckpt.slice(table[path], path, tuple(leaf.shape)), leaf))
+        arrays = [_make_array(src, tensor, leaf) for src, tensor, leaf in plan]
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _make_array(src: Source, tensor, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+    """One parameter, each device given only its shard; replicas read the file once."""
+    shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+    shards: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if bounds not in shards:
+            shards[bounds] = src.read(tensor, shape, bounds).astype(dtype)
+        return shards[bounds]
+
+    return jax.make_array_from_callback(shape, leaf.sharding, shard)
+
+
+# ---------------------------------------------------------------------------------------
+# export
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """A whole array on this host; gathers across processes when shards live elsewhere."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our :class:`LanguageModel` params -> HF tensors by name (host numpy arrays)."""
+    table = param_sources(cfg)
+    flat = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if set(flat) != set(table):
+        missing, unexpected = sorted(set(table) - set(flat)), sorted(set(flat) - set(table))
+        raise HFError(f"params do not match a {cfg.family} causal LM: missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}")
+    blocks: dict[str, list[np.ndarray]] = {}
+    for path, src in sorted(table.items(), key=lambda item: item[1].part):  # fused parts in order
+        blocks.setdefault(src.name, []).append(src.to_hf(_to_host(flat[path])))
+    axes = {src.name: src.part_axis for src in table.values()}
+    return {name: np.ascontiguousarray(np.concatenate(parts, axis=axes[name]))
+            for name, parts in blocks.items()}
+
+
+def export_hf(params: Any, cfg: ModelConfig, directory: str | pathlib.Path,
+              tokenizer_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads with
+    ``AutoModelForCausalLM.from_pretrained(directory)``, plus the tokenizer files of
+    ``tokenizer_dir`` if given. Every process gathers; process 0 writes."""
+    directory = pathlib.Path(directory)
+    config, tensors = hf_config(cfg), hf_tensors(params, cfg)
+    tokenizer_files = []
+    if tokenizer_dir is not None:
+        tokenizer_files = [pathlib.Path(tokenizer_dir) / n for n in TOKENIZER_FILES
+                           if (pathlib.Path(tokenizer_dir) / n).is_file()]
+        if not tokenizer_files:
+            raise HFError(f"{tokenizer_dir}: no tokenizer files (looked for {list(TOKENIZER_FILES)})")
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        # transformers refuses safetensors files whose metadata does not name a framework
+        save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})
+        for file in tokenizer_files:
+            shutil.copy(file, directory / file.name)
+    return directory
