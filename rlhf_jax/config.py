@@ -153,6 +153,25 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class RMConfig:
+    """Reward model on ranked comparisons (paper: 1 epoch; the RM starts from the SFT model)."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(
+        train_path="run:comparisons/train.jsonl", val_path="run:comparisons/val.jsonl"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    k_max: int = 9  # responses per prompt are padded to this (InstructGPT: K = 4..9)
+    epochs: int = 1
+    max_steps: int | None = None
+    dropout: float = 0.0
+    eval_every: int | None = None  # optimiser steps between validation passes; None: each epoch
+    log_every: int = 10
+    init_from: str | None = "run:sft/export"  # an LM export whose backbone starts the RM; None: fresh
+    normalize_path: str | None = "task:demonstrations"  # demonstrations that should score mean 0
+    normalize_gain: bool = False  # also scale so the demonstrations' rewards have std 1
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: the model, the mesh and each stage's settings."""
 
@@ -162,6 +181,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
 
     def validate(self) -> "Config":
         self.model.validate()

@@ -3,7 +3,9 @@
 This is the researcher's file. Each loss takes arrays (shapes in the docstrings) and small
 static arguments, and returns ``(scalar, metrics)`` where ``metrics`` is a flat dict with
 ``/``-separated keys. Nothing here sees a model, a mesh or an optimiser. Masked means keep
-an explicit denominator so micro-batches and packed rows reduce exactly.
+an explicit denominator so micro-batches and packed rows reduce exactly: a loss given the
+whole batch's ``denominator`` sums over micro-batches to the full-batch loss, while its
+metrics describe the micro-batch alone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ def masked_mean(x: Array, mask: Array, denominator: Array | None = None) -> Arra
     return masked_sum(x, mask) / jnp.maximum(denominator, 1.0)
 
 
+def target_count(loss_mask: Array) -> Array:
+    """Number of next-token targets in a ``[B, T]`` loss mask (the SFT denominator)."""
+    return jnp.sum(loss_mask[:, 1:].astype(jnp.float32))
+
+
+def last_index(mask: Array) -> Array:
+    """``[B] int32``: index of the last True in each row of ``mask`` ``[B, T]`` (0 if none)."""
+    t = mask.shape[1]
+    return (t - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
+
+
 def next_token_logprobs(logits: Array, tokens: Array) -> Array:
     """Log-probability of each next token.
 
@@ -48,14 +61,12 @@ def sft_loss(logits: Array, tokens: Array, loss_mask: Array,
     Returns (mean NLL per target token, metrics).
     """
     target_mask = loss_mask[:, 1:].astype(jnp.float32)
-    if denominator is None:
-        denominator = jnp.sum(target_mask)
     nll = -next_token_logprobs(logits, tokens)
     loss = masked_mean(nll, target_mask, denominator)
     correct = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(jnp.float32)
-    metrics = {
-        "sft/loss": loss,
-        "sft/accuracy": masked_mean(correct, target_mask, denominator),
+    metrics = {  # over this batch alone, whatever ``denominator`` is
+        "sft/loss": masked_mean(nll, target_mask),
+        "sft/accuracy": masked_mean(correct, target_mask),
         "sft/target_tokens": jnp.sum(target_mask),
     }
     return loss, metrics
@@ -66,6 +77,11 @@ def _better_pairs(ranks: Array, mask: Array) -> Array:
     rank), both real. Ties (equal ranks) and padded responses form no pair."""
     real = mask[:, :, None] & mask[:, None, :]
     return real & (ranks[:, :, None] < ranks[:, None, :])
+
+
+def prompts_with_pairs(ranks: Array, mask: Array) -> Array:
+    """How many prompts of ``[B, K]`` comparisons have at least one ordered pair."""
+    return jnp.sum(jnp.any(_better_pairs(ranks, mask), axis=(1, 2)).astype(jnp.float32))
 
 
 def ranking_loss(rewards: Array, ranks: Array, mask: Array,
@@ -83,12 +99,10 @@ def ranking_loss(rewards: Array, ranks: Array, mask: Array,
     pairs_per_prompt = jnp.sum(pairs, axis=(1, 2))
     per_prompt = jnp.sum(-jax.nn.log_sigmoid(margins) * pairs, axis=(1, 2)) / jnp.maximum(pairs_per_prompt, 1.0)
     has_pairs = (pairs_per_prompt > 0).astype(jnp.float32)
-    if denominator is None:
-        denominator = jnp.sum(has_pairs)
     loss = masked_mean(per_prompt, has_pairs, denominator)
     _, accuracy_metrics = pairwise_accuracy(rewards, ranks, mask)
-    metrics = {
-        "rm/loss": loss,
+    metrics = {  # over this batch alone, whatever ``denominator`` is
+        "rm/loss": masked_mean(per_prompt, has_pairs),
         **accuracy_metrics,
         "rm/margin": masked_mean(margins, pairs),
         "rm/reward_mean": masked_mean(rewards, mask),
@@ -255,6 +269,13 @@ def entropy(logits: Array, mask: Array, denominator: Array | None = None) -> tup
     per_token = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     value = masked_mean(per_token, mask, denominator)
     return value, {"ppo/entropy": value}
+
+
+def normalization_stats(rewards: Array, mask: Array) -> tuple[Array, Array]:
+    """(mean, std) of ``rewards`` ``[N]`` over ``mask`` ``[N]``: the offset and scale that
+    make the reward model's demonstrations score mean 0 (and std 1)."""
+    mean = masked_mean(rewards, mask)
+    return mean, jnp.sqrt(masked_mean(jnp.square(rewards - mean), mask))
 
 
 def ptx_loss(logits: Array, tokens: Array, loss_mask: Array,

@@ -95,7 +95,7 @@ def tree_batch_sharding(mesh: Mesh, tree: Any) -> Any:
     return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)) if np.ndim(x) else replicated(mesh), tree)
 
 
-def _strip_boxes(tree: Any) -> Any:
+def strip_boxes(tree: Any) -> Any:
     """The values inside ``nn.Partitioned`` boxes, with no sharding constraint applied."""
     return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -160,12 +160,12 @@ def sharded_create(create_fn: Callable[..., Any], mesh: Mesh, *args) -> tuple[An
     with activate(mesh):
         boxed = jax.eval_shape(create_fn, *args)
         shardings = logical_shardings(boxed, mesh)
-        check_divisible(_strip_boxes(boxed), shardings)
-        state = jax.jit(lambda *a: _strip_boxes(create_fn(*a)), out_shardings=shardings)(*args)
+        check_divisible(strip_boxes(boxed), shardings)
+        state = jax.jit(lambda *a: strip_boxes(create_fn(*a)), out_shardings=shardings)(*args)
     return state, shardings
 
 
-def _sample_tokens(mesh: Mesh) -> jax.Array:
+def sample_tokens(mesh: Mesh) -> jax.Array:
     """Init inputs whose batch divides the batch axes (activation constraints apply in init)."""
     rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
     return jax.numpy.zeros((rows, 1), jax.numpy.int32)
@@ -173,7 +173,7 @@ def _sample_tokens(mesh: Mesh) -> jax.Array:
 
 def init_params(model: nn.Module, mesh: Mesh, rng: jax.Array) -> tuple[Any, Any]:
     """Model parameters created directly in their shards. Returns (params, shardings)."""
-    tokens = _sample_tokens(mesh)
+    tokens = sample_tokens(mesh)
 
     def create(key):
         return model.init(key, tokens)["params"]

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import losses, sharding
-from rlhf_jax.types import TokenBatch, TrainState
+from rlhf_jax.types import RankingBatch, TokenBatch, TrainState
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
@@ -50,10 +50,11 @@ def _split_microbatches(batch: Any, n: int) -> Any:
 
 
 def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any, n_micro: int, rng: jax.Array):
-    """Sum of ``value_and_grad(loss_fn)`` over ``n_micro`` micro-batches (a ``lax.scan``).
+    """``value_and_grad(loss_fn)`` accumulated over ``n_micro`` micro-batches (a ``lax.scan``).
 
     ``loss_fn(params, microbatch, rng) -> (loss, metrics)`` must already be normalised by the
-    whole batch's denominator, so the sum equals the full-batch gradient.
+    whole batch's denominator, so summed loss and gradients equal the full-batch ones.
+    Metrics (per micro-batch means) are averaged over the micro-batches.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if n_micro == 1:
@@ -70,7 +71,7 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any, n_micro: in
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
     (loss, metrics, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
                                              (jnp.arange(n_micro), micro))
-    return (loss, metrics), grads
+    return (loss, jax.tree.map(lambda m: m / n_micro, metrics)), grads
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -79,11 +80,33 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
                          opt_state=opt_state)
 
 
+def make_train_step(loss_fn: Callable, denominator_fn: Callable, tx: optax.GradientTransformation,
+                    mesh: Mesh, state_shardings: Any, batch_cls: type, grad_accum_steps: int = 1,
+                    learning_rate: optax.Schedule | None = None) -> Callable:
+    """A jitted ``step(state, batch) -> (state, metrics)`` for any masked-mean loss.
+
+    ``loss_fn(params, batch, rng, denominator) -> (loss, metrics)``; ``denominator_fn(batch)``
+    counts what the loss averages over in the whole batch, so the micro-batch gradients
+    sum to the full-batch gradient. The per-step RNG is ``fold_in(state.rng, state.step)``.
+    """
+
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        denominator = denominator_fn(batch)
+        (loss, metrics), grads = accumulate_gradients(
+            lambda p, b, r: loss_fn(p, b, r, denominator), state.params, batch, grad_accum_steps, rng)
+        metrics = dict(metrics, **{"train/loss": loss, "optim/grad_norm": optax.tree.norm(grads)})
+        if learning_rate is not None:
+            metrics["optim/learning_rate"] = learning_rate(state.step)
+        return apply_gradients(state, grads, tx), metrics
+
+    return _jit_step(step, mesh, state_shardings, batch_cls)
+
+
 def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                   state_shardings: Any, grad_accum_steps: int = 1,
                   learning_rate: optax.Schedule | None = None) -> Callable:
-    """The SFT (and pretraining) step: masked next-token cross-entropy, accumulated over
-    ``grad_accum_steps`` micro-batches, one optimiser update.
+    """The SFT (and pretraining) step: masked next-token cross-entropy.
 
     step(state, batch: TokenBatch ``[B, T]``) -> (state, metrics)
     """
@@ -93,18 +116,63 @@ def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
                                 deterministic=False, rngs={"dropout": rng})
         return losses.sft_loss(logits, batch.tokens, batch.loss_mask, denominator)
 
-    def step(state: TrainState, batch: TokenBatch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        denominator = jnp.sum(batch.loss_mask[:, 1:].astype(jnp.float32))
-        (loss, metrics), grads = accumulate_gradients(
-            lambda p, b, r: loss_fn(p, b, r, denominator), state.params, batch, grad_accum_steps, rng)
-        metrics = dict(metrics, **{"sft/target_tokens": denominator,
-                                   "optim/grad_norm": optax.tree.norm(grads)})
-        if learning_rate is not None:
-            metrics["optim/learning_rate"] = learning_rate(state.step)
-        return apply_gradients(state, grads, tx), metrics
+    return make_train_step(loss_fn, lambda b: losses.target_count(b.loss_mask), tx, mesh, state_shardings,
+                           TokenBatch, grad_accum_steps, learning_rate)
 
-    return _jit_step(step, mesh, state_shardings)
+
+def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax.Array | None = None) -> jax.Array:
+    """``[B, K] f32``: the reward of every response, read at its last token.
+
+    All K responses of all B prompts go through the network in ONE forward pass of
+    ``B*K`` rows, whatever the number of pairs. ``rng`` enables dropout.
+    """
+    b, k, t = batch.tokens.shape
+    rows = lambda x: x.reshape(b * k, t)  # noqa: E731
+    kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    values, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
+                            rows(batch.segment_ids), **kwargs)
+    return jnp.take_along_axis(values.reshape(b, k, t), batch.last_index[..., None], axis=-1)[..., 0]
+
+
+def make_rm_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: Any,
+                 grad_accum_steps: int = 1, learning_rate: optax.Schedule | None = None) -> Callable:
+    """The reward-model step: K-wise ranking loss, all pairs of a prompt in one element.
+
+    step(state, batch: RankingBatch ``[B, K, T]``) -> (state, metrics)
+    """
+
+    def loss_fn(params, batch: RankingBatch, rng, denominator):
+        rewards = ranking_rewards(model, params, batch, rng)
+        return losses.ranking_loss(rewards, batch.ranks, batch.mask, denominator)
+
+    return make_train_step(loss_fn, lambda b: losses.prompts_with_pairs(b.ranks, b.mask), tx, mesh,
+                           state_shardings, RankingBatch, grad_accum_steps, learning_rate)
+
+
+def make_rm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
+    """eval(params, batch) -> sums {loss, prompts, correct pairs, pairs}: exact over batches."""
+
+    def evaluate(params, batch: RankingBatch):
+        rewards = ranking_rewards(model, params, batch)
+        loss, metrics = losses.ranking_loss(rewards, batch.ranks, batch.mask)
+        prompts = metrics["rm/prompts_with_pairs"]
+        return {"loss_sum": loss * prompts, "prompts": prompts,
+                "correct": metrics["rm/accuracy"] * metrics["rm/pairs"], "pairs": metrics["rm/pairs"]}
+
+    return jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, RankingBatch)),
+                          out_shardings=sharding.replicated(mesh))
+
+
+def make_score_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
+    """score(params, tokens, segment_ids, positions) -> ``[B] f32``: a scalar model's output
+    at each row's last real token (rows may be left- and right-padded)."""
+
+    def score(params, tokens, segment_ids, positions):
+        values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+        return jnp.take_along_axis(values, losses.last_index(segment_ids > 0)[:, None], axis=1)[:, 0]
+
+    batch = sharding.batch_sharding(mesh, 1)
+    return jit_under_mesh(score, mesh, in_shardings=(param_shardings, batch, batch, batch), out_shardings=batch)
 
 
 def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
@@ -120,8 +188,9 @@ def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Cal
                           out_shardings=sharding.replicated(mesh))
 
 
-def _batch_shardings(mesh: Mesh, batch_cls, ndim: int = 2):
-    fields = {name: sharding.batch_sharding(mesh, ndim) for name in batch_cls.__dataclass_fields__}
+def _batch_shardings(mesh: Mesh, batch_cls):
+    # P(('data', 'fsdp')) splits the leading (batch) dim of an array of any rank.
+    fields = {name: sharding.batch_sharding(mesh, 1) for name in batch_cls.__dataclass_fields__}
     return batch_cls(**fields)
 
 

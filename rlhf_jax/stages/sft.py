@@ -68,7 +68,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
         env, state=state, step_fn=step_fn, batches=train, total_steps=total_steps, ckpts=ckpts,
         start_step=start, log_every=stage_cfg.log_every, eval_every=stage_cfg.eval_every,
         evaluate=evaluate, save_every=stage_cfg.checkpoint.save_every, logger=logger,
-        progress_key="sft/loss", stop_after=stop_after)
+        progress_key="train/loss", stop_after=stop_after)
     logger.close()
     ckpts.close()
     if not finished:
