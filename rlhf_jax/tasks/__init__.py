@@ -1,7 +1,7 @@
 """The embedded synthetic instruction task: small enough for a tiny transformer on a CPU,
 rich enough that alignment matters.
 
-Seven instruction families (reverse, sort, omit, count, repeat, first, last), each with
+Eight instruction families (copy, reverse, sort, omit, count, repeat, first, last), each with
 several phrasings, over a closed vocabulary of 150 words. A prompt reads
 ``[please] HEAD : ITEMS =>`` and ends where the response starts::
 

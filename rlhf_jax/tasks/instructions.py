@@ -2,6 +2,7 @@
 
 A prompt is ``[please] HEAD : ITEMS =>`` and the answer is a short list of words, e.g.
 
+    copy the list : 3 a owl =>                   3 a owl
     reverse the list : cat fig 7 =>              7 fig cat
     sort from high to low : 3 12 5 =>            12 5 3
     copy the list without fig : fig cat fig owl => cat owl
@@ -28,6 +29,7 @@ from rlhf_jax.tasks import vocab as V
 # number slot. Paraphrases make the SFT model generalise over wording rather than memorise
 # one template. The second field of each head is the variant it selects (sort direction).
 HEADS: dict[str, tuple[tuple[str, str], ...]] = {
+    "copy": (("copy", ""), ("copy the list", ""), ("write the list", ""), ("say", "")),
     "reverse": (("reverse the list", ""), ("reverse", ""), ("write backwards", ""),
                 ("reverse the order of", "")),
     "sort": (("sort", "asc"), ("sort ascending", "asc"), ("sort in increasing order", "asc"),
@@ -45,9 +47,10 @@ HEADS: dict[str, tuple[tuple[str, str], ...]] = {
 FAMILIES: tuple[str, ...] = tuple(HEADS)
 
 # Longest item list per family; with the longest head these bound the prompt length.
-MAX_ITEMS = {"reverse": 8, "sort": 8, "omit": 10, "count": 10, "repeat": 3, "first": 8,
-             "last": 8}
-MAX_REPEAT_OUTPUT = 12  # repeat: items * times never exceeds this
+# Short enough that a 2-layer, 64-wide model learns the families in minutes on a CPU.
+MAX_ITEMS = {"copy": 8, "reverse": 6, "sort": 6, "omit": 8, "count": 8, "repeat": 3, "first": 6,
+             "last": 6}
+MAX_REPEAT_OUTPUT = 8  # repeat: items * times never exceeds this
 PLEASE_PROB = 0.2  # how often a prompt starts with "please"
 
 
@@ -78,6 +81,8 @@ def solve(prompt: str) -> str:
 
 def _answer(inst: Instance) -> list[str]:
     items = list(inst.items)
+    if inst.family == "copy":
+        return items
     if inst.family == "reverse":
         return items[::-1]
     if inst.family == "sort":
@@ -160,7 +165,7 @@ def generate_instance(rng: np.random.Generator, family: str) -> Instance:
     """A random instance of ``family`` within the length bounds above."""
     variant = ""
     x = n = None
-    if family == "reverse":
+    if family in ("copy", "reverse"):
         items = _draw(rng, _pool(rng), int(rng.integers(2, MAX_ITEMS[family] + 1)))
     elif family == "sort":
         variant = ("asc", "desc")[rng.integers(2)]

@@ -31,8 +31,8 @@ def test_length_bounds_are_reached():
     # The documented maxima are tight, so a model config sized from them wastes nothing.
     rng = np.random.default_rng(1)
     prompts = [I.generate_prompt(rng) for _ in range(20000)]
-    assert max(len(p.split()) for p in prompts) == I.MAX_PROMPT_TOKENS == 18
-    assert max(len(I.solve(p).split()) for p in prompts) == I.MAX_RESPONSE_TOKENS == 12
+    assert max(len(p.split()) for p in prompts) == I.MAX_PROMPT_TOKENS == 16
+    assert max(len(I.solve(p).split()) for p in prompts) == I.MAX_RESPONSE_TOKENS == 8
 
 
 @pytest.mark.parametrize("prompt, answer", [

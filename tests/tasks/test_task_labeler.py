@@ -18,7 +18,7 @@ def test_inter_labeler_agreement_matches_instructgpt():
 
 
 def test_agreement_falls_as_temperature_rises():
-    values = [L.labeler_agreement(t, n_prompts=200, seed=1) for t in (0.0, 0.1, 0.29, 1.0)]
+    values = [L.labeler_agreement(t, n_prompts=200, seed=1) for t in (0.0, 0.1, 0.3, 1.0)]
     assert values[0] == 1.0  # noiseless labelers always agree
     assert values == sorted(values, reverse=True)
     assert values[-1] > 0.5
@@ -43,11 +43,11 @@ def test_bradley_terry_marginal_for_a_pair():
     # For two responses P(better first) = sigmoid(delta / T).
     prompt = "reverse : a b c d =>"
     good, worse = "d c b a", "d c x y"  # gold 1.0 and 0.5
-    temperature = 0.29
+    temperature = 0.30
     labeler = L.NoisyLabeler(temperature, seed=3)
     n = 4000
     wins = sum(labeler.rank(prompt, [good, worse]) == [0, 1] for _ in range(n))
-    p = 1 / (1 + math.exp(-0.5 / temperature))  # ~0.849
+    p = 1 / (1 + math.exp(-0.5 / temperature))  # ~0.841
     assert abs(wins / n - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
