@@ -1,4 +1,5 @@
-"""``rlhf-jax {sft, ...} [--config experiments/x.py] [--workdir DIR] [--a.b=value ...]``.
+"""``rlhf-jax {sft, rm, ...} [--config experiments/x.py] [--workdir DIR] [--a.b=value ...]``
+and ``rlhf-jax convert --from-hf DIR --out DIR`` / ``--to-hf EXPORT --out DIR``.
 
 ``--config`` names an experiment file (default: ``experiments/tiny_cpu.py`` shipped with the
 package's default config); every other ``--dotted.field=value`` overrides a config field.
@@ -11,7 +12,7 @@ import sys
 
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_experiment
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,11 @@ def resolve_config(config_path: str | None, overrides: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        from rlhf_jax.convert import main as convert_main
+
+        return convert_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
     try:
         cfg = resolve_config(args.config, overrides)
@@ -41,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
             export = run_sft(cfg, args.workdir, stop_after=args.stop_after_steps)
             print(f"sft export: {export}" if export else "sft: stopped early; rerun to resume")
+        elif args.command == "rm":
+            from rlhf_jax.stages.rm import run_rm
+
+            export = run_rm(cfg, args.workdir, stop_after=args.stop_after_steps)
+            print(f"rm export: {export}" if export else "rm: stopped early; rerun to resume")
     except (ConfigError, ValueError) as err:
         print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -46,3 +46,40 @@ def write_experiment(cfg: Config, path: pathlib.Path) -> pathlib.Path:
     """An experiment file whose get_config() returns ``cfg`` (frozen dataclass reprs are code)."""
     path.write_text(f"from rlhf_jax.config import *\n\n\ndef get_config():\n    return {cfg!r}\n")
     return path
+
+
+def write_marker_comparisons(path: pathlib.Path, n: int, seed: int = 0, marker: str = "gold") -> pathlib.Path:
+    """Comparisons where a response containing ``marker`` beats one without it; K from 2 to 5,
+    responses with (or without) the marker tie among themselves."""
+    from rlhf_jax.tasks import generate_prompt
+
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "cat", "dog", "owl", "fox", "pear", "apple", "3", "5", "7", "a", "b", "c"]
+    records = []
+    for _ in range(n):
+        k = int(rng.integers(2, 6))
+        has_marker = rng.permutation([True] + [False] + list(rng.random(k - 2) < 0.5))
+        responses, ranks = [], []
+        for flag in has_marker:
+            body = list(rng.choice(words, size=int(rng.integers(2, 7))))
+            if flag:
+                body.insert(int(rng.integers(0, len(body) + 1)), marker)
+            responses.append(" ".join(body))
+            ranks.append(0 if flag else 1)
+        records.append({"prompt": generate_prompt(rng), "responses": responses, "ranks": ranks})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def rm_config(cfg: Config, train_path, val_path=None, *, steps=8, batch_size=8, lr=3e-3,
+              init_from=None, normalize_path=None, normalize_gain=False, k_max=5) -> Config:
+    import dataclasses
+
+    from rlhf_jax.config import RMConfig
+
+    return dataclasses.replace(cfg, rm=RMConfig(
+        data=DataConfig(train_path=str(train_path), val_path=str(val_path) if val_path else None,
+                        batch_size=batch_size, max_len=32),
+        optim=OptimConfig(learning_rate=lr), checkpoint=CheckpointConfig(save_every=1000, keep=1),
+        k_max=k_max, epochs=1000, max_steps=steps, log_every=5, eval_every=steps, init_from=init_from,
+        normalize_path=str(normalize_path) if normalize_path else None, normalize_gain=normalize_gain))

@@ -53,6 +53,14 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # only for Python < 3.9 (ModuleNotFoundError here otherwise).
         return None
 
+    # TFDS prints "Downloading and preparing ..." to stdout for every build; nothing is
+    # downloaded here and the stage's own progress bar says what is happening.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict({**_FIELDS[self.KIND](), "line": np.int64})
         return tfds.core.DatasetInfo(

@@ -54,3 +54,11 @@ class ScalarModel(nn.Module):
                  deterministic: bool = True):
         hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic)
         return self.head(hidden.astype(jnp.float32))[..., 0], cache
+
+
+def normalize_scalar_head(params, offset: float, gain: float = 1.0):
+    """Params of a :class:`ScalarModel` whose output is ``(raw - offset) * gain``: the
+    head's bias absorbs the offset, kernel and bias take the gain."""
+    head = params["head"]
+    new_head = {"kernel": head["kernel"] * gain, "bias": (head["bias"] - offset) * gain}
+    return dict(params, head=new_head)

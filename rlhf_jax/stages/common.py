@@ -17,6 +17,7 @@ from rlhf_jax.data import load_tokenizer, to_global
 from rlhf_jax.logging import MetricsLogger
 
 TASK_PREFIX = "task:"
+RUN_PREFIX = "run:"
 
 
 @dataclasses.dataclass
@@ -41,9 +42,15 @@ class StageEnv:
     def process(self) -> dict[str, int]:
         return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
+    def resolve(self, spec: str) -> pathlib.Path:
+        """``run:<relative path>`` is inside the run directory; anything else is a path."""
+        if spec.startswith(RUN_PREFIX):
+            return self.workdir / spec[len(RUN_PREFIX):]
+        return pathlib.Path(spec)
+
     def data_path(self, spec: str, field: str) -> str:
-        """A JSONL path, or ``task:<split>`` for a split of the embedded task (written into
-        ``<workdir>/data/task`` on first use)."""
+        """A JSONL path, ``run:<path>`` inside the run directory, or ``task:<split>`` for a
+        split of the embedded task (written into ``<workdir>/data/task`` on first use)."""
         if spec.startswith(TASK_PREFIX):
             from rlhf_jax.tasks import SPLITS
 
@@ -51,9 +58,10 @@ class StageEnv:
             if split not in SPLITS:
                 raise ConfigError(f"{field}={spec!r}: the embedded task has splits {list(SPLITS)}")
             return str(task_files(self.workdir, self.cfg.seed)[split])
-        if not pathlib.Path(spec).is_file():
-            raise ConfigError(f"{field}={spec!r}: no such file")
-        return spec
+        path = self.resolve(spec)
+        if not path.is_file():
+            raise ConfigError(f"{field}={spec!r}: no such file ({path})")
+        return str(path)
 
 
 def task_files(workdir: pathlib.Path, seed: int) -> dict[str, pathlib.Path]:

@@ -48,7 +48,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     tx = make_optimizer(stage_cfg.optim, total_steps)
     init_params = None
     if stage_cfg.init_from:
-        init_params = checkpoint.load_export(stage_cfg.init_from, common.abstract_params(model, env.mesh),
+        init_params = checkpoint.load_export(env.resolve(stage_cfg.init_from), common.abstract_params(model, env.mesh),
                                              cfg.model)
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed),
                                                       init_params)
