@@ -1,18 +1,20 @@
 """``rlhf-jax {sft, rm, ...} [--config experiments/x.py] [--workdir DIR] [--a.b=value ...]``
 and ``rlhf-jax convert --from-hf DIR --out DIR`` / ``--to-hf EXPORT --out DIR``.
 
-``--config`` names an experiment file (default: ``experiments/tiny_cpu.py`` shipped with the
-package's default config); every other ``--dotted.field=value`` overrides a config field.
+``--config`` names an experiment file (default: the run directory's saved ``config.json`` if
+there is one, else the embedded default that ``experiments/tiny_cpu.py`` also returns);
+every other ``--dotted.field=value`` overrides a config field.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
-from rlhf_jax.config import Config, ConfigError, apply_overrides, load_experiment
+from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "ppo", "sample")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,13 +25,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
                         help="run at most this many steps now, checkpoint and exit 0; rerun to continue")
+    parser.add_argument("--export", help="sample: the policy export directory to generate from")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="sample: a prompt (repeatable); default: the first held-out prompts")
     return parser
 
 
-def resolve_config(config_path: str | None, overrides: list[str]) -> Config:
+def resolve_config(config_path: str | None, workdir: str, overrides: list[str]) -> Config:
+    """The experiment file if given; else the run's saved config (so a rerun or ``sample``
+    in an existing run directory uses that run's settings); else the embedded default."""
     from rlhf_jax.default_config import default_config
 
-    cfg = load_experiment(config_path) if config_path else default_config()
+    saved = pathlib.Path(workdir) / "config.json"
+    if config_path:
+        cfg = load_experiment(config_path)
+    elif saved.is_file():
+        cfg = load_config(saved)
+    else:
+        cfg = default_config()
     return apply_overrides(cfg, overrides)
 
 
@@ -41,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
     try:
-        cfg = resolve_config(args.config, overrides)
+        cfg = resolve_config(args.config, args.workdir, overrides)
         if args.command == "sft":
             from rlhf_jax.stages.sft import run_sft
 
@@ -52,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
 
             export = run_rm(cfg, args.workdir, stop_after=args.stop_after_steps)
             print(f"rm export: {export}" if export else "rm: stopped early; rerun to resume")
+        elif args.command == "ppo":
+            from rlhf_jax.stages.ppo import run_ppo
+
+            export = run_ppo(cfg, args.workdir, stop_after=args.stop_after_steps)
+            print(f"{cfg.ppo.stage_name} export: {export}" if export else "ppo: stopped early; rerun to resume")
+        elif args.command == "sample":
+            from rlhf_jax.generate import generate_from_export
+
+            if not args.export:
+                raise ConfigError("sample: --export DIR (a policy export) is required")
+            for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
+                print(f"{prompt} {response}")
     except (ConfigError, ValueError) as err:
         print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

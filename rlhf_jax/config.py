@@ -172,6 +172,60 @@ class RMConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled. temperature 0 is greedy; top_k 0 and top_p 1.0 disable
+    those filters."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO with a per-token KL penalty, and PPO-ptx when ``ptx_coef`` > 0.
+
+    Paper: beta 0.02, 512 episodes per iteration, minibatch 64, 1 inner epoch, EMA 0.992,
+    gamma_ptx 27.8 with 8 pretraining sequences per episode.
+    """
+
+    stage_name: str = "ppo"  # the run sub-directory; the pipeline uses ppo and ppo_ptx
+    prompts: DataConfig = field(default_factory=lambda: DataConfig(
+        train_path="task:prompts", val_path="task:prompts_val", batch_size=64, max_len=24))
+    pretrain: DataConfig = field(default_factory=lambda: DataConfig(
+        train_path="task:pretrain", val_path="task:pretrain_val", batch_size=16, max_len=32))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval_temperature: float = 0.0  # held-out evaluation decodes greedily by default
+    policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, final_lr_fraction=1.0))
+    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, final_lr_fraction=1.0))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_every=10))
+    iterations: int = 100  # each: sample prompts.batch_size episodes, score, update
+    minibatch_size: int = 16  # episodes per optimiser step
+    epochs: int = 1  # passes over each iteration's episodes
+    kl_coef: float = 0.02  # beta
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler et al. controller toward kl_target
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
+    ptx_coef: float = 0.0  # gamma_ptx: 0 is plain PPO; the paper's PPO-ptx uses 27.8
+    # pretraining rows per optimiser step come from pretrain.batch_size
+    ema_decay: float = 0.992  # EMA of policy weights, used for evaluation and export; 0: off
+    policy_init: str = "run:sft/export"
+    reward_init: str = "run:rm/export"
+    value_init: str | None = None  # None: the reward model's export
+    log_every: int = 1
+    eval_every: int = 10  # iterations between held-out evaluations
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: the model, the mesh and each stage's settings."""
 
@@ -182,6 +236,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self) -> "Config":
         self.model.validate()

@@ -9,7 +9,6 @@ sits at the same position and decoding advances all rows together.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -19,20 +18,11 @@ from flax import struct
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding
+from rlhf_jax.config import SamplingConfig
 from rlhf_jax.models import KVCache, positions_from_segments
 from rlhf_jax.models.transformer import KV_CACHE_LOGICAL_AXES
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 @struct.dataclass

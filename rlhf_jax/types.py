@@ -56,3 +56,35 @@ class RankingBatch:
     last_index: Array
     ranks: Array
     mask: Array
+
+
+@struct.dataclass
+class Rollout:
+    """A batch of scored episodes, ready for PPO updates. B episodes, prompt length P,
+    response length N, L = P + N.
+
+    tokens, segment_ids, positions: ``[B, L]`` prompt (left-padded) then response;
+    response_mask: ``[B, N] f32``, response tokens (including EOS);
+    old_logprobs, ref_logprobs, old_values, advantages, returns: ``[B, N] f32``.
+    """
+
+    tokens: Array
+    segment_ids: Array
+    positions: Array
+    response_mask: Array
+    old_logprobs: Array
+    ref_logprobs: Array
+    old_values: Array
+    advantages: Array
+    returns: Array
+
+
+@struct.dataclass
+class PPOState:
+    """Policy and value networks (each with its own optimiser), the EMA of the policy's
+    weights, and the KL coefficient beta (changes only with the adaptive controller)."""
+
+    policy: TrainState
+    value: TrainState
+    ema_params: Any
+    kl_coef: Array

@@ -8,7 +8,8 @@ from rlhf_jax import losses, sharding
 from rlhf_jax.config import MeshConfig, ModelConfig
 from rlhf_jax.models import LanguageModel
 from rlhf_jax import sampling
-from rlhf_jax.sampling import SamplingConfig, filter_logits, make_sampler
+from rlhf_jax.config import SamplingConfig
+from rlhf_jax.sampling import filter_logits, make_sampler
 
 CFG = ModelConfig(family="llama", vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                   d_ff=64, max_len=64, tie_embeddings=False)

@@ -1,0 +1,101 @@
+"""Held-out evaluation of a policy: its responses, their reward-model score, its KL to a
+reference policy, and its pretraining loss. Shared by the PPO stage and the pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rlhf_jax import losses
+from rlhf_jax.config import SamplingConfig
+from rlhf_jax.data import to_global
+from rlhf_jax.ppo_steps import response_logits, response_logprobs
+from rlhf_jax.sampling import Samples, make_sampler
+from rlhf_jax.steps import jit_under_mesh, make_lm_eval_step, make_score_fn
+
+
+@dataclasses.dataclass
+class Generations:
+    """Decoded held-out responses (host side), one per prompt, in prompt-file order."""
+
+    prompts: list[str]
+    responses: list[str]
+    scores: np.ndarray  # reward-model score of each response (normalised as exported)
+    kl: np.ndarray  # summed per-token k1 KL(policy || reference) of each response
+    lengths: np.ndarray
+    ended: np.ndarray
+
+
+class PolicyEvaluator:
+    """Compiled once per (policy, reward model, mesh); call with any params of that shape."""
+
+    def __init__(self, policy, reward_model, mesh, policy_shardings, reward_shardings, tokenizer,
+                 sampling: SamplingConfig, seed: int = 0):
+        self.mesh, self.tokenizer, self.seed = mesh, tokenizer, seed
+        self.sampling = sampling
+        self.sampler = make_sampler(policy, sampling, mesh, policy_shardings, tokenizer.eos_id, tokenizer.pad_id)
+        self.score = make_score_fn(reward_model, mesh, reward_shardings)
+        self.lm_eval = make_lm_eval_step(policy, mesh, policy_shardings)
+
+        def kl_to_reference(params, ref_params, samples: Samples):
+            tokens, segments, positions = samples.full_sequences()
+            p = samples.prompt_tokens.shape[1]
+            mask = samples.mask.astype(jnp.float32)
+            logp = response_logprobs(response_logits(policy, params, tokens, segments, positions, p), tokens, p, 1.0)
+            ref = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, p), tokens, p, 1.0)
+            return jnp.sum(losses.kl_estimate(logp, ref, "k1") * mask, axis=1)
+
+        self.kl = jit_under_mesh(kl_to_reference, mesh)
+
+    def generate(self, params, ref_params, reward_params, prompt_batches) -> Generations:
+        """Responses to every prompt of ``prompt_batches`` (its ``eval_batches``), scored."""
+        out = {k: [] for k in ("prompt", "response", "score", "kl", "length", "ended")}
+        for i, local in enumerate(prompt_batches.eval_batches()):
+            batch = to_global(local, self.mesh)
+            samples = self.sampler(params, batch.tokens, batch.segment_ids, jax.random.PRNGKey(self.seed + i))
+            tokens, segments, positions = samples.full_sequences()
+            scores = self.score(reward_params, tokens, segments, positions)
+            kl = self.kl(params, ref_params, samples)
+            host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                                (samples, scores, kl, batch.segment_ids))
+            samples_h, scores_h, kl_h, prompt_segments = host
+            real = prompt_segments.any(axis=1)  # padding rows of the last batch have no prompt
+            for row in np.flatnonzero(real):
+                out["prompt"].append(self.tokenizer.decode(samples_h.prompt_tokens[row][prompt_segments[row] > 0]))
+                response = samples_h.tokens[row][samples_h.mask[row]]
+                out["response"].append(self.tokenizer.decode(response))
+                out["score"].append(scores_h[row])
+                out["kl"].append(kl_h[row])
+                out["length"].append(int(samples_h.mask[row].sum()))
+                out["ended"].append(bool(samples_h.ended[row]))
+        return Generations(prompts=out["prompt"], responses=out["response"], scores=np.array(out["score"]),
+                           kl=np.array(out["kl"]), lengths=np.array(out["length"]), ended=np.array(out["ended"]))
+
+    def pretrain_loss(self, params, text_batches) -> float:
+        """Mean next-token loss on every pretraining validation text (the alignment tax)."""
+        total, count = 0.0, 0.0
+        for local in text_batches.eval_batches():
+            nll, n = self.lm_eval(params, to_global(local, self.mesh))
+            total, count = total + float(nll), count + float(n)
+        return total / max(count, 1.0)
+
+
+def summarize(generations: Generations, prefix: str, extra: Callable[[Generations], dict] | None = None) -> dict[str, float]:
+    """Scalar metrics of a set of generations, keys under ``prefix/``."""
+    metrics = {f"{prefix}/score": float(generations.scores.mean()),
+               f"{prefix}/kl_to_ref": float(generations.kl.mean()),
+               f"{prefix}/response_length": float(generations.lengths.mean()),
+               f"{prefix}/eos_rate": float(generations.ended.mean())}
+    if extra is not None:
+        metrics.update({f"{prefix}/{k}": float(v) for k, v in extra(generations).items()})
+    return metrics
+
+
+def sample_params_like(params: Any) -> Any:
+    """A fresh copy of ``params`` (so a donated train state never aliases a frozen copy)."""
+    return jax.tree.map(jnp.copy, params)

@@ -1,0 +1,49 @@
+"""``rlhf-jax sample``: responses from any exported policy, with the run's sampling settings."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import tempfile
+
+import jax
+
+from rlhf_jax import checkpoint
+from rlhf_jax.config import Config, ConfigError
+from rlhf_jax.data import PromptBatches, to_global
+from rlhf_jax.models import LanguageModel
+from rlhf_jax.sampling import make_sampler
+from rlhf_jax.stages import common
+
+
+def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str,
+                         prompts: list[str]) -> list[tuple[str, str]]:
+    """(prompt, response) for each prompt (default: the held-out prompts of ``cfg.ppo``),
+    sampled with ``cfg.ppo.sampling`` from the params in ``export``."""
+    env = common.make_env(cfg, workdir, "sample")
+    export_path = env.resolve(export)
+    meta = checkpoint.read_export_meta(export_path)
+    if meta.get("stage") == "rm":
+        raise ConfigError(f"--export {export}: a reward-model export, not a policy")
+    model = LanguageModel(cfg.model)
+    params = checkpoint.load_export(export_path, common.abstract_params(model, env.mesh), cfg.model)
+    ppo = cfg.ppo
+    with tempfile.TemporaryDirectory() as tmp:
+        if prompts:
+            path = pathlib.Path(tmp) / "prompts.jsonl"
+            path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        else:
+            path = env.data_path(ppo.prompts.val_path or ppo.prompts.train_path, "ppo.prompts.val_path")
+        batches = PromptBatches(str(path), env.tokenizer, ppo.prompts, seed=cfg.seed,
+                                cache_dir=str(pathlib.Path(tmp) / "cache"), **env.process)
+        sampler = make_sampler(model, ppo.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
+                               env.tokenizer.eos_id, env.tokenizer.pad_id)
+        out = []
+        for i, local in enumerate(batches.eval_batches()):
+            batch = to_global(local, env.mesh)
+            samples = jax.device_get(sampler(params, batch.tokens, batch.segment_ids, jax.random.PRNGKey(cfg.seed + i)))
+            for row in range(local.tokens.shape[0]):
+                if local.segment_ids[row].any():
+                    out.append((env.tokenizer.decode(local.tokens[row][local.segment_ids[row] > 0]),
+                                env.tokenizer.decode(samples.tokens[row][samples.mask[row]])))
+        return out if prompts else out[:8]

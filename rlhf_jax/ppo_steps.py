@@ -1,0 +1,156 @@
+"""PPO's jitted pieces: scoring sampled episodes into a :class:`Rollout` (experience) and
+the update (minibatches x epochs of clipped policy and value steps, in one ``lax.scan``).
+
+Response positions: with prompts of length P, the logits at positions ``P-1 .. L-2``
+predict the response tokens at ``P .. L-1``; values are read at the same positions (the
+state before each response token).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax import losses, sharding
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.sampling import Samples
+from rlhf_jax.steps import _split_microbatches, apply_gradients, jit_under_mesh
+from rlhf_jax.types import PPOState, Rollout, TokenBatch
+
+
+def response_logits(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
+    """``[B, N+1, V]``: logits from the last prompt position on (the last row is unused)."""
+    logits, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    return logits[:, prompt_len - 1:]
+
+
+def response_logprobs(logits, tokens, prompt_len: int, temperature: float):
+    """``[B, N]`` log-probs of the response tokens from :func:`response_logits`' output."""
+    scale = 1.0 if temperature == 0.0 else temperature
+    return losses.next_token_logprobs(logits / scale, tokens[:, prompt_len - 1:])
+
+
+def response_values(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
+    """``[B, N]``: the value model's estimate before each response token."""
+    values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    return values[:, prompt_len - 1:-1]
+
+
+def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_model: nn.Module, cfg: PPOConfig,
+                       reward_offset: float, reward_gain: float, mesh: Mesh) -> Callable:
+    """experience(policy_params, ref_params, value_params, reward_params, samples, kl_coef)
+    -> (Rollout, metrics): reference log-probs, values, RM score (with the missing-EOS
+    penalty), KL-shaped per-token rewards, GAE advantages and returns."""
+
+    def experience(policy_params, ref_params, value_params, reward_params, samples: Samples, kl_coef):
+        prompt_len = samples.prompt_tokens.shape[1]
+        tokens, segments, positions = samples.full_sequences()
+        mask = samples.mask.astype(jnp.float32)
+        temperature = cfg.sampling.temperature
+        old_logp = response_logprobs(response_logits(policy, policy_params, tokens, segments, positions, prompt_len),
+                                     tokens, prompt_len, temperature) * mask
+        ref_logp = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, prompt_len),
+                                     tokens, prompt_len, temperature) * mask
+        values = response_values(value_model, value_params, tokens, segments, positions, prompt_len) * mask
+        rm_values, _ = reward_model.apply({"params": reward_params}, tokens, positions, segments)
+        score = jnp.take_along_axis(rm_values, losses.last_index(segments > 0)[:, None], axis=1)[:, 0]
+        penalized = score - cfg.missing_eos_penalty * (1.0 - samples.ended.astype(jnp.float32))
+        rewards, kl_metrics = losses.kl_shaped_rewards(old_logp, ref_logp, penalized, mask, kl_coef,
+                                                       cfg.kl_estimator)
+        advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = losses.whiten(advantages, mask)
+        rollout = Rollout(tokens=tokens, segment_ids=segments, positions=positions, response_mask=mask,
+                          old_logprobs=old_logp, ref_logprobs=ref_logp, old_values=values,
+                          advantages=advantages, returns=returns)
+        metrics = {
+            **kl_metrics,
+            "ppo/score": jnp.mean(score),
+            "ppo/score_raw": jnp.mean(score) / reward_gain + reward_offset,
+            "ppo/score_penalized": jnp.mean(penalized),
+            "ppo/response_length": jnp.mean(jnp.sum(mask, axis=1)),
+            "ppo/eos_rate": jnp.mean(samples.ended.astype(jnp.float32)),
+            "value/explained_variance": losses.explained_variance(values, returns, mask),
+            "ppo/return_mean": losses.masked_mean(returns, mask),
+        }
+        return rollout, metrics
+
+    # Inputs arrive already placed (params in their shardings, samples batch-split).
+    return jit_under_mesh(experience, mesh)
+
+
+def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.GradientTransformation,
+                    value_tx: optax.GradientTransformation, cfg: PPOConfig, mesh: Mesh,
+                    state_shardings: Any) -> Callable:
+    """update(state, rollout, ptx, observed_kl, rng) -> (state, metrics).
+
+    ``cfg.epochs`` passes over the rollout in random minibatches of ``cfg.minibatch_size``
+    episodes; each minibatch is one policy step (clipped surrogate - entropy bonus
+    + ptx_coef * pretraining NLL on its ``pretrain.batch_size`` rows of ``ptx``) and one value
+    step (clipped value loss), then the policy EMA moves. Finally beta moves if adaptive.
+    ptx: TokenBatch ``[epochs * n_minibatches * rows, T]`` (unused when ptx_coef is 0).
+    """
+    controller = losses.AdaptiveKLController(cfg.kl_target, cfg.kl_horizon)
+    temperature = cfg.sampling.temperature
+
+    def policy_objective(params, mb: Rollout, ptx: TokenBatch, prompt_len):
+        logits = response_logits(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len)
+        logp = response_logprobs(logits, mb.tokens, prompt_len, temperature)
+        pg, pg_metrics = losses.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, cfg.clip)
+        entropy, entropy_metrics = losses.entropy(logits[:, :-1], mb.response_mask)
+        ptx_value, ptx_metrics = jnp.zeros(()), {}
+        if cfg.ptx_coef:
+            ptx_logits, _ = policy.apply({"params": params}, ptx.tokens, ptx.positions, ptx.segment_ids)
+            ptx_value, ptx_metrics = losses.ptx_loss(ptx_logits, ptx.tokens, ptx.loss_mask)
+        total, terms = losses.ppo_objective(pg, entropy, ptx_value, entropy_coef=cfg.entropy_coef,
+                                            ptx_coef=cfg.ptx_coef)
+        return total, {**pg_metrics, **entropy_metrics, **ptx_metrics, **terms}
+
+    def value_objective(params, mb: Rollout, prompt_len):
+        values = response_values(value_model, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len)
+        return losses.value_loss(values, mb.old_values, mb.returns, mb.response_mask, cfg.value_clip)
+
+    def minibatch_step(state: PPOState, xs):
+        mb, ptx = xs
+        prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
+        (_, p_metrics), p_grads = jax.value_and_grad(policy_objective, has_aux=True)(
+            state.policy.params, mb, ptx, prompt_len)
+        (_, v_metrics), v_grads = jax.value_and_grad(value_objective, has_aux=True)(
+            state.value.params, mb, prompt_len)
+        policy_state = apply_gradients(state.policy, p_grads, policy_tx)
+        ema = state.ema_params
+        if cfg.ema_decay:
+            ema = optax.incremental_update(policy_state.params, ema, 1.0 - cfg.ema_decay)
+        metrics = {**p_metrics, **v_metrics, "optim/policy_grad_norm": optax.tree.norm(p_grads),
+                   "optim/value_grad_norm": optax.tree.norm(v_grads)}
+        return state.replace(policy=policy_state, value=apply_gradients(state.value, v_grads, value_tx),
+                             ema_params=ema), metrics
+
+    def update(state: PPOState, rollout: Rollout, ptx: TokenBatch, observed_kl, rng):
+        n_episodes = rollout.tokens.shape[0]
+        n_minibatches = n_episodes // cfg.minibatch_size
+        ptx_per_epoch = _split_microbatches(ptx, cfg.epochs)
+
+        def epoch(state, xs):
+            epoch_rng, epoch_ptx = xs
+            order = jax.random.permutation(epoch_rng, n_episodes)
+            shuffled = jax.tree.map(lambda x: x[order], rollout)
+            minibatches = _split_microbatches(shuffled, n_minibatches)
+            return jax.lax.scan(minibatch_step, state, (minibatches, _split_microbatches(epoch_ptx, n_minibatches)))
+
+        state, metrics = jax.lax.scan(epoch, state, (jax.random.split(rng, cfg.epochs), ptx_per_epoch))
+        if cfg.adaptive_kl:
+            state = state.replace(kl_coef=controller.update(state.kl_coef, observed_kl, n_episodes))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    batch = sharding.batch_sharding(mesh, 1)
+    rollout_shardings = Rollout(**{k: batch for k in Rollout.__dataclass_fields__})
+    ptx_shardings = TokenBatch(**{k: batch for k in TokenBatch.__dataclass_fields__})
+    return jit_under_mesh(update, mesh, in_shardings=(state_shardings, rollout_shardings, ptx_shardings,
+                                                      sharding.replicated(mesh), sharding.replicated(mesh)),
+                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,162 @@
+"""Stage 3: PPO (and PPO-ptx) against the reward model, with a KL penalty to the SFT policy.
+
+Each iteration: sample ``prompts.batch_size`` episodes from the policy (rollout), score them
+(reference log-probs, values, reward model, KL-shaped rewards, GAE), then update policy and
+value networks over minibatches (one jitted call). The loop times the three phases, logs,
+evaluates the EMA policy on held-out prompts, checkpoints, and exports the EMA policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint, sharding
+from rlhf_jax.config import Config, ConfigError, PPOConfig
+from rlhf_jax.data import PromptBatches, TextBatches, to_global
+from rlhf_jax.evaluation import Generations, PolicyEvaluator, sample_params_like, summarize
+from rlhf_jax.logging import MetricsLogger
+from rlhf_jax.models import LanguageModel, ScalarModel
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
+from rlhf_jax.sampling import make_sampler
+from rlhf_jax.stages import common
+from rlhf_jax.steps import create_train_state
+from rlhf_jax.types import PPOState, TokenBatch
+
+GenerationMetrics = Callable[[Generations], dict[str, float]]
+
+
+def check_ppo_config(ppo: PPOConfig, mesh) -> int:
+    """Returns optimiser steps per iteration; errors name the field."""
+    field = f"{ppo.stage_name}"
+    if ppo.prompts.batch_size % ppo.minibatch_size:
+        raise ConfigError(f"{field}: prompts.batch_size={ppo.prompts.batch_size} is not a multiple of "
+                          f"minibatch_size={ppo.minibatch_size}")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if ppo.minibatch_size % shards:
+        raise ConfigError(f"{field}: minibatch_size={ppo.minibatch_size} is not divisible by the "
+                          f"{shards} batch shards of the mesh (data x fsdp)")
+    if ppo.ptx_coef and ppo.pretrain.batch_size % shards:
+        raise ConfigError(f"{field}: pretrain.batch_size={ppo.pretrain.batch_size} is not divisible by the "
+                          f"{shards} batch shards of the mesh")
+    return ppo.epochs * ppo.prompts.batch_size // ppo.minibatch_size
+
+
+def _load(env: common.StageEnv, spec: str, model, field: str):
+    path = env.resolve(spec)
+    if not path.exists():
+        raise ConfigError(f"{field}={spec!r}: no export at {path}")
+    params = checkpoint.load_export(path, common.abstract_params(model, env.mesh), env.cfg.model)
+    return params, checkpoint.read_export_meta(path)
+
+
+def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None = None, show_progress: bool = True,
+            stop_after: int | None = None, generation_metrics: GenerationMetrics | None = None) -> pathlib.Path | None:
+    """Runs PPO (PPO-ptx when ``ppo.ptx_coef`` > 0); returns the policy export (EMA weights).
+
+    ``generation_metrics(generations) -> {name: value}`` adds task metrics (such as a gold
+    score) to each held-out evaluation.
+    """
+    ppo = ppo or cfg.ppo
+    env = common.make_env(cfg, workdir, ppo.stage_name)
+    updates_per_iteration = check_ppo_config(ppo, env.mesh)
+    prompts = PromptBatches(env.data_path(ppo.prompts.train_path, f"{ppo.stage_name}.prompts.train_path"),
+                            env.tokenizer, ppo.prompts, seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+    val_prompts = None
+    if ppo.prompts.val_path:
+        val_prompts = PromptBatches(env.data_path(ppo.prompts.val_path, f"{ppo.stage_name}.prompts.val_path"),
+                                    env.tokenizer, dataclasses.replace(ppo.prompts, shuffle=False), seed=cfg.seed,
+                                    cache_dir=env.cache_dir, **env.process)
+    ptx = None
+    if ppo.ptx_coef:
+        ptx = TextBatches(env.data_path(ppo.pretrain.train_path, f"{ppo.stage_name}.pretrain.train_path"),
+                          env.tokenizer, dataclasses.replace(ppo.pretrain, batch_size=updates_per_iteration
+                                                             * ppo.pretrain.batch_size),
+                          seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+    pretrain_val = None
+    if ppo.pretrain.val_path:
+        pretrain_val = TextBatches(env.data_path(ppo.pretrain.val_path, f"{ppo.stage_name}.pretrain.val_path"),
+                                   env.tokenizer, dataclasses.replace(ppo.pretrain, shuffle=False),
+                                   seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+
+    policy, scalar = LanguageModel(cfg.model), ScalarModel(cfg.model)
+    sft_params, _ = _load(env, ppo.policy_init, policy, f"{ppo.stage_name}.policy_init")
+    reward_params, reward_meta = _load(env, ppo.reward_init, scalar, f"{ppo.stage_name}.reward_init")
+    value_params, _ = _load(env, ppo.value_init or ppo.reward_init, scalar, f"{ppo.stage_name}.value_init")
+    policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
+    value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)
+    rng = jax.random.PRNGKey(cfg.seed)
+    policy_state, policy_sh = create_train_state(policy, policy_tx, env.mesh, rng, sample_params_like(sft_params))
+    value_state, value_sh = create_train_state(scalar, value_tx, env.mesh, rng, value_params)
+    replicated = sharding.replicated(env.mesh)
+    state = PPOState(policy=policy_state, value=value_state, ema_params=sample_params_like(sft_params),
+                     kl_coef=jax.device_put(jnp.float32(ppo.kl_coef), replicated))
+    state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
+    ckpts, state, start = common.restore_or_start(env, ppo.checkpoint, state)
+    common.write_run_config(env)
+
+    sampler = make_sampler(policy, ppo.sampling, env.mesh, policy_sh.params, env.tokenizer.eos_id,
+                           env.tokenizer.pad_id)
+    experience = make_experience_fn(
+        policy, scalar, scalar, ppo, reward_meta.get("reward_offset", 0.0), reward_meta.get("reward_gain", 1.0),
+        env.mesh)
+    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, env.mesh, state_sh)
+    evaluator = PolicyEvaluator(policy, scalar, env.mesh, policy_sh.params, value_sh.params, env.tokenizer,
+                                dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature), cfg.seed)
+    shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
+    no_ptx = TokenBatch(*(jnp.zeros((updates_per_iteration * shards, 2), jnp.int32) for _ in range(4)))
+
+    def evaluate(state: PPOState) -> dict[str, float]:
+        params = state.ema_params if ppo.ema_decay else state.policy.params
+        metrics = {}
+        if val_prompts is not None:
+            generations = evaluator.generate(params, sft_params, reward_params, val_prompts)
+            metrics.update(summarize(generations, "eval", generation_metrics))
+        if pretrain_val is not None:
+            metrics["eval/pretrain_loss"] = evaluator.pretrain_loss(params, pretrain_val)
+        return metrics
+
+    logger = MetricsLogger(env.stage_dir, start, ppo.iterations, ppo.stage_name, show_progress)
+    if start == 0 and (val_prompts is not None or pretrain_val is not None):
+        logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
+    stop = ppo.iterations if stop_after is None else min(ppo.iterations, start + stop_after)
+    for iteration in range(start, stop):
+        iteration_rng = jax.random.fold_in(rng, iteration)
+        t0 = time.perf_counter()
+        batch = to_global(prompts.get(iteration), env.mesh)
+        samples = jax.block_until_ready(sampler(state.policy.params, batch.tokens, batch.segment_ids,
+                                                jax.random.fold_in(iteration_rng, 0)))
+        t1 = time.perf_counter()
+        rollout, exp_metrics = jax.block_until_ready(experience(
+            state.policy.params, sft_params, state.value.params, reward_params, samples, state.kl_coef))
+        t2 = time.perf_counter()
+        ptx_batch = no_ptx if ptx is None else to_global(ptx.get(iteration), env.mesh)
+        state, update_metrics = jax.block_until_ready(update(
+            state, rollout, ptx_batch, exp_metrics["ppo/kl_to_ref"], jax.random.fold_in(iteration_rng, 1)))
+        t3 = time.perf_counter()
+        done = iteration + 1
+        if done % ppo.log_every == 0 or done == stop:
+            values = logger.log(done, {**exp_metrics, **update_metrics, "time/rollout_s": t1 - t0,
+                                       "time/scoring_s": t2 - t1, "time/update_s": t3 - t2,
+                                       "time/iteration_s": t3 - t0})
+            logger.progress(done, score=values["ppo/score"], kl=values["ppo/kl_to_ref"])
+        if done % ppo.eval_every == 0 or done == ppo.iterations:
+            logger.log(done, evaluate(state))
+        if done % ppo.checkpoint.save_every == 0 or done == stop:
+            ckpts.save(done, state, {"step": done, "config": common.to_dict(cfg)})
+    ckpts.wait()
+    ckpts.close()
+    logger.close()
+    if stop < ppo.iterations:
+        return None
+    final = state.ema_params if ppo.ema_decay else state.policy.params
+    return checkpoint.export_params(env.stage_dir / "export", final, cfg.model,
+                                    {"stage": ppo.stage_name, "iterations": ppo.iterations,
+                                     "ptx_coef": ppo.ptx_coef, "kl_coef_final": float(state.kl_coef)})
