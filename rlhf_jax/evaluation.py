@@ -14,9 +14,9 @@ from jax.experimental import multihost_utils
 from rlhf_jax import losses
 from rlhf_jax.config import SamplingConfig
 from rlhf_jax.data import to_global
-from rlhf_jax.ppo_steps import response_logits, response_logprobs
+from rlhf_jax.ppo_steps import RewardFn, response_logits, response_logprobs
 from rlhf_jax.sampling import Samples, make_sampler
-from rlhf_jax.steps import jit_under_mesh, make_lm_eval_step, make_score_fn
+from rlhf_jax.steps import jit_under_mesh, make_lm_eval_step
 
 
 @dataclasses.dataclass
@@ -25,7 +25,7 @@ class Generations:
 
     prompts: list[str]
     responses: list[str]
-    scores: np.ndarray  # reward-model score of each response (normalised as exported)
+    scores: np.ndarray  # score of each response (reward model, normalised as exported)
     kl: np.ndarray  # summed per-token k1 KL(policy || reference) of each response
     lengths: np.ndarray
     ended: np.ndarray
@@ -34,12 +34,11 @@ class Generations:
 class PolicyEvaluator:
     """Compiled once per (policy, reward model, mesh); call with any params of that shape."""
 
-    def __init__(self, policy, reward_model, mesh, policy_shardings, reward_shardings, tokenizer,
+    def __init__(self, policy, reward_fn: RewardFn, mesh, policy_shardings, tokenizer,
                  sampling: SamplingConfig, seed: int = 0):
         self.mesh, self.tokenizer, self.seed = mesh, tokenizer, seed
-        self.sampling = sampling
         self.sampler = make_sampler(policy, sampling, mesh, policy_shardings, tokenizer.eos_id, tokenizer.pad_id)
-        self.score = make_score_fn(reward_model, mesh, reward_shardings)
+        self.score = jit_under_mesh(reward_fn, mesh)
         self.lm_eval = make_lm_eval_step(policy, mesh, policy_shardings)
 
         def kl_to_reference(params, ref_params, samples: Samples):
@@ -58,8 +57,7 @@ class PolicyEvaluator:
         for i, local in enumerate(prompt_batches.eval_batches()):
             batch = to_global(local, self.mesh)
             samples = self.sampler(params, batch.tokens, batch.segment_ids, jax.random.PRNGKey(self.seed + i))
-            tokens, segments, positions = samples.full_sequences()
-            scores = self.score(reward_params, tokens, segments, positions)
+            scores = self.score(reward_params, samples)
             kl = self.kl(params, ref_params, samples)
             host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                                 (samples, scores, kl, batch.segment_ids))

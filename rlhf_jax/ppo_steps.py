@@ -41,11 +41,26 @@ def response_values(model: nn.Module, params: Any, tokens, segment_ids, position
     return values[:, prompt_len - 1:-1]
 
 
-def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_model: nn.Module, cfg: PPOConfig,
+RewardFn = Callable[[Any, Samples], jax.Array]  # (reward params, samples) -> [B] f32 scores
+
+
+def reward_model_score(reward_model: nn.Module) -> RewardFn:
+    """The reward model's output at each episode's last real token (prompt + response)."""
+
+    def score(params, samples: Samples):
+        tokens, segments, positions = samples.full_sequences()
+        values, _ = reward_model.apply({"params": params}, tokens, positions, segments)
+        return jnp.take_along_axis(values, losses.last_index(segments > 0)[:, None], axis=1)[:, 0]
+
+    return score
+
+
+def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_fn: RewardFn, cfg: PPOConfig,
                        reward_offset: float, reward_gain: float, mesh: Mesh) -> Callable:
     """experience(policy_params, ref_params, value_params, reward_params, samples, kl_coef)
-    -> (Rollout, metrics): reference log-probs, values, RM score (with the missing-EOS
-    penalty), KL-shaped per-token rewards, GAE advantages and returns."""
+    -> (Rollout, metrics): reference log-probs, values, the score (``reward_fn``: the reward
+    model, or any programmatic reward; minus the missing-EOS penalty), KL-shaped per-token
+    rewards, GAE advantages and returns."""
 
     def experience(policy_params, ref_params, value_params, reward_params, samples: Samples, kl_coef):
         prompt_len = samples.prompt_tokens.shape[1]
@@ -57,8 +72,7 @@ def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_model: 
         ref_logp = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, prompt_len),
                                      tokens, prompt_len, temperature) * mask
         values = response_values(value_model, value_params, tokens, segments, positions, prompt_len) * mask
-        rm_values, _ = reward_model.apply({"params": reward_params}, tokens, positions, segments)
-        score = jnp.take_along_axis(rm_values, losses.last_index(segments > 0)[:, None], axis=1)[:, 0]
+        score = reward_fn(reward_params, samples)
         penalized = score - cfg.missing_eos_penalty * (1.0 - samples.ended.astype(jnp.float32))
         rewards, kl_metrics = losses.kl_shaped_rewards(old_logp, ref_logp, penalized, mask, kl_coef,
                                                        cfg.kl_estimator)

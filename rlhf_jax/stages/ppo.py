@@ -24,9 +24,10 @@ from rlhf_jax.evaluation import Generations, PolicyEvaluator, sample_params_like
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
+from rlhf_jax.ppo_steps import RewardFn, make_experience_fn, make_ppo_update, reward_model_score
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
+from rlhf_jax.stages.rm import initial_scalar_params
 from rlhf_jax.steps import create_train_state
 from rlhf_jax.types import PPOState, TokenBatch
 
@@ -58,11 +59,14 @@ def _load(env: common.StageEnv, spec: str, model, field: str):
 
 
 def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None = None, show_progress: bool = True,
-            stop_after: int | None = None, generation_metrics: GenerationMetrics | None = None) -> pathlib.Path | None:
+            stop_after: int | None = None, generation_metrics: GenerationMetrics | None = None,
+            reward_fn: RewardFn | None = None) -> pathlib.Path | None:
     """Runs PPO (PPO-ptx when ``ppo.ptx_coef`` > 0); returns the policy export (EMA weights).
 
     ``generation_metrics(generations) -> {name: value}`` adds task metrics (such as a gold
-    score) to each held-out evaluation.
+    score) to each held-out evaluation. ``reward_fn(None, samples) -> [B]`` replaces the
+    reward model by a programmatic, jittable reward; the value model then starts from
+    ``value_init`` or, if None, the policy's backbone with a fresh head.
     """
     ppo = ppo or cfg.ppo
     env = common.make_env(cfg, workdir, ppo.stage_name)
@@ -88,8 +92,12 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
 
     policy, scalar = LanguageModel(cfg.model), ScalarModel(cfg.model)
     sft_params, _ = _load(env, ppo.policy_init, policy, f"{ppo.stage_name}.policy_init")
-    reward_params, reward_meta = _load(env, ppo.reward_init, scalar, f"{ppo.stage_name}.reward_init")
-    value_params, _ = _load(env, ppo.value_init or ppo.reward_init, scalar, f"{ppo.stage_name}.value_init")
+    reward_params, reward_meta = None, {}
+    if reward_fn is None:
+        reward_params, reward_meta = _load(env, ppo.reward_init, scalar, f"{ppo.stage_name}.reward_init")
+        reward_fn = reward_model_score(scalar)
+    value_init = ppo.value_init or (ppo.reward_init if reward_params is not None else ppo.policy_init)
+    value_params = initial_scalar_params(env, scalar, value_init)
     policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
     value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)
     rng = jax.random.PRNGKey(cfg.seed)
@@ -105,10 +113,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     sampler = make_sampler(policy, ppo.sampling, env.mesh, policy_sh.params, env.tokenizer.eos_id,
                            env.tokenizer.pad_id)
     experience = make_experience_fn(
-        policy, scalar, scalar, ppo, reward_meta.get("reward_offset", 0.0), reward_meta.get("reward_gain", 1.0),
+        policy, scalar, reward_fn, ppo, reward_meta.get("reward_offset", 0.0), reward_meta.get("reward_gain", 1.0),
         env.mesh)
     update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, env.mesh, state_sh)
-    evaluator = PolicyEvaluator(policy, scalar, env.mesh, policy_sh.params, value_sh.params, env.tokenizer,
+    evaluator = PolicyEvaluator(policy, reward_fn, env.mesh, policy_sh.params, env.tokenizer,
                                 dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature), cfg.seed)
     shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
     no_ptx = TokenBatch(*(jnp.zeros((updates_per_iteration * shards, 2), jnp.int32) for _ in range(4)))

@@ -25,15 +25,17 @@ from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.stages import common
 
 
-def initial_rm_params(env: common.StageEnv, model: ScalarModel, init_from: str | None):
-    """Scalar-model params: a fresh head on the backbone of the LM export ``init_from``
-    (or entirely fresh when None), placed on the mesh."""
+def initial_scalar_params(env: common.StageEnv, model: ScalarModel, init_from: str | None):
+    """Scalar-model params placed on the mesh: an RM export as it is; the backbone of an LM
+    export under a fresh (zero) head; or entirely fresh when ``init_from`` is None."""
     params, _ = sharding.init_params(model, env.mesh, jax.random.PRNGKey(env.cfg.seed + 1))
     if init_from is None:
         return params
     export = env.resolve(init_from)
     if not export.exists():
-        raise ConfigError(f"rm.init_from={init_from!r}: no export at {export} (run the SFT stage first)")
+        raise ConfigError(f"init_from={init_from!r}: no export at {export} (did the stage before finish?)")
+    if checkpoint.read_export_meta(export).get("stage") == "rm":
+        return checkpoint.load_export(export, common.abstract_params(model, env.mesh), env.cfg.model)
     lm = checkpoint.load_export(export, common.abstract_params(LanguageModel(env.cfg.model), env.mesh),
                                 env.cfg.model)
     return dict(params, backbone=lm["backbone"])
@@ -84,7 +86,7 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
 
     model = ScalarModel(dataclasses.replace(cfg.model, dropout=rm_cfg.dropout))
     tx = make_optimizer(rm_cfg.optim, total_steps)
-    params = initial_rm_params(env, model, rm_cfg.init_from)
+    params = initial_scalar_params(env, model, rm_cfg.init_from)
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed), params)
     ckpts, state, start = common.restore_or_start(env, rm_cfg.checkpoint, state)
     common.write_run_config(env)
