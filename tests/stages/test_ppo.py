@@ -23,13 +23,13 @@ def count_target(params, samples):
 
 def _ppo_cfg(demos, **changes):
     cfg = tiny_config(demos, steps=1)
-    ppo = PPOConfig(
+    ppo = dataclasses.replace(PPOConfig(
         prompts=DataConfig(train_path="task:prompts", val_path=None, batch_size=32, max_len=16),
         pretrain=DataConfig(train_path="task:pretrain", val_path=None, batch_size=8, max_len=32),
         sampling=SamplingConfig(max_new_tokens=8), minibatch_size=16, epochs=2, iterations=30,
         policy_optim=OptimConfig(learning_rate=3e-3, final_lr_fraction=1.0),
         value_optim=OptimConfig(learning_rate=3e-3, final_lr_fraction=1.0),
-        kl_coef=0.02, missing_eos_penalty=0.0, eval_every=1000, **changes)
+        kl_coef=0.02, missing_eos_penalty=0.0, eval_every=1000), **changes)
     return dataclasses.replace(cfg, ppo=ppo)
 
 
