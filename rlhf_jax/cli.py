@@ -14,7 +14,7 @@ import sys
 
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 
-STAGES = ("sft", "rm", "ppo", "sample")
+STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = _parser().parse_known_args(argv)
     try:
         cfg = resolve_config(args.config, args.workdir, overrides)
-        if args.command == "sft":
+        if args.command == "pipeline":
+            from rlhf_jax.pipeline import run_pipeline
+
+            report = run_pipeline(cfg, args.workdir)
+            print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
+            for stage in ("sft", "ppo", "ppo_ptx"):
+                if stage in report:
+                    print(f"  {stage}: gold score {report[stage]['gold_score']:.3f}"
+                          + (f", win rate vs SFT {report[stage]['win_rate_vs_sft']:.2f}" if stage != "sft" else ""))
+        elif args.command == "pretrain":
+            from rlhf_jax.stages.sft import run_sft
+
+            export = run_sft(cfg, args.workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
+                             stop_after=args.stop_after_steps)
+            print(f"pretrain export: {export}" if export else "pretrain: stopped early; rerun to resume")
+        elif args.command == "comparisons":
+            from rlhf_jax.stages.comparisons import run_comparisons
+
+            print(f"comparisons: {run_comparisons(cfg, args.workdir)}")
+        elif args.command == "sft":
             from rlhf_jax.stages.sft import run_sft
 
             export = run_sft(cfg, args.workdir, stop_after=args.stop_after_steps)

@@ -226,6 +226,32 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class ComparisonsConfig:
+    """Collecting comparisons between stages: K responses per prompt sampled from a policy,
+    ranked by a labeler (InstructGPT: K = 4..9, ties allowed)."""
+
+    policy_init: str = "run:sft/export"
+    prompts: DataConfig = field(default_factory=lambda: DataConfig(
+        train_path="task:prompts", val_path=None, batch_size=16, max_len=24))
+    n_prompts: int = 1000  # prompts that get K responses each (capped by the prompt file)
+    k_min: int = 4
+    k_max: int = 9
+    val_fraction: float = 0.1  # share of prompts held out for the RM's validation accuracy
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    labeler: str = "task"  # "task": the embedded task's noisy labeler; else a comparisons JSONL to use as is
+    labeler_temperature: float | None = None  # None: the task's default (~73% inter-labeler agreement)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What ``rlhf-jax pipeline`` runs after SFT and the RM: PPO and PPO-ptx from the same
+    SFT model (PPO-ptx uses ``ppo`` with this ptx coefficient), then evaluation."""
+
+    ptx_coef: float = 27.8
+    run_ppo_ptx: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: the model, the mesh and each stage's settings."""
 
@@ -234,9 +260,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(
+        data=DataConfig(train_path="task:pretrain", val_path="task:pretrain_val", batch_size=64, max_len=32)))
     sft: SFTConfig = field(default_factory=SFTConfig)
+    comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> "Config":
         self.model.validate()

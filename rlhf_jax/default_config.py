@@ -1,14 +1,17 @@
 """The embedded default: a tiny model on the embedded synthetic task, sized so the whole
-pipeline runs in minutes on a 2-core CPU. ``experiments/tiny_cpu.py`` returns it; the CLI
-uses it when no ``--config`` is given."""
+pipeline runs in under 10 minutes on a 2-core CPU. ``experiments/tiny_cpu.py`` returns it;
+the CLI uses it when no ``--config`` is given."""
 
 from __future__ import annotations
 
-from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
-                             OptimConfig, SFTConfig, TokenizerConfig)
+from rlhf_jax.config import (CheckpointConfig, ComparisonsConfig, Config, DataConfig, MeshConfig, ModelConfig,
+                             OptimConfig, PipelineConfig, PPOConfig, RMConfig, SamplingConfig, SFTConfig,
+                             TokenizerConfig)
 
-# Task prompts are at most 18 tokens and responses 12 (+ EOS): 32 fits every example.
-TASK_MAX_LEN = 32
+# Task prompts are at most 16 tokens and responses 8 (+ EOS), pretraining texts 24.
+MAX_LEN = 32
+PROMPT_LEN = 16
+NEW_TOKENS = 10
 
 
 def default_config() -> Config:
@@ -19,10 +22,34 @@ def default_config() -> Config:
                           n_kv_heads=2, d_ff=384, max_len=64, tie_embeddings=True),
         mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
         tokenizer=TokenizerConfig(kind="task"),
+        pretrain=SFTConfig(
+            data=DataConfig(train_path="task:pretrain", val_path="task:pretrain_val", batch_size=64,
+                            max_len=MAX_LEN, packing=True),
+            optim=OptimConfig(learning_rate=2e-3, warmup_steps=50),
+            checkpoint=CheckpointConfig(save_every=500), epochs=1000, max_steps=1500, eval_every=500,
+            log_every=50),
         sft=SFTConfig(
             data=DataConfig(train_path="task:demonstrations", val_path="task:demonstrations_val",
-                            batch_size=32, max_len=TASK_MAX_LEN),
-            optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, final_lr_fraction=0.1),
-            checkpoint=CheckpointConfig(save_every=100, keep=2),
-            epochs=4, dropout=0.1, eval_every=100, log_every=10),
+                            batch_size=32, max_len=MAX_LEN),
+            optim=OptimConfig(learning_rate=5e-4),
+            checkpoint=CheckpointConfig(save_every=200), epochs=2, dropout=0.1, eval_every=100,
+            log_every=20, init_from="run:pretrain/export"),
+        comparisons=ComparisonsConfig(
+            prompts=DataConfig(train_path="task:prompts", val_path=None, batch_size=16, max_len=PROMPT_LEN),
+            n_prompts=800, k_min=4, k_max=6, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS)),
+        rm=RMConfig(
+            data=DataConfig(train_path="run:comparisons/train.jsonl", val_path="run:comparisons/val.jsonl",
+                            batch_size=16, max_len=MAX_LEN),
+            optim=OptimConfig(learning_rate=5e-4), k_max=6, epochs=2, log_every=10),
+        ppo=PPOConfig(
+            prompts=DataConfig(train_path="task:prompts", val_path="task:prompts_val", batch_size=64,
+                               max_len=PROMPT_LEN),
+            pretrain=DataConfig(train_path="task:pretrain", val_path="task:pretrain_val", batch_size=16,
+                                max_len=MAX_LEN),
+            sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+            policy_optim=OptimConfig(learning_rate=2e-4, final_lr_fraction=1.0),
+            value_optim=OptimConfig(learning_rate=5e-4, final_lr_fraction=1.0),
+            checkpoint=CheckpointConfig(save_every=20), iterations=60, minibatch_size=16,
+            kl_coef=0.02, eval_every=10),
+        pipeline=PipelineConfig(ptx_coef=27.8 / 16),
     )

@@ -56,7 +56,9 @@ def demonstrations(sampler: ProblemSampler, n: int, noise: float) -> list[dict]:
         _, prompt = sampler.draw()
         response = solve(prompt)
         if sampler.rng.random() < noise:
-            response = corrupt(prompt, response, sampler.rng, 1)
+            # A demonstrator's slip never leaves the answer empty: an empty response is
+            # invalid demonstration data (the SFT loader rejects it, naming the line).
+            response = corrupt(prompt, response, sampler.rng, 1) or response
         out.append({"prompt": prompt, "response": response})
     return out
 

@@ -21,7 +21,7 @@ from rlhf_jax.tasks.instructions import FAMILIES, MAX_PROMPT_TOKENS, MAX_RESPONS
 from rlhf_jax.tasks.tokenizer import save_tokenizer
 
 # Bump when generation changes, so directories written by older code are regenerated.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS: tuple[str, ...] = ("demonstrations", "demonstrations_val", "prompts", "prompts_val",
                            "pretrain", "pretrain_val")
 MANIFEST = "task.json"

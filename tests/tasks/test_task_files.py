@@ -115,3 +115,13 @@ def test_family_subset_and_bad_settings():
         tasks.make_splits(families=("translate",))
     with pytest.raises(ValueError, match="demo_noise"):
         tasks.make_splits(demo_noise=1.5)
+
+
+def test_demonstrations_are_valid_sft_data(tmp_path):
+    """Noisy demonstrations still pass the SFT loader's validation (no empty responses)."""
+    from rlhf_jax.data import read_records
+    from rlhf_jax.tasks import write_task_files
+
+    paths = write_task_files(tmp_path, seed=0, n_demonstrations=2000, n_pretrain=10, n_pretrain_val=10)
+    assert len(read_records(paths["demonstrations"], "demonstrations")) == 2000
+    read_records(paths["demonstrations_val"], "demonstrations")

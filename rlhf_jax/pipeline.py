@@ -1,0 +1,121 @@
+"""The whole InstructGPT pipeline on the embedded task:
+
+pretrain a base LM on the task's corpus -> SFT on demonstrations -> collect comparisons
+(K samples per prompt from the SFT policy, ranked by the noisy labeler) -> reward model ->
+PPO and PPO-ptx from the same SFT model -> evaluation on held-out prompts -> report.
+
+Every stage is the same function the CLI runs; the pipeline only chains them through
+their exports (``run:<stage>/export``). A rerun of the same command skips finished stages
+and resumes an interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import checkpoint
+from rlhf_jax.config import Config
+from rlhf_jax.evaluation import Generations
+from rlhf_jax.logging import read_metrics
+from rlhf_jax.report import write_report
+from rlhf_jax.stages import common
+
+
+def gold_metrics(generations: Generations) -> dict[str, float]:
+    from rlhf_jax.tasks import gold_scores
+
+    return {"gold_score": float(gold_scores(generations.prompts, generations.responses).mean())}
+
+
+def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
+    return (workdir / stage / "export" / checkpoint.EXPORT_META).exists()
+
+
+def ppo_stages(cfg: Config) -> dict[str, Any]:
+    """The PPO runs of the pipeline: name -> PPOConfig."""
+    runs = {"ppo": dataclasses.replace(cfg.ppo, stage_name="ppo", ptx_coef=0.0)}
+    if cfg.pipeline.run_ppo_ptx:
+        runs["ppo_ptx"] = dataclasses.replace(cfg.ppo, stage_name="ppo_ptx", ptx_coef=cfg.pipeline.ptx_coef)
+    return runs
+
+
+def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool = True) -> dict[str, Any]:
+    """Runs every stage not yet finished in ``workdir``, then evaluates; returns the report."""
+    from rlhf_jax.stages.comparisons import run_comparisons
+    from rlhf_jax.stages.ppo import run_ppo
+    from rlhf_jax.stages.rm import run_rm
+    from rlhf_jax.stages.sft import run_sft
+
+    workdir = pathlib.Path(workdir).absolute()
+    start = time.perf_counter()
+    if not _stage_done(workdir, "pretrain"):
+        run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text", show_progress=show_progress)
+    if not _stage_done(workdir, "sft"):
+        run_sft(cfg, workdir, show_progress=show_progress)
+    run_comparisons(cfg, workdir, show_progress=show_progress)
+    if not _stage_done(workdir, "rm"):
+        run_rm(cfg, workdir, show_progress=show_progress)
+    runs = ppo_stages(cfg)
+    for name, ppo in runs.items():
+        if not _stage_done(workdir, name):
+            run_ppo(cfg, workdir, ppo=ppo, show_progress=show_progress, generation_metrics=gold_metrics)
+    report, samples = evaluate(cfg, workdir, tuple(runs))
+    report["wall_seconds"] = time.perf_counter() - start
+    report["name"] = cfg.name
+    write_report(workdir, report, samples, tuple(runs))
+    return report
+
+
+def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> tuple[dict[str, Any], list[dict]]:
+    """Held-out prompts: gold score, win rate over SFT, KL to SFT and pretraining loss of
+    the SFT policy and of each PPO policy (greedy responses)."""
+    from rlhf_jax.data import PromptBatches, TextBatches
+    from rlhf_jax.evaluation import PolicyEvaluator
+    from rlhf_jax.models import LanguageModel, ScalarModel
+    from rlhf_jax.ppo_steps import reward_model_score
+    from rlhf_jax.tasks import gold_scores
+
+    env = common.make_env(cfg, workdir, "eval")
+    ppo = cfg.ppo
+    prompts = PromptBatches(env.data_path(ppo.prompts.val_path, "ppo.prompts.val_path"), env.tokenizer,
+                            dataclasses.replace(ppo.prompts, shuffle=False), seed=cfg.seed,
+                            cache_dir=env.cache_dir, **env.process)
+    texts = TextBatches(env.data_path(ppo.pretrain.val_path, "ppo.pretrain.val_path"), env.tokenizer,
+                        dataclasses.replace(ppo.pretrain, shuffle=False), seed=cfg.seed,
+                        cache_dir=env.cache_dir, **env.process)
+    policy, scalar = LanguageModel(cfg.model), ScalarModel(cfg.model)
+    policy_target = common.abstract_params(policy, env.mesh)
+    load = lambda stage, target: checkpoint.load_export(workdir / stage / "export", target, cfg.model)  # noqa: E731
+    reward = load("rm", common.abstract_params(scalar, env.mesh))
+    sft = load("sft", policy_target)
+    evaluator = PolicyEvaluator(policy, reward_model_score(scalar), env.mesh,
+                                jax.tree.map(lambda x: x.sharding, sft), env.tokenizer,
+                                dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature), cfg.seed)
+    report: dict[str, Any] = {}
+    generations: dict[str, Generations] = {}
+    gold: dict[str, np.ndarray] = {}
+    for stage in ("sft", *ppo_names):
+        params = sft if stage == "sft" else load(stage, policy_target)
+        generations[stage] = evaluator.generate(params, sft, reward, prompts)
+        gold[stage] = gold_scores(generations[stage].prompts, generations[stage].responses)
+        report[stage] = {"gold_score": float(gold[stage].mean()),
+                         "rm_score": float(generations[stage].scores.mean()),
+                         "kl_to_sft": float(generations[stage].kl.mean()),
+                         "pretrain_loss": evaluator.pretrain_loss(params, texts),
+                         "response_length": float(generations[stage].lengths.mean()),
+                         "eos_rate": float(generations[stage].ended.mean())}
+        if stage != "sft":
+            wins = np.where(gold[stage] > gold["sft"], 1.0, np.where(gold[stage] == gold["sft"], 0.5, 0.0))
+            report[stage]["win_rate_vs_sft"] = float(wins.mean())
+            report[stage]["pretrain_loss_regression"] = report[stage]["pretrain_loss"] - report["sft"]["pretrain_loss"]
+    rm_rows = [r for r in read_metrics(workdir / "rm" / "metrics.jsonl") if "val/rm_accuracy" in r]
+    report["rm"] = {"val_accuracy": rm_rows[-1]["val/rm_accuracy"] if rm_rows else float("nan")}
+    samples = [{"prompt": generations["sft"].prompts[i], **{s: generations[s].responses[i] for s in generations}}
+               for i in range(min(8, len(generations["sft"].prompts)))]
+    return report, samples

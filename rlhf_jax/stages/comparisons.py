@@ -1,0 +1,107 @@
+"""Between SFT and the RM: collect comparisons. Sample K responses per prompt from a policy
+and have a labeler rank them; write ``comparisons/train.jsonl`` and ``val.jsonl``
+(``{"prompt", "responses", "ranks"}``, 0 = best, equal = tie).
+
+A labeler is anything with ``rank(prompt, responses) -> ranks``: the embedded task's noisy
+labeler, or (``comparisons.labeler = <path>``) the JSONL a human labelling tool exported,
+which is validated and used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Protocol, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rlhf_jax import checkpoint
+from rlhf_jax.config import Config, ConfigError
+from rlhf_jax.data import PromptBatches, read_records, to_global
+from rlhf_jax.models import LanguageModel
+from rlhf_jax.sampling import make_sampler
+from rlhf_jax.stages import common
+
+
+class Labeler(Protocol):
+    def rank(self, prompt: str, responses: Sequence[str]) -> list[int]: ...
+
+
+def task_labeler(cfg: Config) -> Labeler:
+    from rlhf_jax.tasks import DEFAULT_TEMPERATURE, NoisyLabeler
+
+    temperature = cfg.comparisons.labeler_temperature
+    return NoisyLabeler(DEFAULT_TEMPERATURE if temperature is None else temperature, seed=cfg.seed)
+
+
+def _write(path: pathlib.Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler | None = None,
+                    show_progress: bool = True) -> pathlib.Path:
+    """Writes ``<workdir>/comparisons/{train,val}.jsonl``; returns that directory."""
+    c = cfg.comparisons
+    env = common.make_env(cfg, workdir, "comparisons")
+    out_dir = env.stage_dir
+    if (out_dir / "train.jsonl").exists() and (out_dir / "val.jsonl").exists():
+        return out_dir  # collected by an earlier run of the same command
+    if not 2 <= c.k_min <= c.k_max <= 9:
+        raise ConfigError(f"comparisons.k_min={c.k_min}, k_max={c.k_max}: need 2 <= k_min <= k_max <= 9")
+    if c.labeler != "task":
+        records = [r for _, r in read_records(env.resolve(c.labeler), "comparisons")]  # validates
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _split_and_write(records, c.val_fraction, cfg.seed, out_dir)
+    labeler = labeler or task_labeler(cfg)
+
+    prompts = PromptBatches(env.data_path(c.prompts.train_path, "comparisons.prompts.train_path"), env.tokenizer,
+                            dataclasses.replace(c.prompts, shuffle=True), seed=cfg.seed, cache_dir=env.cache_dir,
+                            **env.process)
+    model = LanguageModel(cfg.model)
+    export = env.resolve(c.policy_init)
+    params = checkpoint.load_export(export, common.abstract_params(model, env.mesh), cfg.model)
+    sampler = make_sampler(model, c.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
+                           env.tokenizer.eos_id, env.tokenizer.pad_id)
+    rng = np.random.default_rng(cfg.seed)
+    n_batches = min(-(-c.n_prompts // prompts.global_batch_size), prompts.steps_per_epoch)
+    records = []
+    progress = _progress(n_batches, show_progress)
+    for step in range(n_batches):
+        local = prompts.get(step)
+        # every prompt k_max times in one sampling call; prompt i keeps its first K_i responses
+        tiled = jax.tree.map(lambda x: np.repeat(x, c.k_max, axis=0), local)
+        batch = to_global(tiled, env.mesh)
+        samples = sampler(params, batch.tokens, batch.segment_ids, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step))
+        # every process sees the whole batch, so all build the same records; process 0 writes
+        samples, tokens, segments = multihost_utils.process_allgather(
+            (samples, local.tokens, local.segment_ids), tiled=True)
+        for i in range(tokens.shape[0]):
+            prompt = env.tokenizer.decode(tokens[i][segments[i] > 0])
+            k = int(rng.integers(c.k_min, c.k_max + 1))
+            rows = range(i * c.k_max, i * c.k_max + k)
+            responses = [env.tokenizer.decode(samples.tokens[r][samples.mask[r]]) for r in rows]
+            records.append({"prompt": prompt, "responses": responses, "ranks": labeler.rank(prompt, responses)})
+        progress.update(1)
+    progress.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _split_and_write(records[:c.n_prompts], c.val_fraction, cfg.seed, out_dir)
+
+
+def _split_and_write(records: list[dict], val_fraction: float, seed: int, out_dir: pathlib.Path) -> pathlib.Path:
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_val = max(1, int(round(val_fraction * len(records))))
+    if jax.process_index() == 0:
+        _write(out_dir / "val.jsonl", [records[i] for i in order[:n_val]])
+        _write(out_dir / "train.jsonl", [records[i] for i in order[n_val:]])
+    return out_dir
+
+
+def _progress(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="comparisons", disable=not show or jax.process_index() != 0)
