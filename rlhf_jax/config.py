@@ -92,6 +92,19 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host JAX. ``auto``: call ``jax.distributed.initialize()`` when the environment
+    says this is one process of several (TPU VM pod, or JAX/SLURM coordinator variables);
+    ``on``: always, with the fields below when given; ``off``: never."""
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: str | None = None  # comma-separated, e.g. "0,1,2,3"
+
+
+@dataclass(frozen=True)
 class TokenizerConfig:
     """``task``: the embedded task's tokenizer; ``hf``: ``AutoTokenizer`` from local ``path``."""
 
@@ -221,7 +234,6 @@ class PPOConfig:
     policy_init: str = "run:sft/export"
     reward_init: str = "run:rm/export"
     value_init: str | None = None  # None: the reward model's export
-    log_every: int = 1
     eval_every: int = 10  # iterations between held-out evaluations
 
 
@@ -259,6 +271,7 @@ class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(
         data=DataConfig(train_path="task:pretrain", val_path="task:pretrain_val", batch_size=64, max_len=32)))

@@ -4,12 +4,16 @@ creation or resume, and the train loop skeleton. No maths here."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax.config import CheckpointConfig, Config, ConfigError, save_config, to_dict
@@ -132,38 +136,87 @@ def count_tokens(batch: Any) -> int:
     return int((batch.segment_ids > 0).sum()) * jax.process_count()
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf in a loss or gradient norm; the message names the step and metric."""
+
+
+def check_finite(step: int, values: dict[str, float], ckpts: checkpoint.StageCheckpoints) -> None:
+    """Stops the run on the first non-finite metric, before it can be checkpointed."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        key = sorted(bad)[0]
+        raise NonFiniteError(
+            f"step {step}: {key} is {bad[key]} (non-finite: {sorted(bad)}); nothing from this step was "
+            f"saved, the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
+
+
+class Preemption:
+    """Turns SIGTERM into a request to stop: loops poll ``requested(step)`` between steps,
+    save a checkpoint and return, so a rerun resumes. With several processes, JAX's
+    preemption sync point makes every process stop at the same step."""
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self._flag or multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
+
+
 def train_loop(env: StageEnv, *, state: Any, step_fn: Callable, batches: Any, total_steps: int,
                ckpts: checkpoint.StageCheckpoints, start_step: int, log_every: int, eval_every: int,
                evaluate: Callable[[Any], dict[str, float]] | None, save_every: int,
                logger: MetricsLogger, progress_key: str, stop_after: int | None = None) -> tuple[Any, bool]:
     """Runs ``step_fn`` from ``start_step`` to ``total_steps``; logs, evaluates and saves.
 
-    Device values are fetched only at log and eval points; the data position saved with
-    each checkpoint is the step count, since batches are a pure function of the step.
-    ``stop_after``: run at most this many steps in this call, then checkpoint and return
-    (for time-sliced jobs; a rerun continues). Returns (state, finished).
+    Device values are fetched only at log, eval and save points (where a NaN or Inf stops
+    the run before anything bad is saved); the data position saved with each checkpoint is
+    the step count, since batches are a pure function of the step. ``stop_after``: run at
+    most this many steps in this call (time-sliced jobs); SIGTERM stops early the same way.
+    Both checkpoint and return. Returns (state, finished).
     """
     stop = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     tokens, last_time = 0, time.perf_counter()
-    for step in range(start_step, stop):
-        local = batches.get(step)
-        tokens += count_tokens(local)
-        state, metrics = step_fn(state, to_global(local, env.mesh))
-        done = step + 1
-        if done % log_every == 0 or done == stop:
-            jax.block_until_ready(metrics)  # the only wait on the device, once per log interval
-            now = time.perf_counter()
-            values = logger.log(done, {**metrics, "perf/tokens_per_second": tokens / (now - last_time)})
-            logger.progress(done, **{progress_key: values[progress_key],
-                                     "tok/s": values["perf/tokens_per_second"]})
-            tokens, last_time = 0, now
-        if evaluate is not None and (done % eval_every == 0 or done == total_steps):
-            logger.log(done, evaluate(state))
-            last_time = time.perf_counter()  # evaluation time is not training throughput
-        if done % save_every == 0 or done == stop:
-            ckpts.save(done, state, {"step": done, "config": to_dict(env.cfg)})
+    done = start_step
+    with Preemption() as preemption:
+        for step in range(start_step, stop):
+            local = batches.get(step)
+            tokens += count_tokens(local)
+            state, metrics = step_fn(state, to_global(local, env.mesh))
+            done = step + 1
+            preempted = preemption.requested(done)
+            save = done % save_every == 0 or done == stop or preempted
+            if done % log_every == 0 or save:
+                jax.block_until_ready(metrics)  # waits on the device only here
+                now = time.perf_counter()
+                values = logger.log(done, {**metrics, "perf/tokens_per_second": tokens / (now - last_time)})
+                check_finite(done, values, ckpts)
+                logger.progress(done, **{progress_key: values[progress_key],
+                                         "tok/s": values["perf/tokens_per_second"]})
+                tokens, last_time = 0, now
+            if evaluate is not None and (done % eval_every == 0 or done == total_steps):
+                logger.log(done, evaluate(state))
+                last_time = time.perf_counter()  # evaluation time is not training throughput
+            if save:
+                ckpts.save(done, state, {"step": done, "config": to_dict(env.cfg)})
+            if preempted:
+                break
     ckpts.wait()
-    return state, stop == total_steps
+    return state, done == total_steps
 
 
 def abstract_params(model, mesh) -> Any:

@@ -135,34 +135,40 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
         logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
     stop = ppo.iterations if stop_after is None else min(ppo.iterations, start + stop_after)
-    for iteration in range(start, stop):
-        iteration_rng = jax.random.fold_in(rng, iteration)
-        t0 = time.perf_counter()
-        batch = to_global(prompts.get(iteration), env.mesh)
-        samples = jax.block_until_ready(sampler(state.policy.params, batch.tokens, batch.segment_ids,
-                                                jax.random.fold_in(iteration_rng, 0)))
-        t1 = time.perf_counter()
-        rollout, exp_metrics = jax.block_until_ready(experience(
-            state.policy.params, sft_params, state.value.params, reward_params, samples, state.kl_coef))
-        t2 = time.perf_counter()
-        ptx_batch = no_ptx if ptx is None else to_global(ptx.get(iteration), env.mesh)
-        state, update_metrics = jax.block_until_ready(update(
-            state, rollout, ptx_batch, exp_metrics["ppo/kl_to_ref"], jax.random.fold_in(iteration_rng, 1)))
-        t3 = time.perf_counter()
-        done = iteration + 1
-        if done % ppo.log_every == 0 or done == stop:
+    done = start
+    with common.Preemption() as preemption:
+        for iteration in range(start, stop):
+            iteration_rng = jax.random.fold_in(rng, iteration)
+            t0 = time.perf_counter()
+            batch = to_global(prompts.get(iteration), env.mesh)
+            samples = jax.block_until_ready(sampler(state.policy.params, batch.tokens, batch.segment_ids,
+                                                    jax.random.fold_in(iteration_rng, 0)))
+            t1 = time.perf_counter()
+            rollout, exp_metrics = jax.block_until_ready(experience(
+                state.policy.params, sft_params, state.value.params, reward_params, samples, state.kl_coef))
+            t2 = time.perf_counter()
+            ptx_batch = no_ptx if ptx is None else to_global(ptx.get(iteration), env.mesh)
+            state, update_metrics = jax.block_until_ready(update(
+                state, rollout, ptx_batch, exp_metrics["ppo/kl_to_ref"], jax.random.fold_in(iteration_rng, 1)))
+            t3 = time.perf_counter()
+            done = iteration + 1
+            # the phases are timed, so the device is waited on anyway: check every iteration
             values = logger.log(done, {**exp_metrics, **update_metrics, "time/rollout_s": t1 - t0,
                                        "time/scoring_s": t2 - t1, "time/update_s": t3 - t2,
                                        "time/iteration_s": t3 - t0})
+            common.check_finite(done, values, ckpts)
             logger.progress(done, score=values["ppo/score"], kl=values["ppo/kl_to_ref"])
-        if done % ppo.eval_every == 0 or done == ppo.iterations:
-            logger.log(done, evaluate(state))
-        if done % ppo.checkpoint.save_every == 0 or done == stop:
-            ckpts.save(done, state, {"step": done, "config": common.to_dict(cfg)})
+            if done % ppo.eval_every == 0 or done == ppo.iterations:
+                logger.log(done, evaluate(state))
+            preempted = preemption.requested(done)
+            if done % ppo.checkpoint.save_every == 0 or done == stop or preempted:
+                ckpts.save(done, state, {"step": done, "config": common.to_dict(cfg)})
+            if preempted:
+                break
     ckpts.wait()
     ckpts.close()
     logger.close()
-    if stop < ppo.iterations:
+    if done < ppo.iterations:
         return None
     final = state.ema_params if ppo.ema_decay else state.policy.params
     return checkpoint.export_params(env.stage_dir / "export", final, cfg.model,
