@@ -219,6 +219,21 @@ def train_loop(env: StageEnv, *, state: Any, step_fn: Callable, batches: Any, to
     return state, done == total_steps
 
 
+def initial_lm_params(env: StageEnv, model, init_from: str | None, field: str) -> Any | None:
+    """Language-model params to start from: an export (``init_from``), else the HF
+    checkpoint ``model.hf_path``, else None (a fresh random init)."""
+    if init_from:
+        path = env.resolve(init_from)
+        if not path.exists():
+            raise ConfigError(f"{field}={init_from!r}: no export at {path} (did the stage before finish?)")
+        return checkpoint.load_export(path, abstract_params(model, env.mesh), env.cfg.model)
+    if env.cfg.model.hf_path:
+        from rlhf_jax.models.hf import load_hf_params
+
+        return load_hf_params(env.cfg.model.hf_path, env.cfg.model, abstract_params(model, env.mesh))
+    return None
+
+
 def abstract_params(model, mesh) -> Any:
     """ShapeDtypeStructs (with shardings) of ``model``'s params: a restore target."""
     tokens = sharding.sample_tokens(mesh)

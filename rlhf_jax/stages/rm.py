@@ -26,19 +26,15 @@ from rlhf_jax.stages import common
 
 
 def initial_scalar_params(env: common.StageEnv, model: ScalarModel, init_from: str | None):
-    """Scalar-model params placed on the mesh: an RM export as it is; the backbone of an LM
-    export under a fresh (zero) head; or entirely fresh when ``init_from`` is None."""
+    """Scalar-model params placed on the mesh: an RM export as it is; else a fresh (zero)
+    head on the backbone of an LM export, or of the HF checkpoint ``model.hf_path`` when
+    ``init_from`` is None; else entirely fresh."""
     params, _ = sharding.init_params(model, env.mesh, jax.random.PRNGKey(env.cfg.seed + 1))
-    if init_from is None:
-        return params
-    export = env.resolve(init_from)
-    if not export.exists():
-        raise ConfigError(f"init_from={init_from!r}: no export at {export} (did the stage before finish?)")
-    if checkpoint.read_export_meta(export).get("stage") == "rm":
+    export = env.resolve(init_from) if init_from else None
+    if export is not None and export.exists() and checkpoint.read_export_meta(export).get("stage") == "rm":
         return checkpoint.load_export(export, common.abstract_params(model, env.mesh), env.cfg.model)
-    lm = checkpoint.load_export(export, common.abstract_params(LanguageModel(env.cfg.model), env.mesh),
-                                env.cfg.model)
-    return dict(params, backbone=lm["backbone"])
+    lm = common.initial_lm_params(env, LanguageModel(env.cfg.model), init_from, "init_from")
+    return params if lm is None else dict(params, backbone=lm["backbone"])
 
 
 def evaluate_rm(eval_fn, params, batches, mesh) -> dict[str, float]:

@@ -46,10 +46,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
 
     model = LanguageModel(dataclasses.replace(cfg.model, dropout=stage_cfg.dropout))
     tx = make_optimizer(stage_cfg.optim, total_steps)
-    init_params = None
-    if stage_cfg.init_from:
-        init_params = checkpoint.load_export(env.resolve(stage_cfg.init_from), common.abstract_params(model, env.mesh),
-                                             cfg.model)
+    init_params = common.initial_lm_params(env, model, stage_cfg.init_from, f"{stage}.init_from")
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed),
                                                       init_params)
     ckpts, state, start = common.restore_or_start(env, stage_cfg.checkpoint, state)
