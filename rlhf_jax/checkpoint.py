@@ -82,18 +82,29 @@ def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelCo
     (a new export is written beside it and renamed over it)."""
     directory = pathlib.Path(directory).absolute()
     staging = directory.with_name(directory.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    primary = jax.process_index() == 0  # with several processes, only process 0 moves files
+    if primary:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    _sync_processes("rlhf_jax export: staging directory made")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(staging / "params", params)
+        ckptr.save(staging / "params", params)  # every process writes its shards
     meta = {"model": dataclasses.asdict(model_cfg), **(extra or {})}
-    if jax.process_index() == 0:
+    if primary:
         (staging / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if directory.exists():
-        shutil.rmtree(directory)
-    staging.rename(directory)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    _sync_processes("rlhf_jax export: renamed into place")  # no process reads it any earlier
     return directory
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def read_export_meta(directory: str | pathlib.Path) -> dict[str, Any]:
