@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
+from rlhf_jax.distributed import maybe_initialize
 
 STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample")
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = _parser().parse_known_args(argv)
     try:
         cfg = resolve_config(args.config, args.workdir, overrides)
+        maybe_initialize(cfg.distributed)  # before anything touches a device
         if args.command == "pipeline":
             from rlhf_jax.pipeline import run_pipeline
 
