@@ -153,14 +153,17 @@ def check_finite(step: int, values: dict[str, float], ckpts: checkpoint.StageChe
 class Preemption:
     """Turns SIGTERM into a request to stop: loops poll ``requested(step)`` between steps,
     save a checkpoint and return, so a rerun resumes. With several processes, JAX's
-    preemption sync point makes every process stop at the same step."""
+    preemption sync point makes every process stop at the same step: JAX's own SIGTERM
+    notifier (installed by ``jax.distributed.initialize``) tells the coordinator, so no Python
+    handler is installed then (it would replace that notifier, and a process that stopped
+    alone would leave the others waiting in a collective)."""
 
     def __init__(self):
         self._flag = False
         self._previous = None
 
     def __enter__(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -173,7 +176,7 @@ class Preemption:
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:
-            return self._flag or multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step)
         return self._flag
 
 
