@@ -7,6 +7,7 @@ import pathlib
 import tempfile
 
 import jax
+from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint
 from rlhf_jax.config import Config, ConfigError
@@ -41,9 +42,12 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str,
         out = []
         for i, local in enumerate(batches.eval_batches()):
             batch = to_global(local, env.mesh)
-            samples = jax.device_get(sampler(params, batch.tokens, batch.segment_ids, jax.random.PRNGKey(cfg.seed + i)))
-            for row in range(local.tokens.shape[0]):
-                if local.segment_ids[row].any():
-                    out.append((env.tokenizer.decode(local.tokens[row][local.segment_ids[row] > 0]),
+            samples = sampler(params, batch.tokens, batch.segment_ids, jax.random.PRNGKey(cfg.seed + i))
+            # the whole batch on every process (device_get cannot fetch other hosts' rows)
+            samples, tokens, segments = multihost_utils.process_allgather(
+                (samples, local.tokens, local.segment_ids), tiled=True)
+            for row in range(tokens.shape[0]):
+                if segments[row].any():
+                    out.append((env.tokenizer.decode(tokens[row][segments[row] > 0]),
                                 env.tokenizer.decode(samples.tokens[row][samples.mask[row]])))
         return out if prompts else out[:8]
