@@ -98,6 +98,8 @@ def _split_and_write(records: list[dict], val_fraction: float, seed: int, out_di
     if jax.process_index() == 0:
         _write(out_dir / "val.jsonl", [records[i] for i in order[:n_val]])
         _write(out_dir / "train.jsonl", [records[i] for i in order[n_val:]])
+    if jax.process_count() > 1:  # no process goes on to read them before they exist
+        multihost_utils.sync_global_devices("rlhf_jax comparisons written")
     return out_dir
 
 
