@@ -68,7 +68,8 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     report, samples = evaluate(cfg, workdir, tuple(runs))
     report["wall_seconds"] = time.perf_counter() - start
     report["name"] = cfg.name
-    write_report(workdir, report, samples, tuple(runs))
+    if jax.process_index() == 0:  # every process has the same report; one writes it
+        write_report(workdir, report, samples, tuple(runs))
     return report
 
 
