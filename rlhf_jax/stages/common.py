@@ -144,6 +144,7 @@ def check_finite(step: int, values: dict[str, float], ckpts: checkpoint.StageChe
     """Stops the run on the first non-finite metric, before it can be checkpointed."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
+        ckpts.wait()  # the last good checkpoint may still be in flight: finish it before stopping
         key = sorted(bad)[0]
         raise NonFiniteError(
             f"step {step}: {key} is {bad[key]} (non-finite: {sorted(bad)}); nothing from this step was "
