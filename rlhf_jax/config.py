@@ -239,10 +239,11 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class ComparisonsConfig:
-    """Collecting comparisons between stages: K responses per prompt sampled from a policy,
-    ranked by a labeler (InstructGPT: K = 4..9, ties allowed)."""
+    """Collecting comparisons between stages: K responses per prompt sampled from one or more
+    policies (response r from policy r mod len(policies)), ranked by a labeler
+    (InstructGPT: K = 4..9, ties allowed, outputs of several models compared)."""
 
-    policy_init: str = "run:sft/export"
+    policies: tuple[str, ...] = ("run:sft/export",)
     prompts: DataConfig = field(default_factory=lambda: DataConfig(
         train_path="task:prompts", val_path=None, batch_size=16, max_len=24))
     n_prompts: int = 1000  # prompts that get K responses each (capped by the prompt file)

@@ -36,11 +36,12 @@ def default_config() -> Config:
             log_every=20, init_from="run:pretrain/export"),
         comparisons=ComparisonsConfig(
             prompts=DataConfig(train_path="task:prompts", val_path=None, batch_size=16, max_len=PROMPT_LEN),
-            n_prompts=800, k_min=4, k_max=6, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS)),
+            policies=("run:sft/export", "run:pretrain/export"), n_prompts=2000, k_min=4, k_max=9,
+            sampling=SamplingConfig(max_new_tokens=NEW_TOKENS)),
         rm=RMConfig(
             data=DataConfig(train_path="run:comparisons/train.jsonl", val_path="run:comparisons/val.jsonl",
                             batch_size=16, max_len=MAX_LEN),
-            optim=OptimConfig(learning_rate=5e-4), k_max=6, epochs=2, log_every=10),
+            optim=OptimConfig(learning_rate=1e-3), k_max=9, epochs=2, log_every=10),
         ppo=PPOConfig(
             prompts=DataConfig(train_path="task:prompts", val_path="task:prompts_val", batch_size=64,
                                max_len=PROMPT_LEN),

@@ -1,5 +1,5 @@
-"""Between SFT and the RM: collect comparisons. Sample K responses per prompt from a policy
-and have a labeler rank them; write ``comparisons/train.jsonl`` and ``val.jsonl``
+"""Between SFT and the RM: collect comparisons. Sample K responses per prompt from one or
+more policies (InstructGPT compared outputs of several models) and have a labeler rank them; write ``comparisons/train.jsonl`` and ``val.jsonl``
 (``{"prompt", "responses", "ranks"}``, 0 = best, equal = tie).
 
 A labeler is anything with ``rank(prompt, responses) -> ranks``: the embedded task's noisy
@@ -63,29 +63,34 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
                             dataclasses.replace(c.prompts, shuffle=True), seed=cfg.seed, cache_dir=env.cache_dir,
                             **env.process)
     model = LanguageModel(cfg.model)
-    export = env.resolve(c.policy_init)
-    params = checkpoint.load_export(export, common.abstract_params(model, env.mesh), cfg.model)
-    sampler = make_sampler(model, c.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
-                           env.tokenizer.eos_id, env.tokenizer.pad_id)
+    policies = []
+    for spec in c.policies:
+        params = checkpoint.load_export(env.resolve(spec), common.abstract_params(model, env.mesh), cfg.model)
+        policies.append((params, make_sampler(model, c.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
+                                              env.tokenizer.eos_id, env.tokenizer.pad_id)))
+    per_policy = -(-c.k_max // len(policies))  # responses each policy contributes per prompt
     rng = np.random.default_rng(cfg.seed)
     n_batches = min(-(-c.n_prompts // prompts.global_batch_size), prompts.steps_per_epoch)
     records = []
     progress = _progress(n_batches, show_progress)
     for step in range(n_batches):
         local = prompts.get(step)
-        # every prompt k_max times in one sampling call; prompt i keeps its first K_i responses
-        tiled = jax.tree.map(lambda x: np.repeat(x, c.k_max, axis=0), local)
-        batch = to_global(tiled, env.mesh)
-        samples = sampler(params, batch.tokens, batch.segment_ids, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step))
-        # every process sees the whole batch, so all build the same records; process 0 writes
-        samples, tokens, segments = multihost_utils.process_allgather(
-            (samples, local.tokens, local.segment_ids), tiled=True)
+        # every prompt per_policy times in one sampling call per policy
+        tiled = to_global(jax.tree.map(lambda x: np.repeat(x, per_policy, axis=0), local), env.mesh)
+        responses = []  # per policy: [B * per_policy] decoded responses
+        for j, (params, sampler) in enumerate(policies):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step), j)
+            # every process sees the whole batch, so all build the same records; process 0 writes
+            samples = multihost_utils.process_allgather(sampler(params, tiled.tokens, tiled.segment_ids, key),
+                                                        tiled=True)
+            responses.append([env.tokenizer.decode(t[m]) for t, m in zip(samples.tokens, samples.mask)])
+        tokens, segments = multihost_utils.process_allgather((local.tokens, local.segment_ids), tiled=True)
         for i in range(tokens.shape[0]):
             prompt = env.tokenizer.decode(tokens[i][segments[i] > 0])
             k = int(rng.integers(c.k_min, c.k_max + 1))
-            rows = range(i * c.k_max, i * c.k_max + k)
-            responses = [env.tokenizer.decode(samples.tokens[r][samples.mask[r]]) for r in rows]
-            records.append({"prompt": prompt, "responses": responses, "ranks": labeler.rank(prompt, responses)})
+            # interleave the policies: response r comes from policy r % len(policies)
+            candidates = [responses[r % len(policies)][i * per_policy + r // len(policies)] for r in range(k)]
+            records.append({"prompt": prompt, "responses": candidates, "ranks": labeler.rank(prompt, candidates)})
         progress.update(1)
     progress.close()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,8 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         return metrics
 
     logger = MetricsLogger(env.stage_dir, start, ppo.iterations, ppo.stage_name, show_progress)
+    if start == 0 and prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
+        logger.log(0, {"data/truncated_prompts": prompts.num_truncated})
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
         logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
     stop = ppo.iterations if stop_after is None else min(ppo.iterations, start + stop_after)
