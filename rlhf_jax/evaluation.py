@@ -94,6 +94,6 @@ def summarize(generations: Generations, prefix: str, extra: Callable[[Generation
     return metrics
 
 
-def sample_params_like(params: Any) -> Any:
+def copy_params(params: Any) -> Any:
     """A fresh copy of ``params`` (so a donated train state never aliases a frozen copy)."""
     return jax.tree.map(jnp.copy, params)

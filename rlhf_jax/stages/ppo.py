@@ -20,7 +20,7 @@ import numpy as np
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax.config import Config, ConfigError, PPOConfig
 from rlhf_jax.data import PromptBatches, TextBatches, to_global
-from rlhf_jax.evaluation import Generations, PolicyEvaluator, sample_params_like, summarize
+from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summarize
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
@@ -101,10 +101,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
     value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)
     rng = jax.random.PRNGKey(cfg.seed)
-    policy_state, policy_sh = create_train_state(policy, policy_tx, env.mesh, rng, sample_params_like(sft_params))
+    policy_state, policy_sh = create_train_state(policy, policy_tx, env.mesh, rng, copy_params(sft_params))
     value_state, value_sh = create_train_state(scalar, value_tx, env.mesh, rng, value_params)
     replicated = sharding.replicated(env.mesh)
-    state = PPOState(policy=policy_state, value=value_state, ema_params=sample_params_like(sft_params),
+    state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(sft_params),
                      kl_coef=jax.device_put(jnp.float32(ppo.kl_coef), replicated))
     state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
     ckpts, state, start = common.restore_or_start(env, ppo.checkpoint, state)
