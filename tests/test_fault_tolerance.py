@@ -32,6 +32,7 @@ from rlhf_jax.logging import read_metrics
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.sharding import ShardingError
+from rlhf_jax.stages import common
 from rlhf_jax.stages.common import NonFiniteError
 from rlhf_jax.stages.ppo import run_ppo
 from rlhf_jax.stages.rm import run_rm
@@ -83,14 +84,28 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> dict[str, str]:
+    """A persistent JAX compilation cache shared by the subprocesses of this module: a rerun
+    loads what the first run compiled (the same executables: results do not change)."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module")
 def ppo_inputs(data_dir, tmp_path_factory):
     """``ppo_inputs()``: a run directory holding what ``rlhf-jax ppo`` starts from, an SFT
     export (the policy) and an RM export; made once, copied into each PPO run."""
-    made = []
+    made, task = [], []
+
+    def task_dir() -> pathlib.Path:
+        if not task:
+            task.append(common.task_files(tmp_path_factory.mktemp("task"), 0)["manifest"].parent)
+        return task[0]
 
     def get() -> pathlib.Path:
         if not made:
             workdir = tmp_path_factory.mktemp("ppo_inputs")
+            shutil.copytree(task_dir(), workdir / "data" / "task")
             cfg = _base(data_dir)
             few = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, max_steps=2),
                                       rm=dataclasses.replace(cfg.rm, max_steps=2))
@@ -99,12 +114,17 @@ def ppo_inputs(data_dir, tmp_path_factory):
             made.append(workdir)
         return made[0]
 
+    get.task_dir = task_dir
     return get
 
 
 def _new_workdir(path: pathlib.Path, stage: str, ppo_inputs) -> pathlib.Path:
+    """A run directory; for PPO, a copy of ``ppo_inputs``. Either way it starts with the
+    embedded task's files (the tokenizer), copied rather than generated again."""
     if stage == "ppo":
         shutil.copytree(ppo_inputs(), path)
+    else:
+        shutil.copytree(ppo_inputs.task_dir(), path / "data" / "task")
     return path
 
 
@@ -122,11 +142,12 @@ def reference(data_dir, ppo_inputs, tmp_path_factory):
     return get
 
 
-def _start(cfg, stage: str, workdir: pathlib.Path) -> subprocess.Popen:
+def _start(cfg, stage: str, workdir: pathlib.Path, compile_cache: dict[str, str]) -> subprocess.Popen:
     """``rlhf-jax <stage> --config <cfg> --workdir <workdir>`` in a fresh process."""
     experiment = write_experiment(cfg, workdir.parent / f"experiment_{stage}.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO),
+               **compile_cache)
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads while we poll
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", stage, "--config", str(experiment),
                              "--workdir", str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -193,11 +214,12 @@ def _total(stage: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
-def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, reference, ppo_inputs, stage):
+def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, reference, ppo_inputs, compile_cache,
+                                                       stage):
     cfg = _with_saves(_base(data_dir), stage, 2)
     workdir = _new_workdir(tmp_path / "run", stage, ppo_inputs)
     ckpt_dir = workdir / stage / "checkpoints"
-    proc = _start(cfg, stage, workdir)
+    proc = _start(cfg, stage, workdir, compile_cache)
     _wait_until(proc, lambda: _saved_steps(ckpt_dir), "a checkpoint")
     proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was half written stays
     rc, out = _finish(proc)
@@ -205,7 +227,7 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, refer
     killed_at = _saved_steps(ckpt_dir)[-1]
     assert killed_at < _total(stage) and not (workdir / stage / "export").exists(), "killed too late to test"
 
-    rc, out = _finish(_start(cfg, stage, workdir))  # the same command again
+    rc, out = _finish(_start(cfg, stage, workdir, compile_cache))  # the same command again
     assert rc == 0, out[-3000:]
     assert f"{stage} export:" in out
     _assert_same_export(workdir / stage / "export", reference(stage), stage)
@@ -216,10 +238,10 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, refer
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "ppo"])  # train_loop (SFT, RM, pretrain) and the PPO loop
 def test_sigterm_saves_the_current_step_exits_0_and_rerun_is_exact(tmp_path, data_dir, reference, ppo_inputs,
-                                                                  stage):
+                                                                  compile_cache, stage):
     cfg = _with_saves(_base(data_dir), stage, 1000)  # no periodic saves: only the one SIGTERM makes
     workdir = _new_workdir(tmp_path / "run", stage, ppo_inputs)
-    proc = _start(cfg, stage, workdir)
+    proc = _start(cfg, stage, workdir, compile_cache)
     _wait_until(proc, lambda: any(s > 0 for s in _logged_steps(workdir, stage)), "a training step")
     proc.send_signal(signal.SIGTERM)
     rc, out = _finish(proc)
@@ -229,7 +251,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_rerun_is_exact(tmp_path, dat
     assert 0 < stopped_at < _total(stage)
     assert max(_logged_steps(workdir, stage)) == stopped_at  # the step it stopped at was logged and saved
 
-    rc, out = _finish(_start(cfg, stage, workdir))
+    rc, out = _finish(_start(cfg, stage, workdir, compile_cache))
     assert rc == 0, out[-3000:]
     _assert_same_export(workdir / stage / "export", reference(stage), stage)
 
