@@ -112,12 +112,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> dict[str, str]:
-    """A persistent JAX compilation cache for the subprocesses of this module: a later launch
-    of the same programs loads them (the same executables: results do not change)."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+MULTI_HOST_VARIABLES = {"XLA_FLAGS", "JAX_PLATFORMS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                        "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS"}
 
 
 def launch(argv_for, n: int = 2, devices: int = 4, extra_env: dict | None = None) -> list[subprocess.Popen]:
@@ -125,7 +121,8 @@ def launch(argv_for, n: int = 2, devices: int = 4, extra_env: dict | None = None
     port = free_port()
     procs = []
     for p in range(n):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+        # inherited: the compilation cache conftest.py sets up, so a relaunch loads its programs
+        env = {k: v for k, v in os.environ.items() if k not in MULTI_HOST_VARIABLES}
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                    JAX_PROCESS_ID=str(p), PYTHONPATH=str(REPO), **(extra_env or {}))
@@ -279,7 +276,7 @@ def _metric_steps(path: pathlib.Path) -> list[int]:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_is_exact(tmp_path, eight_devices, compile_cache):
+def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_is_exact(tmp_path, eight_devices):
     """A preemption notice reaches one host: every process stops at the same step, saves one
     checkpoint together and exits 0; rerunning finishes with exactly the params of an
     uninterrupted two-process run (same processes, same reduction order: no tolerance)."""
@@ -289,8 +286,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_is_exact(tmp_pa
     experiment = write_experiment(cfg, tmp_path / "experiment.py")
     _with_task_files(tmp_path, tmp_path / "straight", tmp_path / "stopped")
     argv = lambda workdir: lambda p: [sys.executable, str(WORKER), str(experiment), str(workdir), "sft"]  # noqa: E731
-    straight = launch(argv(tmp_path / "straight"), extra_env=compile_cache)
-    stopped = launch(argv(tmp_path / "stopped"), extra_env=compile_cache)
+    straight = launch(argv(tmp_path / "straight"))
+    stopped = launch(argv(tmp_path / "stopped"))
     deadline = time.monotonic() + 180
     while not _metric_steps(tmp_path / "stopped" / "sft" / "metrics.jsonl") and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -302,7 +299,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_is_exact(tmp_pa
     assert 2 <= stop_step < 16
     assert max(_metric_steps(tmp_path / "stopped" / "sft" / "metrics.jsonl")) == stop_step
 
-    wait_all(launch(argv(tmp_path / "stopped"), extra_env=compile_cache))  # the same command: resumes, finishes
+    wait_all(launch(argv(tmp_path / "stopped")))  # the same command: resumes, finishes
     wait_all(straight)
     model = LanguageModel(MODEL)
     for a, b in zip(jax.tree.leaves(_params(tmp_path / "stopped" / "sft" / "export", model)),

@@ -84,14 +84,6 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> dict[str, str]:
-    """A persistent JAX compilation cache shared by the subprocesses of this module: a rerun
-    loads what the first run compiled (the same executables: results do not change)."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-@pytest.fixture(scope="module")
 def ppo_inputs(data_dir, tmp_path_factory):
     """``ppo_inputs()``: a run directory holding what ``rlhf-jax ppo`` starts from, an SFT
     export (the policy) and an RM export; made once, copied into each PPO run."""
@@ -142,12 +134,13 @@ def reference(data_dir, ppo_inputs, tmp_path_factory):
     return get
 
 
-def _start(cfg, stage: str, workdir: pathlib.Path, compile_cache: dict[str, str]) -> subprocess.Popen:
-    """``rlhf-jax <stage> --config <cfg> --workdir <workdir>`` in a fresh process."""
+def _start(cfg, stage: str, workdir: pathlib.Path) -> subprocess.Popen:
+    """``rlhf-jax <stage> --config <cfg> --workdir <workdir>`` in a fresh process, with this
+    process's environment (so the compilation cache conftest.py sets up is shared)."""
     experiment = write_experiment(cfg, workdir.parent / f"experiment_{stage}.py")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO),
-               **compile_cache)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads while we poll
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", stage, "--config", str(experiment),
                              "--workdir", str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -214,12 +207,11 @@ def _total(stage: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
-def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, reference, ppo_inputs, compile_cache,
-                                                       stage):
+def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, reference, ppo_inputs, stage):
     cfg = _with_saves(_base(data_dir), stage, 2)
     workdir = _new_workdir(tmp_path / "run", stage, ppo_inputs)
     ckpt_dir = workdir / stage / "checkpoints"
-    proc = _start(cfg, stage, workdir, compile_cache)
+    proc = _start(cfg, stage, workdir)
     _wait_until(proc, lambda: _saved_steps(ckpt_dir), "a checkpoint")
     proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was half written stays
     rc, out = _finish(proc)
@@ -227,7 +219,7 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, refer
     killed_at = _saved_steps(ckpt_dir)[-1]
     assert killed_at < _total(stage) and not (workdir / stage / "export").exists(), "killed too late to test"
 
-    rc, out = _finish(_start(cfg, stage, workdir, compile_cache))  # the same command again
+    rc, out = _finish(_start(cfg, stage, workdir))  # the same command again
     assert rc == 0, out[-3000:]
     assert f"{stage} export:" in out
     _assert_same_export(workdir / stage / "export", reference(stage), stage)
@@ -238,10 +230,10 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, refer
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "ppo"])  # train_loop (SFT, RM, pretrain) and the PPO loop
 def test_sigterm_saves_the_current_step_exits_0_and_rerun_is_exact(tmp_path, data_dir, reference, ppo_inputs,
-                                                                  compile_cache, stage):
+                                                                  stage):
     cfg = _with_saves(_base(data_dir), stage, 1000)  # no periodic saves: only the one SIGTERM makes
     workdir = _new_workdir(tmp_path / "run", stage, ppo_inputs)
-    proc = _start(cfg, stage, workdir, compile_cache)
+    proc = _start(cfg, stage, workdir)
     _wait_until(proc, lambda: any(s > 0 for s in _logged_steps(workdir, stage)), "a training step")
     proc.send_signal(signal.SIGTERM)
     rc, out = _finish(proc)
@@ -251,7 +243,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_rerun_is_exact(tmp_path, dat
     assert 0 < stopped_at < _total(stage)
     assert max(_logged_steps(workdir, stage)) == stopped_at  # the step it stopped at was logged and saved
 
-    rc, out = _finish(_start(cfg, stage, workdir, compile_cache))
+    rc, out = _finish(_start(cfg, stage, workdir))
     assert rc == 0, out[-3000:]
     _assert_same_export(workdir / stage / "export", reference(stage), stage)
 
