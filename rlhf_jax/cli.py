@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("sample: --export DIR (a policy export) is required")
             for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
                 print(f"{prompt} {response}")
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf stop
         print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
