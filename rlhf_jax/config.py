@@ -339,6 +339,9 @@ def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
 
     if not args:
         return cfg.validate()
+    # HelptextFromCommentsOff: tyro would otherwise ast-parse this module for field comments
+    # while reporting an error, which CPython 3.11.7 can fail with "AST constructor recursion
+    # depth mismatch" (a SystemError instead of the error message) when called deep in a stack.
     new = tyro.cli(Config, default=cfg, args=list(args),
-                   config=(tyro.conf.FlagConversionOff,), prog="rlhf-jax")
+                   config=(tyro.conf.FlagConversionOff, tyro.conf.HelptextFromCommentsOff), prog="rlhf-jax")
     return new.validate()
