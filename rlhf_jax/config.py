@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -342,6 +343,10 @@ def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
     # HelptextFromCommentsOff: tyro would otherwise ast-parse this module for field comments
     # while reporting an error, which CPython 3.11.7 can fail with "AST constructor recursion
     # depth mismatch" (a SystemError instead of the error message) when called deep in a stack.
-    new = tyro.cli(Config, default=cfg, args=list(args),
-                   config=(tyro.conf.FlagConversionOff, tyro.conf.HelptextFromCommentsOff), prog="rlhf-jax")
+    try:
+        new = tyro.cli(Config, default=cfg, args=list(args),
+                       config=(tyro.conf.FlagConversionOff, tyro.conf.HelptextFromCommentsOff), prog="rlhf-jax")
+    except SystemError as err:  # the CPython bug above: report the value error tyro was rendering
+        print(f"rlhf-jax: error: invalid override in {list(args)}: {err.__context__ or err}", file=sys.stderr)
+        raise SystemExit(2) from err
     return new.validate()
