@@ -312,6 +312,7 @@ def started_run(data_dir, tmp_path_factory):
     last line is too long for data.max_len (truncated, and counted at step 0)."""
     root = tmp_path_factory.mktemp("started")
     demos = root / "demos.jsonl"
+    _base(data_dir)  # writes data_dir/demos.jsonl if no earlier test has
     demos.write_text((data_dir / "demos.jsonl").read_text()
                      + '{"prompt": "%s", "response": "b a"}\n' % LONG_PROMPT)
     cfg = tiny_config(demos, steps=4, save_every=2)

@@ -133,6 +133,7 @@ def build_store(path: str | pathlib.Path, kind: Kind,
                           config=tfds.core.BuilderConfig(name=key))
     assert pathlib.Path(builder.data_dir) == data_dir, (builder.data_dir, data_dir)
     try:
+        # Nothing is downloaded: _split_generators reads the local JSONL file.
         builder.download_and_prepare()
     except OSError:
         if not (data_dir / "dataset_info.json").is_file():
