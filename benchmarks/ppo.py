@@ -1,0 +1,244 @@
+"""One PPO iteration (rollout + scoring + update): ours against TRL's PPOTrainer, split by phase.
+
+Same models on both sides: the embedded default (llama 2 layers, d128, GQA, vocab 152) as
+policy and reference, and two scalar models of that architecture (random heads) as value
+and reward model; ours are exported to HF ``LlamaForCausalLM`` and
+``LlamaForSequenceClassification`` for TRL. Same prompts (64 x 16 tokens), sampling at
+temperature 1 for exactly 10 tokens (no EOS stop: TRL ``stop_token=None``, ours an EOS id
+that never occurs), 1 PPO epoch of 4 minibatches of 16 (4 optimiser steps), AdamW
+(b2 0.95, no clipping, as TRL's loop has none), k1 KL, beta 0.02, GAE gamma 1 lambda 0.95,
+clipped ratio and value (0.2), whitened advantages, missing-EOS penalty 1.
+
+Phases. Ours: the stage's three jitted calls (sampler, experience, update), each waited on.
+TRL: its ``train()`` loop, instrumented from outside: rollout = its ``batch_generation``
+call; scoring = from there to the first forward of the policy+value wrapper (reference
+forward, value and reward forwards, rewards, GAE, whitening, and TRL's ``gc.collect()``);
+update = from there to the ``on_step_end`` callback (minibatch forward/backward/steps and
+its metric logging). ``other`` is the rest of TRL's iteration (fetching prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from rlhf_jax import sharding
+from rlhf_jax.config import OptimConfig, PPOConfig, SamplingConfig
+from rlhf_jax.default_config import default_config
+from rlhf_jax.evaluation import copy_params
+from rlhf_jax.models import LanguageModel, ScalarModel
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update, reward_model_score
+from rlhf_jax.sampling import make_sampler
+from rlhf_jax.steps import create_train_state
+from rlhf_jax.types import PPOState, TokenBatch
+
+NEVER = -1  # an EOS id no token equals: every response has exactly response_len tokens
+PAD, EOS = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOWorkload:
+    episodes: int = 64
+    prompt_len: int = 16
+    response_len: int = 10
+    minibatch: int = 16
+    epochs: int = 1
+    learning_rate: float = 1e-5
+    timed_iterations: int = 3
+
+
+def model_config():
+    return default_config().model
+
+
+def ppo_config(work: PPOWorkload) -> PPOConfig:
+    optim = OptimConfig(learning_rate=work.learning_rate, b2=0.95, final_lr_fraction=1.0, grad_clip=0.0)
+    return PPOConfig(sampling=SamplingConfig(max_new_tokens=work.response_len, temperature=1.0),
+                     policy_optim=optim, value_optim=optim, minibatch_size=work.minibatch, epochs=work.epochs,
+                     kl_coef=0.02, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2,
+                     entropy_coef=0.0, whiten_advantages=True, missing_eos_penalty=1.0, ptx_coef=0.0)
+
+
+def prompts(work: PPOWorkload, vocab: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(4, vocab, (work.episodes, work.prompt_len)).astype(np.int32)
+
+
+def models(mesh):
+    """(policy params, value params, reward params): random, scalar heads random (bias 0)."""
+    cfg = model_config()
+    policy, _ = sharding.init_params(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
+    scalars = []
+    for seed in (1, 2):
+        params, _ = sharding.init_params(ScalarModel(cfg), mesh, jax.random.PRNGKey(seed))
+        kernel = params["head"]["kernel"]
+        params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(10 + seed), kernel.shape) * 0.1
+        scalars.append(params)
+    return policy, scalars[0], scalars[1]
+
+
+def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens) -> dict:
+    cfg, ppo = model_config(), ppo_config(work)
+    policy, scalar = LanguageModel(cfg), ScalarModel(cfg)
+    updates = work.epochs * work.episodes // work.minibatch
+    policy_tx, value_tx = make_optimizer(ppo.policy_optim, 1000), make_optimizer(ppo.value_optim, 1000)
+    rng = jax.random.PRNGKey(0)
+    policy_state, policy_sh = create_train_state(policy, policy_tx, mesh, rng, copy_params(policy_params))
+    value_state, value_sh = create_train_state(scalar, value_tx, mesh, rng, copy_params(value_params))
+    replicated = sharding.replicated(mesh)
+    state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
+                     kl_coef=jax.device_put(jnp.float32(ppo.kl_coef), replicated))
+    state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
+    ref_params = copy_params(policy_params)
+    sampler = make_sampler(policy, ppo.sampling, mesh, policy_sh.params, NEVER, PAD)
+    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), ppo, 0.0, 1.0, mesh)
+    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, mesh, state_sh)
+    no_ptx = TokenBatch(*(jnp.zeros((updates, 2), jnp.int32) for _ in range(4)))
+    batch = sharding.batch_sharding(mesh, 2)
+    tokens = jax.device_put(jnp.asarray(prompt_tokens), batch)
+    segments = jax.device_put(jnp.ones_like(tokens), batch)
+
+    def iteration(state, i):
+        it_rng = jax.random.fold_in(rng, i)
+        t0 = time.perf_counter()
+        samples = jax.block_until_ready(sampler(state.policy.params, tokens, segments, jax.random.fold_in(it_rng, 0)))
+        t1 = time.perf_counter()
+        rollout, metrics = jax.block_until_ready(experience(state.policy.params, ref_params, state.value.params,
+                                                            reward_params, samples, state.kl_coef))
+        t2 = time.perf_counter()
+        state, _ = jax.block_until_ready(update(state, rollout, no_ptx, metrics["ppo/kl_to_ref"],
+                                                jax.random.fold_in(it_rng, 1)))
+        t3 = time.perf_counter()
+        return state, {"rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2, "iteration_s": t3 - t0}
+
+    state, first = iteration(state, 0)  # compiles the three steps
+    jitted = (sampler.jitted, experience.jitted, update.jitted)
+    compiled = sum(f._cache_size() for f in jitted)
+    counter = common.compile_counter()
+    timed = []
+    with counter.counting():
+        counter.count = 0
+        for i in range(work.timed_iterations):
+            state, phases = iteration(state, i + 1)
+            timed.append(phases)
+    return {**_median_phases(timed), "first_iteration_s_with_compile": first["iteration_s"],
+            "iterations_timed": len(timed),
+            "compiles_after_warmup": counter.count + sum(f._cache_size() for f in jitted) - compiled}
+
+
+def _median_phases(rows: list[dict]) -> dict:
+    return {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+
+
+def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path, reward_dir: pathlib.Path,
+            prompt_tokens: np.ndarray) -> dict:
+    torch, device = common.setup_torch()
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_module
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    marks: list[tuple[str, float]] = []  # (event, time) in order
+
+    original_generation, original_forward = trl_module.batch_generation, trl_module.forward
+
+    def timed_generation(*args, **kwargs):
+        sync()
+        marks.append(("generate_start", time.perf_counter()))
+        out = original_generation(*args, **kwargs)
+        sync()
+        marks.append(("generate_end", time.perf_counter()))
+        return out
+
+    def timed_forward(model, *args, **kwargs):
+        if isinstance(model, trl_module.PolicyAndValueWrapper) and marks and marks[-1][0] == "generate_end":
+            sync()
+            marks.append(("update_start", time.perf_counter()))
+        return original_forward(model, *args, **kwargs)
+
+    class StepEnd(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append(("step_end", time.perf_counter()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            marks.append(("step_end", time.perf_counter()))
+
+    iterations = 1 + work.timed_iterations
+    dataset = Dataset.from_dict({"input_ids": prompt_tokens.tolist()})
+    load = dict(dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    ref = AutoModelForCausalLM.from_pretrained(policy_dir, **load)
+    value = AutoModelForSequenceClassification.from_pretrained(value_dir, **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir, **load)
+    trl_module.batch_generation, trl_module.forward = timed_generation, timed_forward
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            args = TRLPPOConfig(
+                output_dir=out, per_device_train_batch_size=work.episodes, gradient_accumulation_steps=1,
+                num_mini_batches=work.episodes // work.minibatch, num_ppo_epochs=work.epochs,
+                local_rollout_forward_batch_size=work.episodes, total_episodes=work.episodes * iterations,
+                response_length=work.response_len, temperature=1.0, stop_token=None, missing_eos_penalty=1.0,
+                kl_coef=0.02, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                whiten_rewards=False, learning_rate=work.learning_rate, adam_beta2=0.95, lr_scheduler_type="constant",
+                num_sample_generations=0, bf16=False, fp16=False, use_cpu=device.type == "cpu", report_to="none",
+                save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0)
+            trainer = PPOTrainer(args=args, processing_class=common.word_tokenizer(model_config().vocab_size, PAD, EOS),
+                                 model=policy, ref_model=ref, reward_model=reward, value_model=value,
+                                 train_dataset=dataset, eval_dataset=dataset, callbacks=[StepEnd()])
+            trainer.train()
+    finally:
+        trl_module.batch_generation, trl_module.forward = original_generation, original_forward
+    torch.set_num_threads(common.peer_threads())
+    rows, last_end, current = [], None, {}
+    for event, t in marks:
+        current[event] = t
+        if event == "step_end":
+            if last_end is not None:
+                phases = {"rollout_s": current["generate_end"] - current["generate_start"],
+                          "scoring_s": current["update_start"] - current["generate_end"],
+                          "update_s": t - current["update_start"], "iteration_s": t - last_end}
+                phases["other_s"] = phases["iteration_s"] - phases["rollout_s"] - phases["scoring_s"] - phases["update_s"]
+                rows.append(phases)
+            last_end, current = t, {}
+    if len(rows) != iterations:
+        raise RuntimeError(f"TRL instrumentation saw {len(rows)} iterations, expected {iterations}")
+    return {**_median_phases(rows[1:]), "first_iteration_s": rows[0]["iteration_s"], "iterations_timed": len(rows) - 1}
+
+
+def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dict:
+    mesh = common.single_device_mesh()
+    cfg = model_config()
+    policy, value, reward = models(mesh)
+    prompt_tokens = prompts(work, cfg.vocab_size)
+    result = {"workload": {**dataclasses.asdict(work), "model": "embedded default (llama 2L d128 GQA 4/2 heads, V152)",
+                           "sampling": "temperature 1, no EOS stop", "optimizer_steps": work.epochs * work.episodes
+                           // work.minibatch}}
+    result["ours"] = ours(work, mesh, policy, value, reward, prompt_tokens)
+    log(f"ppo ours: {result['ours']['iteration_s']:.3f} s/iteration (rollout {result['ours']['rollout_s']:.3f}, "
+        f"scoring {result['ours']['scoring_s']:.3f}, update {result['ours']['update_s']:.3f})")
+    missing = common.missing_peers("torch", "transformers", "trl", "datasets", "accelerate") if peers else []
+    if not peers:
+        result["trl_ppo_trainer"] = {"skipped": "--ours-only"}
+    elif missing:
+        result["trl_ppo_trainer"] = {"skipped": common.NOT_INSTALLED, "missing": missing}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = pathlib.Path(tmp)
+            dirs = (common.export_lm(policy, cfg, tmp / "policy"), common.export_scalar(value, cfg, tmp / "value"),
+                    common.export_scalar(reward, cfg, tmp / "reward"))
+            result["trl_ppo_trainer"] = trl_ppo(work, *dirs, prompt_tokens)
+        trl = result["trl_ppo_trainer"]
+        result["speedup"] = trl["iteration_s"] / result["ours"]["iteration_s"]
+        log(f"ppo TRL: {trl['iteration_s']:.3f} s/iteration (rollout {trl['rollout_s']:.3f}, scoring "
+            f"{trl['scoring_s']:.3f}, update {trl['update_s']:.3f}) -> ours {result['speedup']:.2f}x")
+    return result

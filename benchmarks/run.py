@@ -1,0 +1,177 @@
+"""Every benchmark in one run, ours next to its peers on the same machine:
+
+1. SFT train step (GPT-2 6L d512 V8192, 8 x 256, f32): ours, a plain PyTorch loop, TRL's
+   SFTTrainer; tokens/s and fraction of the measured matmul peak.
+2. Greedy decoding with a KV cache (prompt 32, exactly 128 new tokens, batch 1 and 8) for
+   that model and the embedded tiny default: ours vs ``transformers`` ``generate``.
+3. One PPO iteration on the tiny default (rollout, scoring, update): ours vs TRL's PPOTrainer.
+4. Compiles after warm-up for each of ours (must be 0).
+
+    python -m benchmarks.run                 # full size (~10-15 min on 2 CPU cores)
+    python -m benchmarks.run --quick         # every workload shrunk (~1-2 min)
+    python -m benchmarks.run --ours-only     # no torch / transformers / trl needed
+
+Writes ``<out>/{sft,decode,ppo}.json``, ``<out>/results.json`` (all + machine) and
+``<out>/table.md``. Peers come from the ``bench`` extra (``pip install -e '.[bench]'``);
+a missing one is reported in its row and the run still succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+from benchmarks import common, decode, ppo, sft_step
+from rlhf_jax.config import ModelConfig
+
+QUICK_MODEL = ModelConfig(family="gpt2", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_len=64)
+SECTIONS = ("sft", "decode", "ppo")
+
+# (section, ratio key, minimum): ours over the peer, judged on full-size runs only.
+TARGETS = {"sft_vs_torch": 1.0, "sft_vs_trl": 1.5, "sft_fraction_of_peak": 0.65,
+           "decode_tiny": 2.0, "decode_6L": 1.3, "ppo_vs_trl": 2.0}
+
+
+def workloads(quick: bool) -> dict:
+    if not quick:
+        return {"sft": sft_step.SFTWorkload(), "decode": decode.DecodeWorkload(), "decode_models": decode.MODELS,
+                "ppo": ppo.PPOWorkload()}
+    return {"sft": sft_step.SFTWorkload(model=QUICK_MODEL, batch=4, seq=64, warmup_steps=2, timed_steps=3, peak_n=512),
+            "decode": decode.DecodeWorkload(prompt_len=8, new_tokens=16, batches=(1, 4), repeats=2),
+            "decode_models": {"gpt2-2L-d128 (quick)": QUICK_MODEL, "tiny-default": decode.TINY},
+            "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1)}
+
+
+def run(sections=SECTIONS, quick: bool = False, peers: bool = True, log=print) -> dict:
+    work = workloads(quick)
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "quick": quick, "peers": peers, "machine": common.machine_info(),
+               "load_average_start": os.getloadavg()}
+    if "sft" in sections:
+        results["sft"] = sft_step.run(work["sft"], peers=peers, log=log)
+    if "decode" in sections:
+        results["decode"] = decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
+    if "ppo" in sections:
+        results["ppo"] = ppo.run(work["ppo"], peers=peers, log=log)
+    results["load_average_end"] = os.getloadavg()
+    results["compiles_after_warmup"] = compiles(results)
+    return results
+
+
+def compiles(results: dict) -> dict[str, int]:
+    out = {}
+    if "sft" in results:
+        out["sft_step"] = results["sft"]["ours"]["compiles_after_warmup"]
+    for row in results.get("decode", {}).get("rows", []):
+        out[f"sampler {row['model']} b{row['batch']}"] = row["ours"]["compiles_after_warmup"]
+    if "ppo" in results:
+        out["ppo sampler+experience+update"] = results["ppo"]["ours"]["compiles_after_warmup"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the markdown table
+
+
+def _peer(row: dict, fmt) -> str:
+    return f"skipped: {row['skipped']}" if "skipped" in row else fmt(row)
+
+
+def _judge(ratio: float | None, target: float, quick: bool) -> str:
+    if ratio is None:
+        return "n/a"
+    if quick:
+        return "(quick: not judged)"
+    return "met" if ratio >= target else "**missed**"
+
+
+def table(results: dict) -> str:
+    m, quick = results["machine"], results["quick"]
+    v = m["versions"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['jax_backend']}); {m['threads_used']} threads for JAX "
+             f"and torch; load average {results['load_average_start'][0]:.2f} at start, "
+             f"{results['load_average_end'][0]:.2f} at end; {results['date']}{' ; QUICK (shrunk) workloads' if quick else ''}.",
+             f"Versions: jax {v['jax']}, flax {v['flax']}, torch {v['torch']}, transformers {v['transformers']}, "
+             f"trl {v['trl']}, accelerate {v['accelerate']}.", "",
+             "| Benchmark | Ours | Peer | Ours / peer | Target | |", "|---|---|---|---|---|---|"]
+    if "sft" in results:
+        s = results["sft"]
+        w = s["workload"]
+        name = f"SFT step {w['model']['n_layers']}L d{w['model']['d_model']} V{w['model']['vocab_size']} " \
+               f"{w['batch']}x{w['seq']} f32 (tok/s, % of matmul peak)"
+        ours = f"{s['ours']['tokens_per_s']:.0f} ({s['ours']['fraction_of_matmul_peak']:.0%})"
+        fmt = lambda r: f"{r['tokens_per_s']:.0f} ({r['fraction_of_matmul_peak']:.0%})"  # noqa: E731
+        r = s.get("speedup_vs_torch_loop")
+        lines.append(f"| {name} vs plain PyTorch loop | {ours} | {_peer(s['torch_loop'], fmt)} | "
+                     f"{_ratio(r)} | >= 1.0x | {_judge(r, TARGETS['sft_vs_torch'], quick)} |")
+        r = s.get("speedup_vs_trl")
+        lines.append(f"| {name} vs TRL SFTTrainer | {ours} | {_peer(s['trl_sft_trainer'], fmt)} | "
+                     f"{_ratio(r)} | >= 1.5x | {_judge(r, TARGETS['sft_vs_trl'], quick)} |")
+        frac = s["ours"]["fraction_of_matmul_peak"]
+        peak = s["matmul_peak_tflops"]
+        lines.append(f"| SFT step: fraction of the matmul peak ({peak['used'] * 1e3:.0f} GFLOP/s, best of jnp.dot "
+                     f"and torch.matmul f32 {peak['n']}^3) | {frac:.0%} | | | >= 65% | "
+                     f"{_judge(frac, TARGETS['sft_fraction_of_peak'], quick)} |")
+    if "decode" in results:
+        d = results["decode"]["workload"]
+        for row in results["decode"]["rows"]:
+            target = TARGETS["decode_tiny"] if row["model"].startswith("tiny") else TARGETS["decode_6L"]
+            r = row.get("speedup")
+            lines.append(f"| Greedy decode {row['model']} batch {row['batch']}, prompt {d['prompt_len']}, "
+                         f"{d['new_tokens']} new (tok/s) vs HF generate | {row['ours']['tokens_per_s']:.0f} | "
+                         f"{_peer(row['hf_generate'], _tokens_per_s)} | "
+                         f"{_ratio(r)} | >= {target}x | {_judge(r, target, quick)} |")
+    if "ppo" in results:
+        p = results["ppo"]
+        w = p["workload"]
+        phases = lambda x: (f"{x['iteration_s']:.3f} s = {x['rollout_s']:.3f} rollout + {x['scoring_s']:.3f} "  # noqa: E731
+                            f"scoring + {x['update_s']:.3f} update"
+                            + (f" + {x['other_s']:.3f} other" if "other_s" in x else ""))
+        r = p.get("speedup")
+        lines.append(f"| PPO iteration, tiny default, {w['episodes']} episodes x ({w['prompt_len']} + "
+                     f"{w['response_len']}) tokens, {w['optimizer_steps']} minibatch steps (s) vs TRL PPOTrainer | "
+                     f"{phases(p['ours'])} | {_peer(p['trl_ppo_trainer'], phases)} | {_ratio(r)} | >= 2x | "
+                     f"{_judge(r, TARGETS['ppo_vs_trl'], quick)} |")
+    comp = results["compiles_after_warmup"]
+    bad = {name: n for name, n in comp.items() if n}
+    ours = f"0 in each of {len(comp)}" if not bad else ", ".join(f"{n} in {name}" for name, n in bad.items())
+    lines.append(f"| Compiles after warm-up (ours: SFT step, each sampler, the PPO steps) | {ours} | | | 0 | "
+                 f"{'**missed**' if bad else 'met'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _tokens_per_s(row: dict) -> str:
+    return f"{row['tokens_per_s']:.0f}"
+
+
+def _ratio(r: float | None) -> str:
+    return "" if r is None else f"{r:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shrink every workload (smoke test, ~1-2 min)")
+    parser.add_argument("--ours-only", action="store_true", help="skip the peers (no torch/transformers/trl)")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON files and table.md")
+    args = parser.parse_args(argv)
+    results = run(tuple(args.only or SECTIONS), quick=args.quick, peers=not args.ours_only,
+                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for section in SECTIONS:
+        if section in results:
+            (out / f"{section}.json").write_text(json.dumps(results[section], indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    (out / "table.md").write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
