@@ -8,6 +8,12 @@ Masking: ``segment_ids`` ``[B, T] int32`` marks which example each token belongs
 (0 = padding). A token attends to earlier tokens of its own segment, which covers padding
 and packed rows alike. With a :class:`KVCache`, a token attends to every valid cache slot
 at or before its own slot.
+
+Decoding cost (profiled on CPU, benchmarks/decode.py): a step must not copy the cache. Each
+layer writes its new keys/values into the one cache array in place, and cached attention is
+two einsums over a heads-major ``[B, K, S, D]`` layer slice, the layout the batched matmuls
+read directly (with ``[B, S, K, D]`` XLA transposed every layer's cache every step, and a
+per-layer slice + ``jnp.stack`` copied the whole cache: together 2x slower at batch 8).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ Array = jax.Array
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    keys, values: ``[L, B, S, K, D]`` (layers, batch, slots, kv heads, head dim).
+    keys, values: ``[L, B, K, S, D]`` (layers, batch, kv heads, slots, head dim).
     valid: ``[B, S] bool``, slots that hold a real (non-padding) token.
     index: ``[] int32``, the next slot to write; all rows advance together.
     """
@@ -40,15 +46,15 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-        shape = (cfg.n_layers, batch, slots, cfg.kv_heads, cfg.dim_per_head)
+        shape = (cfg.n_layers, batch, cfg.kv_heads, slots, cfg.dim_per_head)
         dtype = jnp.dtype(cfg.compute_dtype)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
 
 
 KV_CACHE_LOGICAL_AXES = KVCache(
-    keys=("layers", "batch", "length", "kv_heads", "kv"),
-    values=("layers", "batch", "length", "kv_heads", "kv"),
+    keys=("layers", "batch", "kv_heads", "length", "kv"),
+    values=("layers", "batch", "kv_heads", "length", "kv"),
     valid=("batch", "length"),
     index=(),
 )
@@ -121,11 +127,31 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return out.astype(x.dtype)
 
 
+def cached_attention(q: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """Attention of new tokens to a cache layer: q ``[B, T, H, D]``; keys, values
+    ``[B, K, S, D]`` (H = K * groups); mask ``[B, T, S] bool``. Returns ``[B, T, H, D]``.
+    Scores and softmax in f32; a query with no visible slot averages all (as
+    ``jax.nn.dot_product_attention`` does), its output is unused."""
+    b, t, h, d = q.shape
+    k = keys.shape[1]
+    grouped = q.reshape(b, t, k, h // k, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(q.dtype), preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
 class Attention(nn.Module):
+    """Self-attention. With a cache, ``cache`` is ``(keys, values)`` of ALL layers
+    (``[L, B, K, S, D]``): this layer writes its slots in place and returns both arrays."""
+
     cfg: ModelConfig
+    layer: int = 0  # this block's index into the cache's layer axis
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache, cache_index, cache_valid):
+    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid):
         cfg = self.cfg
         bias = cfg.family == "gpt2" or cfg.qkv_bias
         h, k, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
@@ -138,24 +164,26 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
         t = x.shape[1]
-        if layer_cache is None:
+        if cache is None:
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
             causal = jnp.tril(jnp.ones((t, t), bool))[None]
             mask = same & causal & (segment_ids[:, None, :] > 0)
+            key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
+            value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
+            impl = None if cfg.attention_impl == "default" else cfg.attention_impl
+            out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
+                                               mask=mask[:, None], implementation=impl)
             new_cache = None
         else:
-            cached_k, cached_v = layer_cache
-            key = jax.lax.dynamic_update_slice_in_dim(cached_k, key.astype(cached_k.dtype), cache_index, 1)
-            value = jax.lax.dynamic_update_slice_in_dim(cached_v, value.astype(cached_v.dtype), cache_index, 1)
-            slots = jnp.arange(key.shape[1])
+            all_k, all_v = cache
+            at = (self.layer, 0, 0, cache_index, 0)  # [L, B, K, S, D]
+            all_k = jax.lax.dynamic_update_slice(all_k, key.swapaxes(1, 2).astype(all_k.dtype)[None], at)
+            all_v = jax.lax.dynamic_update_slice(all_v, value.swapaxes(1, 2).astype(all_v.dtype)[None], at)
+            slots = jnp.arange(all_k.shape[3])
             query_slot = cache_index + jnp.arange(t)
             mask = cache_valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None])
-            new_cache = (key, value)
-        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
-        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
-        impl = None if cfg.attention_impl == "default" else cfg.attention_impl
-        out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
-                                           mask=mask[:, None], implementation=impl)
+            out = cached_attention(q, all_k[self.layer], all_v[self.layer], mask)
+            new_cache = (all_k, all_v)
         out = _dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out)
         return out, new_cache
 
@@ -181,13 +209,14 @@ class Block(nn.Module):
     """Pre-norm residual block; residual dropout after attention and after the MLP."""
 
     cfg: ModelConfig
+    layer: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, layer_cache, cache_index, cache_valid, deterministic):
+    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, deterministic):
         cfg = self.cfg
-        attn, new_cache = Attention(cfg, name="attn")(
+        attn, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "norm_attn")(x).astype(x.dtype), positions, segment_ids,
-            layer_cache, cache_index, cache_valid)
+            cache, cache_index, cache_valid)
         x = x + nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
         mlp = MLP(cfg, name="mlp")(_norm(cfg, "norm_mlp")(x).astype(x.dtype))
         x = x + nn.Dropout(cfg.dropout)(mlp, deterministic=deterministic)
@@ -217,7 +246,7 @@ class Decoder(nn.Module):
         if cfg.remat:
             block = nn.remat(Block, static_argnums=(7,),
                              policy=jax.checkpoint_policies.nothing_saveable)
-        self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.blocks = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = _norm(cfg, "final_norm")
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -239,18 +268,13 @@ class Decoder(nn.Module):
         if cache is not None:
             cache_valid = jax.lax.dynamic_update_slice_in_dim(
                 cache.valid, segment_ids > 0, cache.index, 1)
-        new_keys, new_values = [], []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_new = block(x, positions, segment_ids, layer_cache,
-                                 None if cache is None else cache.index, cache_valid, deterministic)
-            if cache is not None:
-                new_keys.append(layer_new[0])
-                new_values.append(layer_new[1])
+        kv = None if cache is None else (cache.keys, cache.values)
+        for block in self.blocks:
+            x, kv = block(x, positions, segment_ids, kv, None if cache is None else cache.index, cache_valid,
+                          deterministic)
         x = self.final_norm(x).astype(x.dtype)
         if cache is not None:
-            cache = KVCache(keys=jnp.stack(new_keys), values=jnp.stack(new_values),
-                            valid=cache_valid, index=cache.index + tokens.shape[1])
+            cache = KVCache(keys=kv[0], values=kv[1], valid=cache_valid, index=cache.index + tokens.shape[1])
         return x, cache
 
     def attend(self, hidden):
