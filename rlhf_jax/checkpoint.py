@@ -114,6 +114,15 @@ def read_export_meta(directory: str | pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def export_model_config(directory: str | pathlib.Path) -> ModelConfig:
+    """The architecture an export was written for (its ``export.json``)."""
+    saved = read_export_meta(directory)["model"]
+    try:
+        return ModelConfig(**saved)
+    except TypeError as err:
+        raise CheckpointError(f"{directory}: the model config in {EXPORT_META} is not valid: {err}") from err
+
+
 def load_export(directory: str | pathlib.Path, target_params: Any,
                 model_cfg: ModelConfig | None = None) -> Any:
     """Restores exported params shaped and sharded like ``target_params`` (arrays or

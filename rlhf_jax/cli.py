@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run_pipeline(cfg, args.workdir)
             print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
-            for stage in ("sft", "ppo", "ppo_ptx"):
+            for stage in ("sft", "sft_large", "ppo", "ppo_ptx"):
                 if stage in report:
-                    print(f"  {stage}: gold score {report[stage]['gold_score']:.3f}"
-                          + (f", win rate vs SFT {report[stage]['win_rate_vs_sft']:.2f}" if stage != "sft" else ""))
+                    wins = [f", win rate vs {b} {report[stage][f'win_rate_vs_{b}']:.2f}"
+                            for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in report[stage]]
+                    print(f"  {stage}: gold score {report[stage]['gold_score']:.3f}" + "".join(wins))
         elif args.command == "pretrain":
             from rlhf_jax.stages.sft import run_sft
 

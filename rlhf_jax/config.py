@@ -183,6 +183,11 @@ class RMConfig:
     init_from: str | None = "run:sft/export"  # an LM export whose backbone starts the RM; None: fresh
     normalize_path: str | None = "task:demonstrations"  # demonstrations that should score mean 0
     normalize_gain: bool = False  # also scale so the demonstrations' rewards have std 1
+    # The RM's own architecture (None: ``model``). InstructGPT's 6B RM served its 1.3B policy:
+    # a larger RM can judge errors the policy cannot see. The pipeline then pretrains and
+    # fine-tunes this model too (stages pretrain_large, sft_large); point ``init_from`` at
+    # ``run:sft_large/export``. PPO reads the RM's architecture from its export.
+    model: ModelConfig | None = None
 
 
 @dataclass(frozen=True)

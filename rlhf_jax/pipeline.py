@@ -58,6 +58,13 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
         run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text", show_progress=show_progress)
     if not _stage_done(workdir, "sft"):
         run_sft(cfg, workdir, show_progress=show_progress)
+    if cfg.rm.model is not None:  # the larger model the RM starts from, trained the same way
+        if not _stage_done(workdir, "pretrain_large"):
+            run_sft(cfg, workdir, stage="pretrain_large", stage_cfg=cfg.pretrain, data_kind="text",
+                    show_progress=show_progress, model=cfg.rm.model)
+        if not _stage_done(workdir, "sft_large"):
+            run_sft(cfg, workdir, stage="sft_large", stage_cfg=dataclasses.replace(
+                cfg.sft, init_from="run:pretrain_large/export"), show_progress=show_progress, model=cfg.rm.model)
     run_comparisons(cfg, workdir, show_progress=show_progress)
     if not _stage_done(workdir, "rm"):
         run_rm(cfg, workdir, show_progress=show_progress)
@@ -75,7 +82,9 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
 
 def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> tuple[dict[str, Any], list[dict]]:
     """Held-out prompts: gold score, win rate over SFT, KL to SFT and pretraining loss of
-    the SFT policy and of each PPO policy (greedy responses)."""
+    the SFT policy and of each PPO policy (greedy responses). With a larger RM base
+    (``rm.model``), its SFT model (``sft_large``) is evaluated too and every PPO policy
+    gets a win rate against it: the paper's small-PPO-over-large-SFT comparison."""
     from rlhf_jax.data import PromptBatches, TextBatches
     from rlhf_jax.evaluation import PolicyEvaluator
     from rlhf_jax.models import LanguageModel, ScalarModel
@@ -90,19 +99,35 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     texts = TextBatches(env.data_path(ppo.pretrain.val_path, "ppo.pretrain.val_path"), env.tokenizer,
                         dataclasses.replace(ppo.pretrain, shuffle=False), seed=cfg.seed,
                         cache_dir=env.cache_dir, **env.process)
-    policy, scalar = LanguageModel(cfg.model), ScalarModel(cfg.model)
-    policy_target = common.abstract_params(policy, env.mesh)
-    load = lambda stage, target: checkpoint.load_export(workdir / stage / "export", target, cfg.model)  # noqa: E731
-    reward = load("rm", common.abstract_params(scalar, env.mesh))
-    sft = load("sft", policy_target)
+    policy, scalar = LanguageModel(cfg.model), ScalarModel(checkpoint.export_model_config(workdir / "rm" / "export"))
+    load = lambda stage, model: checkpoint.load_export(  # noqa: E731
+        workdir / stage / "export", common.abstract_params(model, env.mesh), model.cfg)
+    reward = load("rm", scalar)
+    sft = load("sft", policy)
+    sampling = dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature)
     evaluator = PolicyEvaluator(policy, reward_model_score(scalar), env.mesh,
-                                jax.tree.map(lambda x: x.sharding, sft), env.tokenizer,
-                                dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature), cfg.seed)
+                                jax.tree.map(lambda x: x.sharding, sft), env.tokenizer, sampling, cfg.seed)
     report: dict[str, Any] = {}
     generations: dict[str, Generations] = {}
     gold: dict[str, np.ndarray] = {}
+    baselines = ["sft"]
+    if cfg.rm.model is not None:
+        large = LanguageModel(cfg.rm.model)
+        large_sft = load("sft_large", large)
+        # KL is to the model itself (0): the policies' KL is to the small SFT model
+        large_evaluator = PolicyEvaluator(large, reward_model_score(scalar), env.mesh,
+                                          jax.tree.map(lambda x: x.sharding, large_sft), env.tokenizer,
+                                          sampling, cfg.seed)
+        generations["sft_large"] = large_evaluator.generate(large_sft, large_sft, reward, prompts)
+        gold["sft_large"] = gold_scores(generations["sft_large"].prompts, generations["sft_large"].responses)
+        report["sft_large"] = {"gold_score": float(gold["sft_large"].mean()),
+                               "rm_score": float(generations["sft_large"].scores.mean()),
+                               "pretrain_loss": large_evaluator.pretrain_loss(large_sft, texts),
+                               "response_length": float(generations["sft_large"].lengths.mean()),
+                               "eos_rate": float(generations["sft_large"].ended.mean())}
+        baselines.append("sft_large")
     for stage in ("sft", *ppo_names):
-        params = sft if stage == "sft" else load(stage, policy_target)
+        params = sft if stage == "sft" else load(stage, policy)
         generations[stage] = evaluator.generate(params, sft, reward, prompts)
         gold[stage] = gold_scores(generations[stage].prompts, generations[stage].responses)
         report[stage] = {"gold_score": float(gold[stage].mean()),
@@ -112,8 +137,9 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
                          "response_length": float(generations[stage].lengths.mean()),
                          "eos_rate": float(generations[stage].ended.mean())}
         if stage != "sft":
-            wins = np.where(gold[stage] > gold["sft"], 1.0, np.where(gold[stage] == gold["sft"], 0.5, 0.0))
-            report[stage]["win_rate_vs_sft"] = float(wins.mean())
+            for baseline in baselines:  # ties count half
+                wins = np.where(gold[stage] > gold[baseline], 1.0, np.where(gold[stage] == gold[baseline], 0.5, 0.0))
+                report[stage][f"win_rate_vs_{baseline}"] = float(wins.mean())
             report[stage]["pretrain_loss_regression"] = report[stage]["pretrain_loss"] - report["sft"]["pretrain_loss"]
     rm_rows = [r for r in read_metrics(workdir / "rm" / "metrics.jsonl") if "val/rm_accuracy" in r]
     report["rm"] = {"val_accuracy": rm_rows[-1]["val/rm_accuracy"] if rm_rows else float("nan")}

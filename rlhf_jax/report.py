@@ -89,19 +89,24 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: list[di
     report = dict(report, non_finite=bad)
     (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_plots(workdir, ppo_stages)
+    large = "sft_large" in report  # a larger SFT model (the RM's base) as a second baseline
+    policies = ("sft", *(("sft_large",) if large else ()), *ppo_stages)
     lines = [f"# rlhf_jax report: {report.get('name', '')}", "",
              f"Wall time: {report['wall_seconds']:.0f} s.", "",
-             "| policy | gold score | win rate vs SFT | KL to SFT | pretraining loss | RM score |",
-             "|---|---|---|---|---|---|"]
-    for stage in ("sft", *ppo_stages):
+             "| policy | gold score | win rate vs SFT | " + ("win rate vs large SFT | " if large else "")
+             + "KL to SFT | pretraining loss | RM score |",
+             "|---" * (7 if large else 6) + "|"]
+    for stage in policies:
         r = report[stage]
+        kl = "-" if stage == "sft_large" else _fmt(r.get("kl_to_sft", 0.0))
         lines.append(f"| {stage} | {_fmt(r['gold_score'])} | {_fmt(r.get('win_rate_vs_sft', '-'))} | "
-                     f"{_fmt(r.get('kl_to_sft', 0.0))} | {_fmt(r['pretrain_loss'])} | {_fmt(r['rm_score'])} |")
+                     + (f"{_fmt(r.get('win_rate_vs_sft_large', '-'))} | " if large else "")
+                     + f"{kl} | {_fmt(r['pretrain_loss'])} | {_fmt(r['rm_score'])} |")
     lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(report['rm']['val_accuracy'])} "
               f"(labelers agree with each other on about 73% of pairs).", ""]
     lines += [f"![{name}]({name})" for name in PLOTS]
-    lines += ["", "## Sample held-out responses", "", "| prompt | " + " | ".join(("sft", *ppo_stages)) + " |",
-              "|---" * (2 + len(ppo_stages)) + "|"]
+    lines += ["", "## Sample held-out responses", "", "| prompt | " + " | ".join(policies) + " |",
+              "|---" * (1 + len(policies)) + "|"]
     for sample in samples:
-        lines.append(f"| {sample['prompt']} | " + " | ".join(sample[s] for s in ("sft", *ppo_stages)) + " |")
+        lines.append(f"| {sample['prompt']} | " + " | ".join(sample[s] for s in policies) + " |")
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

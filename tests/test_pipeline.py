@@ -52,3 +52,24 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
     # a rerun finds every stage finished and only re-evaluates
     again = run_pipeline(micro_config(), tmp_path, show_progress=False)
     assert again["ppo"]["gold_score"] == report["ppo"]["gold_score"]
+
+
+def test_micro_pipeline_with_a_larger_reward_model(tmp_path):
+    """rm.model: the RM (and so the value model) starts from a larger model that the
+    pipeline pretrains and fine-tunes too; PPO and evaluation read its architecture from the
+    export; the report compares every policy with that larger SFT model."""
+    cfg = micro_config()
+    large = dataclasses.replace(cfg.model, n_layers=2, d_model=48)
+    cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, model=large, init_from="run:sft_large/export"),
+                              pipeline=dataclasses.replace(cfg.pipeline, run_ppo_ptx=False))
+    report = run_pipeline(cfg, tmp_path, show_progress=False)
+    for key in ("sft_large.gold_score", "sft_large.pretrain_loss", "ppo.win_rate_vs_sft_large", "ppo.win_rate_vs_sft",
+                "rm.val_accuracy"):
+        assert math.isfinite(_get(report, key)), key
+    meta = lambda stage: json.loads((tmp_path / stage / "export" / "export.json").read_text())["model"]  # noqa: E731
+    assert meta("sft_large")["n_layers"] == meta("rm")["n_layers"] == 2 and meta("rm")["d_model"] == 48
+    assert meta("ppo")["d_model"] == meta("sft")["d_model"] == 32
+    # the run's saved config is the one given, not a stage's architecture swap
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["rm"]["model"]["d_model"] == 48
+    assert "| sft_large |" in (tmp_path / "report.md").read_text()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import CheckpointConfig, Config, ConfigError, save_config, to_dict
+from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config, to_dict
 from rlhf_jax.data import load_tokenizer, to_global
 from rlhf_jax.logging import MetricsLogger
 
@@ -28,11 +28,12 @@ RUN_PREFIX = "run:"
 class StageEnv:
     """The run-wide context a stage works in."""
 
-    cfg: Config
+    cfg: Config  # the run's config, with ``model`` set to this stage's architecture
     workdir: pathlib.Path
     stage: str
     mesh: Any
     tokenizer: Any
+    run_cfg: Config | None = None  # the run's config as given (None: ``cfg``); saved as <workdir>/config.json
 
     @property
     def stage_dir(self) -> pathlib.Path:
@@ -84,9 +85,13 @@ def quiet_tfds() -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
 
 
-def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str) -> StageEnv:
+def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelConfig | None = None) -> StageEnv:
     """Validates what can be checked before data is read: mesh vs devices, tokenizer vs
-    model vocabulary."""
+    model vocabulary. ``model``: this stage's architecture when it is not ``cfg.model``
+    (the pipeline's larger reward-model base); ``env.cfg.model`` is then ``model``."""
+    run_cfg = cfg
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=model)
     cfg.validate()
     quiet_tfds()
     workdir = pathlib.Path(workdir).absolute()
@@ -100,7 +105,7 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str) -> StageEnv:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
-    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer)
+    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer, run_cfg=run_cfg)
 
 
 def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
@@ -127,7 +132,7 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
 
 def write_run_config(env: StageEnv) -> None:
     if jax.process_index() == 0:
-        save_config(env.cfg, env.workdir / "config.json")
+        save_config(env.run_cfg or env.cfg, env.workdir / "config.json")
         save_config(env.cfg, env.stage_dir / "config.json")
 
 
@@ -230,7 +235,7 @@ def initial_lm_params(env: StageEnv, model, init_from: str | None, field: str) -
         path = env.resolve(init_from)
         if not path.exists():
             raise ConfigError(f"{field}={init_from!r}: no export at {path} (did the stage before finish?)")
-        return checkpoint.load_export(path, abstract_params(model, env.mesh), env.cfg.model)
+        return checkpoint.load_export(path, abstract_params(model, env.mesh), model.cfg)
     if env.cfg.model.hf_path:
         from rlhf_jax.models.hf import load_hf_params
 

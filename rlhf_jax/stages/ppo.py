@@ -50,11 +50,16 @@ def check_ppo_config(ppo: PPOConfig, mesh) -> int:
     return ppo.epochs * ppo.prompts.batch_size // ppo.minibatch_size
 
 
-def _load(env: common.StageEnv, spec: str, model, field: str):
+def _export_path(env: common.StageEnv, spec: str, field: str) -> pathlib.Path:
     path = env.resolve(spec)
     if not path.exists():
         raise ConfigError(f"{field}={spec!r}: no export at {path}")
-    params = checkpoint.load_export(path, common.abstract_params(model, env.mesh), env.cfg.model)
+    return path
+
+
+def _load(env: common.StageEnv, spec: str, model, field: str):
+    path = _export_path(env, spec, field)
+    params = checkpoint.load_export(path, common.abstract_params(model, env.mesh), model.cfg)
     return params, checkpoint.read_export_meta(path)
 
 
@@ -90,13 +95,19 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
                                    env.tokenizer, dataclasses.replace(ppo.pretrain, shuffle=False),
                                    seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
 
-    policy, scalar = LanguageModel(cfg.model), ScalarModel(cfg.model)
+    policy = LanguageModel(cfg.model)
     sft_params, _ = _load(env, ppo.policy_init, policy, f"{ppo.stage_name}.policy_init")
     reward_params, reward_meta = None, {}
     if reward_fn is None:
-        reward_params, reward_meta = _load(env, ppo.reward_init, scalar, f"{ppo.stage_name}.reward_init")
-        reward_fn = reward_model_score(scalar)
+        # the RM may be larger than the policy (rm.model): its export says what it is
+        reward_path = _export_path(env, ppo.reward_init, f"{ppo.stage_name}.reward_init")
+        reward_model = ScalarModel(checkpoint.export_model_config(reward_path))
+        reward_params, reward_meta = _load(env, ppo.reward_init, reward_model, f"{ppo.stage_name}.reward_init")
+        reward_fn = reward_model_score(reward_model)
     value_init = ppo.value_init or (ppo.reward_init if reward_params is not None else ppo.policy_init)
+    # InstructGPT starts the value function from the RM, so it has the RM's architecture
+    scalar = ScalarModel(checkpoint.export_model_config(
+        _export_path(env, value_init, f"{ppo.stage_name}.value_init")))
     value_params = initial_scalar_params(env, scalar, value_init)
     policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
     value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)

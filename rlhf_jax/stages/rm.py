@@ -32,8 +32,8 @@ def initial_scalar_params(env: common.StageEnv, model: ScalarModel, init_from: s
     params, _ = sharding.init_params(model, env.mesh, jax.random.PRNGKey(env.cfg.seed + 1))
     export = env.resolve(init_from) if init_from else None
     if export is not None and export.exists() and checkpoint.read_export_meta(export).get("stage") == "rm":
-        return checkpoint.load_export(export, common.abstract_params(model, env.mesh), env.cfg.model)
-    lm = common.initial_lm_params(env, LanguageModel(env.cfg.model), init_from, "init_from")
+        return checkpoint.load_export(export, common.abstract_params(model, env.mesh), model.cfg)
+    lm = common.initial_lm_params(env, LanguageModel(model.cfg), init_from, "init_from")
     return params if lm is None else dict(params, backbone=lm["backbone"])
 
 
@@ -68,7 +68,8 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
            stop_after: int | None = None) -> pathlib.Path | None:
     """Trains the reward model; returns the export directory (None if stopped early)."""
     rm_cfg = cfg.rm
-    env = common.make_env(cfg, workdir, "rm")
+    env = common.make_env(cfg, workdir, "rm", rm_cfg.model)
+    cfg = env.cfg  # its model is the RM's architecture
     train = RankingBatches(env.data_path(rm_cfg.data.train_path, "rm.data.train_path"), env.tokenizer,
                            rm_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, k_max=rm_cfg.k_max, **env.process)
     val = None

@@ -13,7 +13,7 @@ import pathlib
 import jax
 
 from rlhf_jax import checkpoint, steps
-from rlhf_jax.config import Config, SFTConfig
+from rlhf_jax.config import Config, ModelConfig, SFTConfig
 from rlhf_jax.data import SFTBatches, TextBatches
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel
@@ -23,16 +23,19 @@ from rlhf_jax.stages import common
 
 def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
             stage_cfg: SFTConfig | None = None, data_kind: str = "demonstrations",
-            show_progress: bool = True, stop_after: int | None = None) -> pathlib.Path | None:
+            show_progress: bool = True, stop_after: int | None = None,
+            model: ModelConfig | None = None) -> pathlib.Path | None:
     """Trains a language model with masked next-token loss; returns the export directory.
 
     ``data_kind='demonstrations'`` is SFT (loss on responses only); ``'text'`` is plain LM
     training on ``{"text"}`` records, which the pipeline uses to pretrain its base model
     (``stage='pretrain'``, ``stage_cfg=cfg.pretrain``). ``stop_after``: run at most that
-    many steps now, checkpoint and return None (a rerun resumes).
+    many steps now, checkpoint and return None (a rerun resumes). ``model``: train this
+    architecture instead of ``cfg.model`` (the pipeline's larger reward-model base).
     """
     stage_cfg = stage_cfg or cfg.sft
-    env = common.make_env(cfg, workdir, stage)
+    env = common.make_env(cfg, workdir, stage, model)
+    cfg = env.cfg  # its model is the one this stage trains
     batches_cls = SFTBatches if data_kind == "demonstrations" else TextBatches
     data_field = f"{stage}.data"
     train = batches_cls(env.data_path(stage_cfg.data.train_path, f"{data_field}.train_path"), env.tokenizer,
