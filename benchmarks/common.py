@@ -5,6 +5,7 @@ HF checkpoint so a peer runs the same architecture with the same weights."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.metadata
 import json
@@ -82,6 +83,19 @@ def machine_info() -> dict[str, Any]:
             "torch_threads": peer_threads(),
             "note": "one JAX device (single-device mesh); torch set to as many intra-op threads as "
                     "JAX's CPU client uses (one per core)"}
+
+
+@contextlib.contextmanager
+def own_heap():
+    """Runs a peer as if it had the Python heap to itself: TRL calls ``gc.collect()`` twice
+    per PPO iteration, and a full collection walks every tracked object in the process,
+    JAX's and ours included. Freezing moves what exists now out of the collector's view."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def models(mesh):
     return policy, scalars[0], scalars[1]
 
 
-def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens) -> dict:
+def build_ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens):
+    """(initial PPOState, ``iteration(state, i) -> (state, phase seconds)``, the jitted steps):
+    the PPO stage's three jitted calls, each waited on (as ``stages/ppo.py`` times them)."""
     cfg, ppo = model_config(), ppo_config(work)
     policy, scalar = LanguageModel(cfg), ScalarModel(cfg)
     updates = work.epochs * work.episodes // work.minibatch
@@ -118,8 +120,12 @@ def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, pr
         t3 = time.perf_counter()
         return state, {"rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2, "iteration_s": t3 - t0}
 
+    return state, iteration, (sampler.jitted, experience.jitted, update.jitted)
+
+
+def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens) -> dict:
+    state, iteration, jitted = build_ours(work, mesh, policy_params, value_params, reward_params, prompt_tokens)
     state, first = iteration(state, 0)  # compiles the three steps
-    jitted = (sampler.jitted, experience.jitted, update.jitted)
     compiled = sum(f._cache_size() for f in jitted)
     counter = common.compile_counter()
     timed = []
@@ -215,6 +221,27 @@ def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path
     return {**_median_phases(rows[1:]), "first_iteration_s": rows[0]["iteration_s"], "iterations_timed": len(rows) - 1}
 
 
+def max_output_differences(policy, value, reward, dirs, prompt_tokens) -> dict[str, float]:
+    """Largest |ours - HF| of the policy's logits and the value and reward models' outputs on
+    the prompts: the peer runs the same models."""
+    torch, device = common.setup_torch()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = model_config()
+    ids = torch.as_tensor(prompt_tokens, dtype=torch.long, device=device)
+    out = {}
+    with torch.inference_mode():
+        hf = AutoModelForCausalLM.from_pretrained(dirs[0], dtype=torch.float32).to(device).eval()
+        ours_logits, _ = LanguageModel(cfg).apply({"params": policy}, jnp.asarray(prompt_tokens))
+        out["policy_logits"] = float(np.max(np.abs(hf(ids).logits.cpu().numpy() - np.asarray(ours_logits))))
+        for name, params, directory in (("value", value, dirs[1]), ("reward", reward, dirs[2])):
+            hf = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+            hidden = getattr(hf, hf.base_model_prefix)(ids).last_hidden_state
+            ours_values, _ = ScalarModel(cfg).apply({"params": params}, jnp.asarray(prompt_tokens))
+            out[name] = float(np.max(np.abs(hf.score(hidden)[..., 0].cpu().numpy() - np.asarray(ours_values))))
+    return out
+
+
 def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dict:
     mesh = common.single_device_mesh()
     cfg = model_config()
@@ -236,7 +263,10 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
             tmp = pathlib.Path(tmp)
             dirs = (common.export_lm(policy, cfg, tmp / "policy"), common.export_scalar(value, cfg, tmp / "value"),
                     common.export_scalar(reward, cfg, tmp / "reward"))
-            result["trl_ppo_trainer"] = trl_ppo(work, *dirs, prompt_tokens)
+            result["max_abs_difference_ours_vs_hf"] = max_output_differences(policy, value, reward, dirs,
+                                                                             prompt_tokens)
+            with common.own_heap():
+                result["trl_ppo_trainer"] = trl_ppo(work, *dirs, prompt_tokens)
         trl = result["trl_ppo_trainer"]
         result["speedup"] = trl["iteration_s"] / result["ours"]["iteration_s"]
         log(f"ppo TRL: {trl['iteration_s']:.3f} s/iteration (rollout {trl['rollout_s']:.3f}, scoring "

@@ -46,11 +46,25 @@ def workloads(quick: bool) -> dict:
             "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1)}
 
 
+def omp_wait_policy() -> str:
+    """torch's OpenMP threads spin-wait between parallel regions; on a busy machine (other
+    processes runnable) a spinning thread holds a core the other one needs, and torch
+    collapses (seen here, load ~5 on 2 cores: a 256^3 f32 matmul at 2 GFLOP/s with 2 threads,
+    100 with 1, 95 with 2 and OMP_WAIT_POLICY=PASSIVE). Unless the user chose a policy, a
+    busy machine (1-min load average >= 1 at start) gets PASSIVE, a quiet one libgomp's
+    default. Must run before torch is imported."""
+    if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= 1.0:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return os.environ.get("OMP_WAIT_POLICY", "libgomp default")
+
+
 def run(sections=SECTIONS, quick: bool = False, peers: bool = True, log=print) -> dict:
     work = workloads(quick)
+    load = os.getloadavg()
+    policy = omp_wait_policy() if peers else "n/a (no peers)"
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "quick": quick, "peers": peers, "machine": common.machine_info(),
-               "load_average_start": os.getloadavg()}
+               "quick": quick, "peers": peers, "machine": {**common.machine_info(), "omp_wait_policy": policy},
+               "load_average_start": load}
     if "sft" in sections:
         results["sft"] = sft_step.run(work["sft"], peers=peers, log=log)
     if "decode" in sections:
@@ -93,7 +107,8 @@ def table(results: dict) -> str:
     m, quick = results["machine"], results["quick"]
     v = m["versions"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['jax_backend']}); {m['threads_used']} threads for JAX "
-             f"and torch; load average {results['load_average_start'][0]:.2f} at start, "
+             f"and torch (OMP_WAIT_POLICY: {m['omp_wait_policy']}); "
+             f"load average {results['load_average_start'][0]:.2f} at start, "
              f"{results['load_average_end'][0]:.2f} at end; {results['date']}{' ; QUICK (shrunk) workloads' if quick else ''}.",
              f"Versions: jax {v['jax']}, flax {v['flax']}, torch {v['torch']}, transformers {v['transformers']}, "
              f"trl {v['trl']}, accelerate {v['accelerate']}.", "",

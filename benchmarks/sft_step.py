@@ -210,7 +210,8 @@ def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dic
             result["trl_sft_trainer"] = {"skipped": common.NOT_INSTALLED,
                                          "missing": common.missing_peers("trl", "datasets", "accelerate")}
         else:
-            result["trl_sft_trainer"] = with_mfu(trl_sft(work, model_dir))
+            with common.own_heap():
+                result["trl_sft_trainer"] = with_mfu(trl_sft(work, model_dir))
             result["speedup_vs_trl"] = result["ours"]["tokens_per_s"] / result["trl_sft_trainer"]["tokens_per_s"]
             log(f"sft TRL SFTTrainer: {result['trl_sft_trainer']['tokens_per_s']:.0f} tok/s "
                 f"({result['speedup_vs_trl']:.2f}x)")
