@@ -2,7 +2,8 @@
 
 Same model (our params exported to a HF checkpoint), same prompt tokens, prompt 32, exactly
 ``new_tokens`` new tokens (no EOS stop on either side), batch 1 and 8. Tokens/s counts new
-tokens only; the time covers the whole call (prefill + decode) on both sides.
+tokens only, over the median call; a call covers prefill + decode on both sides, and the two
+take turns call by call so that both see the same machine load.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -41,28 +43,28 @@ def prompts(cfg: ModelConfig, batch: int, prompt_len: int, seed: int = 0) -> np.
     return np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
 
 
-def ours(cfg: ModelConfig, params, mesh, shardings, tokens: np.ndarray, work: DecodeWorkload) -> dict:
-    counter = common.compile_counter()
+def ours(cfg: ModelConfig, params, mesh, shardings, tokens: np.ndarray, work: DecodeWorkload):
+    """Our jitted sampler, compiled and run once. Returns (``run() -> new tokens [B, N]``,
+    its jit object)."""
     sampler = make_sampler(LanguageModel(cfg), SamplingConfig(max_new_tokens=work.new_tokens, temperature=0.0),
                            mesh, shardings, eos_id=NEVER, pad_id=0)
     batch = sharding.batch_sharding(mesh, 2)
     prompt = jax.device_put(jnp.asarray(tokens), batch)
     segments = jax.device_put(jnp.ones_like(prompt), batch)
     rng = jax.random.PRNGKey(0)
-    run = lambda: sampler(params, prompt, segments, rng)  # noqa: E731
-    times = common.time_calls(run, 1)  # compile + first run
-    compiled = sampler.jitted._cache_size()
-    with counter.counting():
-        counter.count = 0
-        times = common.time_calls(run, work.repeats)
-    samples = run()
-    assert bool(jnp.all(samples.mask)), "a row stopped before new_tokens"
-    out = {"tokens_per_s": tokens.shape[0] * work.new_tokens / min(times), **common.summary(times),
-           "compiles_after_warmup": counter.count + sampler.jitted._cache_size() - compiled}
-    return out, np.asarray(samples.tokens)
+
+    def run() -> np.ndarray:
+        samples = sampler(params, prompt, segments, rng)
+        assert bool(jnp.all(samples.mask)), "a row stopped before new_tokens"
+        return np.asarray(samples.tokens)  # waits for the call
+
+    run()  # compile + first run
+    return run, sampler.jitted
 
 
-def hf_generate(model_dir: pathlib.Path, tokens: np.ndarray, work: DecodeWorkload) -> tuple[dict, np.ndarray]:
+def hf_generate(model_dir: pathlib.Path, tokens: np.ndarray, work: DecodeWorkload):
+    """``transformers`` ``generate`` (greedy, KV cache, exactly N new tokens), run once.
+    Returns ``run() -> new tokens [B, N]``."""
     torch, device = common.setup_torch()
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -71,17 +73,20 @@ def hf_generate(model_dir: pathlib.Path, tokens: np.ndarray, work: DecodeWorkloa
                            eos_token_id=None, pad_token_id=0, use_cache=True)
     ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
-    sync = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
 
-    def run():
+    def run() -> np.ndarray:
         with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        new = out[:, tokens.shape[1]:].cpu().numpy()  # waits for the call
+        assert new.shape[1] == work.new_tokens, new.shape
+        return new
 
-    out_tokens = run()  # warm-up
-    times = common.time_calls(run, work.repeats, sync)
-    new = out_tokens[:, tokens.shape[1]:].cpu().numpy()
-    assert new.shape[1] == work.new_tokens, new.shape
-    return {"tokens_per_s": tokens.shape[0] * work.new_tokens / min(times), **common.summary(times)}, new
+    run()  # warm-up
+    return run
+
+
+def _timed(batch: int, work: DecodeWorkload, times: list[float]) -> dict:
+    return {"tokens_per_s": batch * work.new_tokens / float(np.median(times)), **common.summary(times)}
 
 
 def run(work: DecodeWorkload = DecodeWorkload(), models: dict[str, ModelConfig] = MODELS,
@@ -96,15 +101,30 @@ def run(work: DecodeWorkload = DecodeWorkload(), models: dict[str, ModelConfig] 
             for batch in work.batches:
                 tokens = prompts(cfg, batch, work.prompt_len)
                 row = {"model": name, "batch": batch}
-                row["ours"], ours_tokens = ours(cfg, params, mesh, shardings, tokens, work)
+                run_ours, jitted = ours(cfg, params, mesh, shardings, tokens, work)
+                runners = {"ours": run_ours}
+                if peers and not missing:
+                    runners["hf_generate"] = hf_generate(model_dir, tokens, work)
+                # ours and generate take turns call by call: both see the same machine load
+                times, outputs = {k: [] for k in runners}, {}
+                compiled, counter = jitted._cache_size(), common.compile_counter()
+                with counter.counting():
+                    counter.count = 0
+                    for _ in range(work.repeats):
+                        for key, run_once in runners.items():
+                            t0 = time.perf_counter()
+                            outputs[key] = run_once()
+                            times[key].append(time.perf_counter() - t0)
+                row["ours"] = {**_timed(batch, work, times["ours"]),
+                               "compiles_after_warmup": counter.count + jitted._cache_size() - compiled}
                 if not peers:
                     row["hf_generate"] = {"skipped": "--ours-only"}
                 elif missing:
                     row["hf_generate"] = {"skipped": common.NOT_INSTALLED, "missing": missing}
                 else:
-                    row["hf_generate"], hf_tokens = hf_generate(model_dir, tokens, work)
+                    row["hf_generate"] = _timed(batch, work, times["hf_generate"])
                     # same weights and maths: the greedy tokens agree (float noise can flip a near-tie)
-                    row["same_tokens_fraction"] = float(np.mean(hf_tokens == ours_tokens))
+                    row["same_tokens_fraction"] = float(np.mean(outputs["hf_generate"] == outputs["ours"]))
                     row["speedup"] = row["ours"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"]
                 log(f"decode {name} batch {batch}: ours {row['ours']['tokens_per_s']:.0f} tok/s"
                     + (f", generate {row['hf_generate']['tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x)"

@@ -213,7 +213,7 @@ def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path
                 phases = {"rollout_s": current["generate_end"] - current["generate_start"],
                           "scoring_s": current["update_start"] - current["generate_end"],
                           "update_s": t - current["update_start"], "iteration_s": t - last_end}
-                phases["other_s"] = phases["iteration_s"] - phases["rollout_s"] - phases["scoring_s"] - phases["update_s"]
+                phases["other_s"] = phases["iteration_s"] - sum(phases[k] for k in ("rollout_s", "scoring_s", "update_s"))
                 rows.append(phases)
             last_end, current = t, {}
     if len(rows) != iterations:
@@ -249,7 +249,11 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
     prompt_tokens = prompts(work, cfg.vocab_size)
     result = {"workload": {**dataclasses.asdict(work), "model": "embedded default (llama 2L d128 GQA 4/2 heads, V152)",
                            "sampling": "temperature 1, no EOS stop", "optimizer_steps": work.epochs * work.episodes
-                           // work.minibatch}}
+                           // work.minibatch},
+              "notes": ["scoring: ours runs 4 forwards (policy, reference, value, reward); TRL 3, it takes the "
+                        "policy's log-probs from the logits generate returned",
+                        "update: ours takes a policy step and a value step per minibatch (two optimisers) and "
+                        "moves the policy EMA; TRL one step on pg_loss + vf_coef * vf_loss (one optimiser)"]}
     result["ours"] = ours(work, mesh, policy, value, reward, prompt_tokens)
     log(f"ppo ours: {result['ours']['iteration_s']:.3f} s/iteration (rollout {result['ours']['rollout_s']:.3f}, "
         f"scoring {result['ours']['scoring_s']:.3f}, update {result['ours']['update_s']:.3f})")

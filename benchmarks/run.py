@@ -92,7 +92,10 @@ def compiles(results: dict) -> dict[str, int]:
 
 
 def _peer(row: dict, fmt) -> str:
-    return f"skipped: {row['skipped']}" if "skipped" in row else fmt(row)
+    if "skipped" not in row:
+        return fmt(row)
+    missing = f"{', '.join(row['missing'])} " if "missing" in row else ""
+    return f"skipped: {missing}{row['skipped']}"
 
 
 def _judge(ratio: float | None, target: float, quick: bool) -> str:
@@ -109,7 +112,8 @@ def table(results: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['jax_backend']}); {m['threads_used']} threads for JAX "
              f"and torch (OMP_WAIT_POLICY: {m['omp_wait_policy']}); "
              f"load average {results['load_average_start'][0]:.2f} at start, "
-             f"{results['load_average_end'][0]:.2f} at end; {results['date']}{' ; QUICK (shrunk) workloads' if quick else ''}.",
+             f"{results['load_average_end'][0]:.2f} at end; {results['date']}"
+             f"{'; QUICK (shrunk) workloads' if quick else ''}.",
              f"Versions: jax {v['jax']}, flax {v['flax']}, torch {v['torch']}, transformers {v['transformers']}, "
              f"trl {v['trl']}, accelerate {v['accelerate']}.", "",
              "| Benchmark | Ours | Peer | Ours / peer | Target | |", "|---|---|---|---|---|---|"]

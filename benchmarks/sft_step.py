@@ -67,41 +67,34 @@ def tokens(work: SFTWorkload) -> np.ndarray:
     return np.random.default_rng(0).integers(0, work.model.vocab_size, (work.batch, work.seq)).astype(np.int32)
 
 
-def ours(work: SFTWorkload, params=None) -> tuple[dict, object]:
-    """Our jitted SFT step on one device. Returns (result, initial params)."""
+def ours(work: SFTWorkload, params=None):
+    """Our jitted SFT step on one device, compiled and warmed up. Returns (``step() -> loss``,
+    the initial params, its jit object, warm-up seconds)."""
     mesh = common.single_device_mesh()
     model = LanguageModel(work.model)
     tx = make_optimizer(OPTIM, 1000)
     state, shardings = steps.create_train_state(model, tx, mesh, jax.random.PRNGKey(0), params)
     initial = jax.tree.map(np.asarray, state.params)
-    step = steps.make_sft_step(model, tx, mesh, shardings)
+    jitted_step = steps.make_sft_step(model, tx, mesh, shardings)
     b, t = work.batch, work.seq
     data = TokenBatch(tokens=jnp.asarray(tokens(work)), loss_mask=jnp.ones((b, t), jnp.float32),
                       segment_ids=jnp.ones((b, t), jnp.int32),
                       positions=jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1)))
+
+    def step() -> float:
+        nonlocal state
+        state, metrics = jitted_step(state, data)
+        return float(metrics["train/loss"])  # waits for the step
+
     t0 = time.perf_counter()
     for _ in range(work.warmup_steps):  # compile + warm-up
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    warmup_s = time.perf_counter() - t0
-    compiled = step.jitted._cache_size()
-    counter = common.compile_counter()
-    losses = []
-    with counter.counting():
-        counter.count = 0
-        t0 = time.perf_counter()
-        for _ in range(work.timed_steps):
-            state, metrics = step(state, data)
-            losses.append(metrics["train/loss"])
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - t0) / work.timed_steps
-    return {"tokens_per_s": b * t / seconds, "step_s": seconds, "warmup_s": warmup_s,
-            "loss_first_last": [float(losses[0]), float(losses[-1])],
-            "compiles_after_warmup": counter.count + step.jitted._cache_size() - compiled}, initial
+        step()
+    return step, initial, jitted_step.jitted, time.perf_counter() - t0
 
 
-def torch_loop(work: SFTWorkload, model_dir: pathlib.Path) -> dict:
-    """The plain PyTorch loop: forward with labels, backward, clip, AdamW step."""
+def torch_loop(work: SFTWorkload, model_dir: pathlib.Path):
+    """The plain PyTorch loop (forward with labels, backward, clip, AdamW step), warmed up.
+    Returns ``step() -> loss``."""
     torch, device = common.setup_torch()
     from transformers import AutoModelForCausalLM
 
@@ -109,27 +102,32 @@ def torch_loop(work: SFTWorkload, model_dir: pathlib.Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
                             weight_decay=0.0)
     ids = torch.as_tensor(tokens(work), dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step():
+    def step() -> float:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return float(loss)  # waits for the step
 
     for _ in range(work.warmup_steps):
         step()
-    sync()
-    losses = []
-    t0 = time.perf_counter()
-    for _ in range(work.timed_steps):
-        losses.append(step().detach())
-    sync()
-    seconds = (time.perf_counter() - t0) / work.timed_steps
-    return {"tokens_per_s": work.batch * work.seq / seconds, "step_s": seconds,
-            "loss_first_last": [float(losses[0]), float(losses[-1])]}
+    return step
+
+
+def alternate(steppers: dict, n: int) -> dict[str, dict]:
+    """Runs ``n`` timed steps of each stepper, taking turns step by step, so that every one
+    sees the same machine load (on a shared machine the load drifts over minutes)."""
+    times = {name: [] for name in steppers}
+    losses = {name: [] for name in steppers}
+    for _ in range(n):
+        for name, step in steppers.items():
+            t0 = time.perf_counter()
+            losses[name].append(step())
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"step_s": float(np.median(times[name])), "step_s_all": times[name],
+                   "loss_first_last": [losses[name][0], losses[name][-1]]} for name in steppers}
 
 
 def trl_sft(work: SFTWorkload, model_dir: pathlib.Path) -> dict:
@@ -167,9 +165,8 @@ def trl_sft(work: SFTWorkload, model_dir: pathlib.Path) -> dict:
         trainer.train()
     torch.set_num_threads(common.peer_threads())  # in case the trainer changed it
     intervals = np.diff(timer.ends)[work.warmup_steps - 1:]
-    seconds = float(np.mean(intervals))
-    return {"tokens_per_s": work.batch * work.seq / seconds, "step_s": seconds,
-            "timing": "mean interval between consecutive on_step_end callbacks after warm-up"}
+    return {"step_s": float(np.median(intervals)), "step_s_all": intervals.tolist(),
+            "timing": "median interval between consecutive on_step_end callbacks after warm-up"}
 
 
 def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dict:
@@ -178,43 +175,55 @@ def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dic
     peak_torch = common.torch_matmul_peak(work.peak_n) if peers and not missing else None
     peak = max(peak_jax, peak_torch or 0.0)
     flops_per_token = model_flops_per_token(work.model, work.seq)
+    tokens_per_step = work.batch * work.seq
     result = {"workload": {"model": dataclasses.asdict(work.model), "batch": work.batch, "seq": work.seq,
                            "dtype": "float32", "optimizer": "AdamW lr 1e-4 b=(0.9, 0.95) eps 1e-8 wd 0, clip 1.0",
-                           "warmup_steps": work.warmup_steps, "timed_steps": work.timed_steps},
+                           "warmup_steps": work.warmup_steps, "timed_steps": work.timed_steps,
+                           "timing": "median step; ours and the PyTorch loop take turns step by step"},
               "model_flops_per_token": flops_per_token,
               "matmul_peak_tflops": {"jax": peak_jax / 1e12, "torch": peak_torch and peak_torch / 1e12,
                                      "used": peak / 1e12, "n": work.peak_n}}
 
-    def with_mfu(row: dict) -> dict:
+    def finish(row: dict) -> dict:
+        row["tokens_per_s"] = tokens_per_step / row["step_s"]
         row["fraction_of_matmul_peak"] = row["tokens_per_s"] * flops_per_token / peak
         return row
 
-    result["ours"], initial = ours(work)
-    with_mfu(result["ours"])
+    step, initial, jitted, warmup_s = ours(work)
+    steppers = {"ours": step}
+    model_dir = None
+    tmp = tempfile.TemporaryDirectory()
+    if peers and not missing:
+        model_dir = common.export_lm(initial, work.model, pathlib.Path(tmp.name) / "model")
+        steppers["torch_loop"] = torch_loop(work, model_dir)
+    counter = common.compile_counter()
+    compiled = jitted._cache_size()
+    with counter.counting():
+        counter.count = 0
+        timed = alternate(steppers, work.timed_steps)
+    result["ours"] = finish({**timed["ours"], "warmup_s": warmup_s,
+                             "compiles_after_warmup": counter.count + jitted._cache_size() - compiled})
     log(f"sft ours: {result['ours']['tokens_per_s']:.0f} tok/s, "
         f"{result['ours']['fraction_of_matmul_peak']:.0%} of matmul peak")
-    if not peers:
-        result["torch_loop"] = result["trl_sft_trainer"] = {"skipped": "--ours-only"}
+    skip = ({"skipped": "--ours-only"} if not peers else
+            {"skipped": common.NOT_INSTALLED, "missing": missing} if missing else None)
+    if skip:
+        result["torch_loop"] = result["trl_sft_trainer"] = skip
+        tmp.cleanup()
         return result
-    if missing:
-        result["torch_loop"] = {"skipped": common.NOT_INSTALLED, "missing": missing}
-        result["trl_sft_trainer"] = {"skipped": common.NOT_INSTALLED, "missing": missing}
-        return result
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = common.export_lm(initial, work.model, pathlib.Path(tmp) / "model")
-        result["torch_loop"] = with_mfu(torch_loop(work, model_dir))
-        result["speedup_vs_torch_loop"] = result["ours"]["tokens_per_s"] / result["torch_loop"]["tokens_per_s"]
-        log(f"sft torch loop: {result['torch_loop']['tokens_per_s']:.0f} tok/s "
-            f"({result['speedup_vs_torch_loop']:.2f}x)")
-        if common.missing_peers("trl", "datasets", "accelerate"):
-            result["trl_sft_trainer"] = {"skipped": common.NOT_INSTALLED,
-                                         "missing": common.missing_peers("trl", "datasets", "accelerate")}
-        else:
-            with common.own_heap():
-                result["trl_sft_trainer"] = with_mfu(trl_sft(work, model_dir))
-            result["speedup_vs_trl"] = result["ours"]["tokens_per_s"] / result["trl_sft_trainer"]["tokens_per_s"]
-            log(f"sft TRL SFTTrainer: {result['trl_sft_trainer']['tokens_per_s']:.0f} tok/s "
-                f"({result['speedup_vs_trl']:.2f}x)")
+    result["torch_loop"] = finish(timed["torch_loop"])
+    result["speedup_vs_torch_loop"] = result["ours"]["tokens_per_s"] / result["torch_loop"]["tokens_per_s"]
+    log(f"sft torch loop: {result['torch_loop']['tokens_per_s']:.0f} tok/s ({result['speedup_vs_torch_loop']:.2f}x)")
+    missing_trl = common.missing_peers("trl", "datasets", "accelerate")
+    if missing_trl:
+        result["trl_sft_trainer"] = {"skipped": common.NOT_INSTALLED, "missing": missing_trl}
+    else:
+        with common.own_heap():
+            result["trl_sft_trainer"] = finish(trl_sft(work, model_dir))
+        result["speedup_vs_trl"] = result["ours"]["tokens_per_s"] / result["trl_sft_trainer"]["tokens_per_s"]
+        log(f"sft TRL SFTTrainer: {result['trl_sft_trainer']['tokens_per_s']:.0f} tok/s "
+            f"({result['speedup_vs_trl']:.2f}x)")
+    tmp.cleanup()
     return result
 
 
