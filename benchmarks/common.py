@@ -70,6 +70,8 @@ def setup_torch():
 
     torch.set_num_threads(peer_threads())
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # JAX's default f32 matmul precision on GPU rounds through TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
     return torch, torch.device(device)
 
 
