@@ -25,6 +25,7 @@ def micro_config():
         comparisons=few(cfg.comparisons, n_prompts=32),
         rm=few(cfg.rm, max_steps=3, log_every=1),
         ppo=few(cfg.ppo, iterations=2, eval_every=1, prompts=dataclasses.replace(cfg.ppo.prompts, batch_size=16),
+                minibatch_size=8, pretrain=dataclasses.replace(cfg.ppo.pretrain, batch_size=8),
                 checkpoint=CheckpointConfig(save_every=1)),
     )
 
