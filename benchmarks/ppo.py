@@ -10,7 +10,8 @@ that never occurs), 1 PPO epoch of 4 minibatches of 16 (4 optimiser steps), Adam
 clipped ratio and value (0.2), whitened advantages, missing-EOS penalty 1.
 
 Phases. Ours: the stage's three jitted calls (sampler, experience, update), each waited on.
-TRL: its ``train()`` loop, instrumented from outside: rollout = its ``batch_generation``
+Ours and TRL take turns iteration by iteration (TRL's ``on_step_end`` callback runs one of
+ours), so both see the same machine load. TRL: its ``train()`` loop, instrumented from outside: rollout = its ``batch_generation``
 call; scoring = from there to the first forward of the policy+value wrapper (reference
 forward, value and reward forwards, rewards, GAE, whitening, and TRL's ``gc.collect()``);
 update = from there to the ``on_step_end`` callback (minibatch forward/backward/steps and
@@ -123,20 +124,20 @@ def build_ours(work: PPOWorkload, mesh, policy_params, value_params, reward_para
     return state, iteration, (sampler.jitted, experience.jitted, update.jitted)
 
 
-def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens) -> dict:
+def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens):
+    """Our PPO iteration, compiled by a first one. Returns (``iteration() -> phase seconds``,
+    that first iteration's seconds, the jitted steps)."""
     state, iteration, jitted = build_ours(work, mesh, policy_params, value_params, reward_params, prompt_tokens)
     state, first = iteration(state, 0)  # compiles the three steps
-    compiled = sum(f._cache_size() for f in jitted)
-    counter = common.compile_counter()
-    timed = []
-    with counter.counting():
-        counter.count = 0
-        for i in range(work.timed_iterations):
-            state, phases = iteration(state, i + 1)
-            timed.append(phases)
-    return {**_median_phases(timed), "first_iteration_s_with_compile": first["iteration_s"],
-            "iterations_timed": len(timed),
-            "compiles_after_warmup": counter.count + sum(f._cache_size() for f in jitted) - compiled}
+    count = 0
+
+    def next_iteration() -> dict:
+        nonlocal state, count
+        count += 1
+        state, phases = iteration(state, count)
+        return phases
+
+    return next_iteration, first["iteration_s"], jitted
 
 
 def _median_phases(rows: list[dict]) -> dict:
@@ -144,7 +145,10 @@ def _median_phases(rows: list[dict]) -> dict:
 
 
 def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path, reward_dir: pathlib.Path,
-            prompt_tokens: np.ndarray) -> dict:
+            prompt_tokens: np.ndarray, alongside) -> tuple[dict, list[dict]]:
+    """TRL's PPOTrainer, taking turns with ``alongside()`` (our iteration), which its
+    ``on_step_end`` callback runs, so both see the same machine load. Returns (TRL's phases,
+    our phases of the iterations run alongside TRL's timed ones)."""
     torch, device = common.setup_torch()
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -171,13 +175,17 @@ def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path
             marks.append(("update_start", time.perf_counter()))
         return original_forward(model, *args, **kwargs)
 
-    class StepEnd(TrainerCallback):
+    ours_phases = []
+
+    class Turns(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            marks.append(("step_end", time.perf_counter()))
+            marks.append(("resumed", time.perf_counter()))
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             marks.append(("step_end", time.perf_counter()))
+            ours_phases.append(alongside())
+            marks.append(("resumed", time.perf_counter()))
 
     iterations = 1 + work.timed_iterations
     dataset = Dataset.from_dict({"input_ids": prompt_tokens.tolist()})
@@ -200,25 +208,26 @@ def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path
                 save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0)
             trainer = PPOTrainer(args=args, processing_class=common.word_tokenizer(model_config().vocab_size, PAD, EOS),
                                  model=policy, ref_model=ref, reward_model=reward, value_model=value,
-                                 train_dataset=dataset, eval_dataset=dataset, callbacks=[StepEnd()])
+                                 train_dataset=dataset, eval_dataset=dataset, callbacks=[Turns()])
             trainer.train()
     finally:
         trl_module.batch_generation, trl_module.forward = original_generation, original_forward
     torch.set_num_threads(common.peer_threads())
-    rows, last_end, current = [], None, {}
+    rows, current = [], {}
     for event, t in marks:
         current[event] = t
         if event == "step_end":
-            if last_end is not None:
-                phases = {"rollout_s": current["generate_end"] - current["generate_start"],
-                          "scoring_s": current["update_start"] - current["generate_end"],
-                          "update_s": t - current["update_start"], "iteration_s": t - last_end}
-                phases["other_s"] = phases["iteration_s"] - sum(phases[k] for k in ("rollout_s", "scoring_s", "update_s"))
-                rows.append(phases)
-            last_end, current = t, {}
+            phases = {"rollout_s": current["generate_end"] - current["generate_start"],
+                      "scoring_s": current["update_start"] - current["generate_end"],
+                      "update_s": t - current["update_start"], "iteration_s": t - current["resumed"]}
+            phases["other_s"] = phases["iteration_s"] - sum(phases[k] for k in ("rollout_s", "scoring_s", "update_s"))
+            rows.append(phases)
+            current = {}
     if len(rows) != iterations:
         raise RuntimeError(f"TRL instrumentation saw {len(rows)} iterations, expected {iterations}")
-    return {**_median_phases(rows[1:]), "first_iteration_s": rows[0]["iteration_s"], "iterations_timed": len(rows) - 1}
+    return ({**_median_phases(rows[1:]), "first_iteration_s": rows[0]["iteration_s"], "iterations_timed": len(rows) - 1,
+             "timing": "median iteration after the first, taking turns with ours iteration by iteration (from the "
+                       "end of our turn to TRL's next on_step_end)"}, ours_phases[1:])
 
 
 def max_output_differences(policy, value, reward, dirs, prompt_tokens) -> dict[str, float]:
@@ -254,25 +263,34 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
                         "policy's log-probs from the logits generate returned",
                         "update: ours takes a policy step and a value step per minibatch (two optimisers) and "
                         "moves the policy EMA; TRL one step on pg_loss + vf_coef * vf_loss (one optimiser)"]}
-    result["ours"] = ours(work, mesh, policy, value, reward, prompt_tokens)
-    log(f"ppo ours: {result['ours']['iteration_s']:.3f} s/iteration (rollout {result['ours']['rollout_s']:.3f}, "
-        f"scoring {result['ours']['scoring_s']:.3f}, update {result['ours']['update_s']:.3f})")
+    next_iteration, first_s, jitted = ours(work, mesh, policy, value, reward, prompt_tokens)
     missing = common.missing_peers("torch", "transformers", "trl", "datasets", "accelerate") if peers else []
-    if not peers:
-        result["trl_ppo_trainer"] = {"skipped": "--ours-only"}
-    elif missing:
-        result["trl_ppo_trainer"] = {"skipped": common.NOT_INSTALLED, "missing": missing}
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if peers and not missing:
             tmp = pathlib.Path(tmp)
             dirs = (common.export_lm(policy, cfg, tmp / "policy"), common.export_scalar(value, cfg, tmp / "value"),
                     common.export_scalar(reward, cfg, tmp / "reward"))
             result["max_abs_difference_ours_vs_hf"] = max_output_differences(policy, value, reward, dirs,
                                                                              prompt_tokens)
-            with common.own_heap():
-                result["trl_ppo_trainer"] = trl_ppo(work, *dirs, prompt_tokens)
+        compiled, counter = sum(f._cache_size() for f in jitted), common.compile_counter()
+        with counter.counting():
+            counter.count = 0
+            if not peers or missing:
+                ours_phases = [next_iteration() for _ in range(work.timed_iterations)]
+                result["trl_ppo_trainer"] = ({"skipped": "--ours-only"} if not peers else
+                                             {"skipped": common.NOT_INSTALLED, "missing": missing})
+            else:
+                with common.own_heap():
+                    result["trl_ppo_trainer"], ours_phases = trl_ppo(work, *dirs, prompt_tokens, next_iteration)
+    result["ours"] = {**_median_phases(ours_phases), "first_iteration_s_with_compile": first_s,
+                      "iterations_timed": len(ours_phases),
+                      "compiles_after_warmup": counter.count + sum(f._cache_size() for f in jitted) - compiled}
+    ours_row = result["ours"]
+    log(f"ppo ours: {ours_row['iteration_s']:.3f} s/iteration (rollout {ours_row['rollout_s']:.3f}, "
+        f"scoring {ours_row['scoring_s']:.3f}, update {ours_row['update_s']:.3f})")
+    if "skipped" not in result["trl_ppo_trainer"]:
         trl = result["trl_ppo_trainer"]
-        result["speedup"] = trl["iteration_s"] / result["ours"]["iteration_s"]
+        result["speedup"] = trl["iteration_s"] / ours_row["iteration_s"]
         log(f"ppo TRL: {trl['iteration_s']:.3f} s/iteration (rollout {trl['rollout_s']:.3f}, scoring "
             f"{trl['scoring_s']:.3f}, update {trl['update_s']:.3f}) -> ours {result['speedup']:.2f}x")
     return result
