@@ -70,7 +70,7 @@ def summarize(reports: dict[int, dict]) -> dict:
 def markdown(summary: dict, title: str) -> str:
     stats, seeds = summary["stats"], summary["seeds"]
     rows = [("RM held-out accuracy", "rm.val_accuracy")]
-    for stage in ("sft", "sft_large", "ppo", "ppo_ptx"):
+    for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
         rows += [(f"{stage} gold score", f"{stage}.gold_score"),
                  (f"{stage} win rate vs SFT", f"{stage}.win_rate_vs_sft"),
                  (f"{stage} win rate vs large SFT", f"{stage}.win_rate_vs_sft_large"),

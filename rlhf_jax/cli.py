@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run_pipeline(cfg, args.workdir)
             print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
-            for stage in ("sft", "sft_large", "ppo", "ppo_ptx"):
+            for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
                 if stage in report:
                     wins = [f", win rate vs {b} {report[stage][f'win_rate_vs_{b}']:.2f}"
                             for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in report[stage]]

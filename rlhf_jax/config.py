@@ -268,6 +268,9 @@ class PipelineConfig:
 
     ptx_coef: float = 27.8
     run_ppo_ptx: bool = True
+    # Also run PPO against the embedded task's gold scorer itself (stage ppo_gold): a perfect
+    # reward model, so the report separates what the RM limits from what PPO limits.
+    run_ppo_gold: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.evaluation import Generations
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.report import write_report
@@ -37,11 +38,36 @@ def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
     return (workdir / stage / "export" / checkpoint.EXPORT_META).exists()
 
 
+def gold_reward(tokenizer) -> Callable:
+    """A :data:`~rlhf_jax.ppo_steps.RewardFn` that is the task's gold scorer: each episode's
+    prompt and response are decoded on the host (``jax.pure_callback``) and scored. Rows
+    with no prompt (batch padding) score 0. Single-process runs only: the callback sees
+    the whole batch on one host."""
+    from rlhf_jax.tasks import gold_score
+
+    def host_scores(prompt_tokens, prompt_segments, tokens, mask) -> np.ndarray:
+        scores = np.zeros(tokens.shape[0], np.float32)
+        for i in range(tokens.shape[0]):
+            prompt = tokenizer.decode(prompt_tokens[i][prompt_segments[i] > 0].tolist())
+            if prompt.strip():
+                scores[i] = gold_score(prompt, tokenizer.decode(tokens[i][mask[i]].tolist()))
+        return scores
+
+    def score(params, samples) -> jax.Array:
+        del params  # nothing to learn: the scorer is exact
+        return jax.pure_callback(host_scores, jax.ShapeDtypeStruct(samples.tokens.shape[:1], jnp.float32),
+                                 samples.prompt_tokens, samples.prompt_segments, samples.tokens, samples.mask)
+
+    return score
+
+
 def ppo_stages(cfg: Config) -> dict[str, Any]:
     """The PPO runs of the pipeline: name -> PPOConfig."""
     runs = {"ppo": dataclasses.replace(cfg.ppo, stage_name="ppo", ptx_coef=0.0)}
     if cfg.pipeline.run_ppo_ptx:
         runs["ppo_ptx"] = dataclasses.replace(cfg.ppo, stage_name="ppo_ptx", ptx_coef=cfg.pipeline.ptx_coef)
+    if cfg.pipeline.run_ppo_gold:
+        runs["ppo_gold"] = dataclasses.replace(cfg.ppo, stage_name="ppo_gold", ptx_coef=0.0)
     return runs
 
 
@@ -69,9 +95,13 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     if not _stage_done(workdir, "rm"):
         run_rm(cfg, workdir, show_progress=show_progress)
     runs = ppo_stages(cfg)
+    if cfg.pipeline.run_ppo_gold and jax.process_count() > 1:
+        raise ConfigError("pipeline.run_ppo_gold: the gold-scorer reward runs on one host; use a single process")
     for name, ppo in runs.items():
         if not _stage_done(workdir, name):
-            run_ppo(cfg, workdir, ppo=ppo, show_progress=show_progress, generation_metrics=gold_metrics)
+            reward_fn = gold_reward(common.make_env(cfg, workdir, name).tokenizer) if name == "ppo_gold" else None
+            run_ppo(cfg, workdir, ppo=ppo, show_progress=show_progress, generation_metrics=gold_metrics,
+                    reward_fn=reward_fn)
     report, samples = evaluate(cfg, workdir, tuple(runs))
     report["wall_seconds"] = time.perf_counter() - start
     report["name"] = cfg.name

@@ -6,6 +6,7 @@ import math
 
 from rlhf_jax.config import CheckpointConfig, ModelConfig
 from rlhf_jax.default_config import default_config
+from rlhf_jax.logging import read_metrics
 from rlhf_jax.pipeline import run_pipeline
 from rlhf_jax.report import PLOTS
 
@@ -55,18 +56,23 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
     assert again["ppo"]["gold_score"] == report["ppo"]["gold_score"]
 
 
-def test_micro_pipeline_with_a_larger_reward_model(tmp_path):
+def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_path):
     """rm.model: the RM (and so the value model) starts from a larger model that the
     pipeline pretrains and fine-tunes too; PPO and evaluation read its architecture from the
-    export; the report compares every policy with that larger SFT model."""
+    export; the report compares every policy with that larger SFT model. run_ppo_gold: a
+    PPO run whose reward is the gold scorer, so its training score is the gold score."""
     cfg = micro_config()
     large = dataclasses.replace(cfg.model, n_layers=2, d_model=48)
     cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, model=large, init_from="run:sft_large/export"),
-                              pipeline=dataclasses.replace(cfg.pipeline, run_ppo_ptx=False))
+                              pipeline=dataclasses.replace(cfg.pipeline, run_ppo_ptx=False, run_ppo_gold=True))
     report = run_pipeline(cfg, tmp_path, show_progress=False)
     for key in ("sft_large.gold_score", "sft_large.pretrain_loss", "ppo.win_rate_vs_sft_large", "ppo.win_rate_vs_sft",
-                "rm.val_accuracy"):
+                "rm.val_accuracy", "ppo_gold.gold_score", "ppo_gold.win_rate_vs_sft_large"):
         assert math.isfinite(_get(report, key)), key
+    # ppo_gold's held-out evaluation scores with its reward, the gold scorer: the two agree
+    evals = [r for r in read_metrics(tmp_path / "ppo_gold" / "metrics.jsonl") if "eval/score" in r]
+    assert evals and all(abs(r["eval/score"] - r["eval/gold_score"]) < 1e-5 for r in evals)
+    assert "| ppo_gold |" in (tmp_path / "report.md").read_text()
     meta = lambda stage: json.loads((tmp_path / stage / "export" / "export.json").read_text())["model"]  # noqa: E731
     assert meta("sft_large")["n_layers"] == meta("rm")["n_layers"] == 2 and meta("rm")["d_model"] == 48
     assert meta("ppo")["d_model"] == meta("sft")["d_model"] == 32
