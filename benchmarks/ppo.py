@@ -1,21 +1,24 @@
 """One PPO iteration (rollout + scoring + update): ours against TRL's PPOTrainer, split by phase.
 
-Same models on both sides: the embedded default (llama 2 layers, d128, GQA, vocab 152) as
-policy and reference, and two scalar models of that architecture (random heads) as value
-and reward model; ours are exported to HF ``LlamaForCausalLM`` and
-``LlamaForSequenceClassification`` for TRL. Same prompts (64 x 16 tokens), sampling at
-temperature 1 for exactly 10 tokens (no EOS stop: TRL ``stop_token=None``, ours an EOS id
-that never occurs), 1 PPO epoch of 4 minibatches of 16 (4 optimiser steps), AdamW
-(b2 0.95, no clipping, as TRL's loop has none), k1 KL, beta 0.02, GAE gamma 1 lambda 0.95,
-clipped ratio and value (0.2), whitened advantages, missing-EOS penalty 1.
+The workload is one iteration of the embedded default's PPO stage (``default_config().ppo``:
+256 episodes of 16 prompt + 10 response tokens, 4 minibatches of 64, 1 epoch). Same models
+on both sides: the embedded default (llama 2 layers, d128, GQA, vocab 152) as policy and
+reference, and two scalar models of that architecture (random heads) as value and reward
+model; ours are exported to HF ``LlamaForCausalLM`` and ``LlamaForSequenceClassification``
+for TRL (their outputs agree to ~1e-6, checked each run). Same prompts, sampling at
+temperature 1 for exactly the response length (no EOS stop: TRL ``stop_token=None``, ours an
+EOS id that never occurs), AdamW (b2 0.95, no clipping, as TRL's loop has none), k1 KL,
+beta 0.02, GAE, clipped ratio and value (0.2), whitened advantages, missing-EOS penalty 1,
+no policy EMA.
 
 Phases. Ours: the stage's three jitted calls (sampler, experience, update), each waited on.
 Ours and TRL take turns iteration by iteration (TRL's ``on_step_end`` callback runs one of
-ours), so both see the same machine load. TRL: its ``train()`` loop, instrumented from outside: rollout = its ``batch_generation``
-call; scoring = from there to the first forward of the policy+value wrapper (reference
-forward, value and reward forwards, rewards, GAE, whitening, and TRL's ``gc.collect()``);
-update = from there to the ``on_step_end`` callback (minibatch forward/backward/steps and
-its metric logging). ``other`` is the rest of TRL's iteration (fetching prompts).
+ours), so both see the same machine load. TRL: its ``train()`` loop, instrumented from
+outside: rollout = its ``batch_generation`` call; scoring = from there to the first forward
+of the policy+value wrapper (reference forward, value and reward forwards, rewards, GAE,
+whitening, and TRL's ``gc.collect()``); update = from there to the ``on_step_end`` callback
+(minibatch forward/backward/steps and its metric logging). ``other`` is the rest of TRL's
+iteration (fetching prompts).
 """
 
 from __future__ import annotations
@@ -45,14 +48,20 @@ NEVER = -1  # an EOS id no token equals: every response has exactly response_len
 PAD, EOS = 0, 1
 
 
+_DEFAULT_PPO = default_config().ppo
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOWorkload:
-    episodes: int = 64
-    prompt_len: int = 16
-    response_len: int = 10
-    minibatch: int = 16
-    epochs: int = 1
-    learning_rate: float = 1e-5
+    """One iteration of the embedded default's PPO stage (episodes, minibatches, lengths)."""
+
+    episodes: int = _DEFAULT_PPO.prompts.batch_size
+    prompt_len: int = _DEFAULT_PPO.prompts.max_len
+    response_len: int = _DEFAULT_PPO.sampling.max_new_tokens
+    minibatch: int = _DEFAULT_PPO.minibatch_size
+    epochs: int = _DEFAULT_PPO.epochs
+    learning_rate: float = _DEFAULT_PPO.policy_optim.learning_rate
+    lam: float = _DEFAULT_PPO.lam
     timed_iterations: int = 3
 
 
@@ -64,8 +73,9 @@ def ppo_config(work: PPOWorkload) -> PPOConfig:
     optim = OptimConfig(learning_rate=work.learning_rate, b2=0.95, final_lr_fraction=1.0, grad_clip=0.0)
     return PPOConfig(sampling=SamplingConfig(max_new_tokens=work.response_len, temperature=1.0),
                      policy_optim=optim, value_optim=optim, minibatch_size=work.minibatch, epochs=work.epochs,
-                     kl_coef=0.02, kl_estimator="k1", gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2,
-                     entropy_coef=0.0, whiten_advantages=True, missing_eos_penalty=1.0, ptx_coef=0.0)
+                     kl_coef=0.02, kl_estimator="k1", gamma=1.0, lam=work.lam, clip=0.2, value_clip=0.2,
+                     entropy_coef=0.0, whiten_advantages=True, missing_eos_penalty=1.0, ptx_coef=0.0,
+                     ema_decay=0.0)  # TRL keeps no EMA of the policy
 
 
 def prompts(work: PPOWorkload, vocab: int) -> np.ndarray:
@@ -202,7 +212,7 @@ def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path
                 num_mini_batches=work.episodes // work.minibatch, num_ppo_epochs=work.epochs,
                 local_rollout_forward_batch_size=work.episodes, total_episodes=work.episodes * iterations,
                 response_length=work.response_len, temperature=1.0, stop_token=None, missing_eos_penalty=1.0,
-                kl_coef=0.02, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                kl_coef=0.02, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=work.lam,
                 whiten_rewards=False, learning_rate=work.learning_rate, adam_beta2=0.95, lr_scheduler_type="constant",
                 num_sample_generations=0, bf16=False, fp16=False, use_cpu=device.type == "cpu", report_to="none",
                 save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0)
@@ -261,8 +271,8 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
                            // work.minibatch},
               "notes": ["scoring: ours runs 4 forwards (policy, reference, value, reward); TRL 3, it takes the "
                         "policy's log-probs from the logits generate returned",
-                        "update: ours takes a policy step and a value step per minibatch (two optimisers) and "
-                        "moves the policy EMA; TRL one step on pg_loss + vf_coef * vf_loss (one optimiser)"]}
+                        "update: ours takes a policy step and a value step per minibatch (two optimisers); "
+                        "TRL one step on pg_loss + vf_coef * vf_loss (one optimiser)"]}
     next_iteration, first_s, jitted = ours(work, mesh, policy, value, reward, prompt_tokens)
     missing = common.missing_peers("torch", "transformers", "trl", "datasets", "accelerate") if peers else []
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@
    SFTTrainer; tokens/s and fraction of the measured matmul peak.
 2. Greedy decoding with a KV cache (prompt 32, exactly 128 new tokens, batch 1 and 8) for
    that model and the embedded tiny default: ours vs ``transformers`` ``generate``.
-3. One PPO iteration on the tiny default (rollout, scoring, update): ours vs TRL's PPOTrainer.
+3. One PPO iteration of the embedded default (rollout, scoring, update): ours vs TRL's PPOTrainer.
 4. Compiles after warm-up for each of ours (must be 0).
 
     python -m benchmarks.run                 # full size (~10-15 min on 2 CPU cores)
