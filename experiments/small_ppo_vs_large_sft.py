@@ -10,7 +10,7 @@ report's ``ppo.win_rate_vs_sft_large`` is the fraction of held-out prompts where
 labeler prefers the small PPO policy's response to the large SFT model's (ties half).
 
     rlhf-jax pipeline --config experiments/small_ppo_vs_large_sft.py --workdir runs/small_vs_large
-    python experiments/seed_sweep.py --config experiments/small_ppo_vs_large_sft.py --workdir runs/sweep_large
+    python -m rlhf_jax.sweep --config experiments/small_ppo_vs_large_sft.py --workdir runs/sweep_large
 """
 
 import dataclasses

@@ -130,17 +130,18 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
 def cached_attention(q: Array, keys: Array, values: Array, mask: Array) -> Array:
     """Attention of new tokens to a cache layer: q ``[B, T, H, D]``; keys, values
     ``[B, K, S, D]`` (H = K * groups); mask ``[B, T, S] bool``. Returns ``[B, T, H, D]``.
-    Scores and softmax in f32; a query with no visible slot averages all (as
-    ``jax.nn.dot_product_attention`` does), its output is unused."""
+    Softmax in f32; a query with no visible slot averages all (as
+    ``jax.nn.dot_product_attention`` does), its output is unused. The matmuls return the
+    compute dtype (as that function's XLA path does): the CPU backend has no bf16 x bf16 ->
+    f32 dot, and accelerators accumulate bf16 dots in f32 anyway."""
     b, t, h, d = q.shape
     k = keys.shape[1]
     grouped = q.reshape(b, t, k, h // k, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys.astype(q.dtype)).astype(jnp.float32) * d ** -0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(q.dtype), preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(q.dtype))
+    return out.reshape(b, t, h, d)
 
 
 class Attention(nn.Module):

@@ -5,8 +5,8 @@ Each seed is a whole pipeline run (its own task data, models and labeler noise) 
 ``<workdir>/sweep.json`` (every run's report, mean and std of each number, and each target
 met or not per seed) and ``<workdir>/sweep.md``.
 
-    python experiments/seed_sweep.py --workdir runs/sweep                 # embedded default
-    python experiments/seed_sweep.py --config experiments/small_ppo_vs_large_sft.py \\
+    python -m rlhf_jax.sweep --workdir runs/sweep                 # embedded default
+    python -m rlhf_jax.sweep --config experiments/small_ppo_vs_large_sft.py \\
         --workdir runs/sweep_large --seeds 0 1 2
 
 Targets (issue 6; the paper's findings in miniature):
