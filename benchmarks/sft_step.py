@@ -58,11 +58,6 @@ def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6 * matmul_params + 12 * L * seq * q
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a jitted f32 ``jnp.dot`` of two n x n matrices (best of ``repeats``)."""
-    return common.jax_matmul_peak(n, repeats)
-
-
 def tokens(work: SFTWorkload) -> np.ndarray:
     return np.random.default_rng(0).integers(0, work.model.vocab_size, (work.batch, work.seq)).astype(np.int32)
 

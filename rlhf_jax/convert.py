@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import ConfigError, MeshConfig, ModelConfig
+from rlhf_jax.config import ConfigError, MeshConfig
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,12 +58,7 @@ def to_hf(export_dir: str | pathlib.Path, out: str | pathlib.Path, mesh,
     from rlhf_jax.models import LanguageModel, hf
     from rlhf_jax.stages.common import abstract_params
 
-    saved = checkpoint.read_export_meta(export_dir)["model"]
-    try:
-        cfg = ModelConfig(**saved)
-    except TypeError as err:
-        raise ConfigError(f"{export_dir}: the model config in {checkpoint.EXPORT_META} is not valid: "
-                          f"{err}") from err
+    cfg = checkpoint.export_model_config(export_dir)
     target = abstract_params(LanguageModel(cfg), mesh)
     try:
         params = checkpoint.load_export(export_dir, target, cfg)

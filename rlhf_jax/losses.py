@@ -121,6 +121,13 @@ def pairwise_accuracy(rewards: Array, ranks: Array, mask: Array) -> tuple[Array,
     return accuracy, {"rm/accuracy": accuracy, "rm/pairs": jnp.sum(pairs)}
 
 
+def win_rate(scores: Array, baseline_scores: Array) -> Array:
+    """Fraction of prompts where ``scores`` beat ``baseline_scores`` (both ``[N]``, e.g. gold
+    scores of two policies' responses to the same prompts); a tie counts half."""
+    wins = jnp.where(scores > baseline_scores, 1.0, jnp.where(scores == baseline_scores, 0.5, 0.0))
+    return jnp.mean(wins)
+
+
 def pairwise_loss(chosen_rewards: Array, rejected_rewards: Array) -> tuple[Array, dict[str, Array]]:
     """``-log sigmoid(r_chosen - r_rejected)`` averaged over the batch (Anthropic HH style
     data); the K = 2 case of :func:`ranking_loss`. Both ``[B] f32``."""

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint
+from rlhf_jax import checkpoint, losses
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.evaluation import Generations
 from rlhf_jax.logging import read_metrics
@@ -140,36 +140,31 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     report: dict[str, Any] = {}
     generations: dict[str, Generations] = {}
     gold: dict[str, np.ndarray] = {}
+
+    def measure(name: str, policy_evaluator: PolicyEvaluator, params, ref_params) -> None:
+        generations[name] = policy_evaluator.generate(params, ref_params, reward, prompts)
+        gold[name] = gold_scores(generations[name].prompts, generations[name].responses)
+        report[name] = {"gold_score": float(gold[name].mean()),
+                        "rm_score": float(generations[name].scores.mean()),
+                        "kl_to_sft": float(generations[name].kl.mean()),
+                        "pretrain_loss": policy_evaluator.pretrain_loss(params, texts),
+                        "response_length": float(generations[name].lengths.mean()),
+                        "eos_rate": float(generations[name].ended.mean())}
+
     baselines = ["sft"]
     if cfg.rm.model is not None:
         large = LanguageModel(cfg.rm.model)
         large_sft = load("sft_large", large)
-        # KL is to the model itself (0): the policies' KL is to the small SFT model
-        large_evaluator = PolicyEvaluator(large, reward_model_score(scalar), env.mesh,
-                                          jax.tree.map(lambda x: x.sharding, large_sft), env.tokenizer,
-                                          sampling, cfg.seed)
-        generations["sft_large"] = large_evaluator.generate(large_sft, large_sft, reward, prompts)
-        gold["sft_large"] = gold_scores(generations["sft_large"].prompts, generations["sft_large"].responses)
-        report["sft_large"] = {"gold_score": float(gold["sft_large"].mean()),
-                               "rm_score": float(generations["sft_large"].scores.mean()),
-                               "pretrain_loss": large_evaluator.pretrain_loss(large_sft, texts),
-                               "response_length": float(generations["sft_large"].lengths.mean()),
-                               "eos_rate": float(generations["sft_large"].ended.mean())}
+        measure("sft_large", PolicyEvaluator(large, reward_model_score(scalar), env.mesh,
+                                             jax.tree.map(lambda x: x.sharding, large_sft), env.tokenizer,
+                                             sampling, cfg.seed), large_sft, large_sft)
+        del report["sft_large"]["kl_to_sft"]  # its KL was to itself; the policies' is to the small SFT
         baselines.append("sft_large")
     for stage in ("sft", *ppo_names):
-        params = sft if stage == "sft" else load(stage, policy)
-        generations[stage] = evaluator.generate(params, sft, reward, prompts)
-        gold[stage] = gold_scores(generations[stage].prompts, generations[stage].responses)
-        report[stage] = {"gold_score": float(gold[stage].mean()),
-                         "rm_score": float(generations[stage].scores.mean()),
-                         "kl_to_sft": float(generations[stage].kl.mean()),
-                         "pretrain_loss": evaluator.pretrain_loss(params, texts),
-                         "response_length": float(generations[stage].lengths.mean()),
-                         "eos_rate": float(generations[stage].ended.mean())}
+        measure(stage, evaluator, sft if stage == "sft" else load(stage, policy), sft)
         if stage != "sft":
-            for baseline in baselines:  # ties count half
-                wins = np.where(gold[stage] > gold[baseline], 1.0, np.where(gold[stage] == gold[baseline], 0.5, 0.0))
-                report[stage][f"win_rate_vs_{baseline}"] = float(wins.mean())
+            for baseline in baselines:
+                report[stage][f"win_rate_vs_{baseline}"] = float(losses.win_rate(gold[stage], gold[baseline]))
             report[stage]["pretrain_loss_regression"] = report[stage]["pretrain_loss"] - report["sft"]["pretrain_loss"]
     rm_rows = [r for r in read_metrics(workdir / "rm" / "metrics.jsonl") if "val/rm_accuracy" in r]
     report["rm"] = {"val_accuracy": rm_rows[-1]["val/rm_accuracy"] if rm_rows else float("nan")}

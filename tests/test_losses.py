@@ -240,3 +240,10 @@ def test_explained_variance():
     mask = jnp.ones((1, 3))
     np.testing.assert_allclose(losses.explained_variance(returns, returns, mask), 1.0)
     np.testing.assert_allclose(losses.explained_variance(jnp.full((1, 3), 2.0), returns, mask), 0.0, atol=1e-6)
+
+
+def test_win_rate_counts_ties_half():
+    scores = jnp.array([1.0, 0.5, 0.2, 0.7])
+    baseline = jnp.array([0.5, 0.5, 0.3, 0.7])  # win, tie, loss, tie
+    assert float(losses.win_rate(scores, baseline)) == pytest.approx((1.0 + 0.5 + 0.0 + 0.5) / 4)
+    assert float(losses.win_rate(baseline, baseline)) == 0.5
