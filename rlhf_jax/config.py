@@ -50,7 +50,8 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False  # recompute each block in the backward pass to save memory
-    attention_impl: Literal["xla", "cudnn", "default"] = "default"  # default: let JAX pick
+    # default: "chunked" on CPU (causal query chunks, upper blocks skipped), JAX's pick elsewhere
+    attention_impl: Literal["xla", "cudnn", "chunked", "default"] = "default"
     hf_path: str | None = None  # a local HF checkpoint directory to start from
 
     @property

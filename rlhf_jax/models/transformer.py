@@ -2,7 +2,8 @@
 
 Parameters and activations carry logical axis names only (``batch, length, embed,
 act_embed, mlp, heads, kv_heads, kv, vocab, norm, positions, layers``); ``rlhf_jax.sharding`` maps them to the mesh.
-Attention goes through ``jax.nn.dot_product_attention`` so accelerators get fused kernels.
+Attention goes through ``jax.nn.dot_product_attention`` on accelerators, so they get fused
+kernels, and through :func:`causal_chunked_attention` on CPU, where that is 2x faster.
 
 Masking: ``segment_ids`` ``[B, T] int32`` marks which example each token belongs to
 (0 = padding). A token attends to earlier tokens of its own segment, which covers padding
@@ -127,21 +128,71 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return out.astype(x.dtype)
 
 
+# Query chunk of the chunked attention path: 64 measured fastest on CPU at T = 256
+# (32: 51 ms, 64: 50 ms, 128: 56 ms, forward + backward, B 8, 8 heads of 64).
+ATTENTION_CHUNK = 64
+
+
+def resolve_attention_impl(impl: str) -> str | None:
+    """The attention path for ``ModelConfig.attention_impl``: ``default`` is ``chunked`` on
+    CPU and ``jax.nn.dot_product_attention``'s own choice (None) on accelerators, where
+    fused kernels win."""
+    if impl == "default":
+        return "chunked" if jax.default_backend() == "cpu" else None
+    return impl
+
+
+def _attend(grouped_q: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """The attention core, heads-major: grouped_q ``[B, K, G, T, D]``; keys, values
+    ``[B, K, S, D]``; mask ``[B, T, S] bool``. Returns ``[B, K, G, T, D]``. Softmax in f32;
+    a query with no visible slot averages all (as ``jax.nn.dot_product_attention`` does),
+    its output is unused. The matmuls return the compute dtype (as that function's XLA path
+    does): the CPU backend has no bf16 x bf16 -> f32 dot, and accelerators accumulate bf16
+    dots in f32 anyway."""
+    d = grouped_q.shape[-1]
+    dtype = grouped_q.dtype
+    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped_q, keys.astype(dtype)).astype(jnp.float32) * d ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, values.astype(dtype))
+
+
+def _heads_major(q: Array, kv_heads: int) -> Array:
+    """``[B, T, H, D]`` -> ``[B, K, G, T, D]`` (H = K * G query heads per kv head)."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(out: Array) -> Array:
+    """``[B, K, G, T, D]`` -> ``[B, T, H, D]``."""
+    b, k, g, t, d = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, d)
+
+
 def cached_attention(q: Array, keys: Array, values: Array, mask: Array) -> Array:
     """Attention of new tokens to a cache layer: q ``[B, T, H, D]``; keys, values
-    ``[B, K, S, D]`` (H = K * groups); mask ``[B, T, S] bool``. Returns ``[B, T, H, D]``.
-    Softmax in f32; a query with no visible slot averages all (as
-    ``jax.nn.dot_product_attention`` does), its output is unused. The matmuls return the
-    compute dtype (as that function's XLA path does): the CPU backend has no bf16 x bf16 ->
-    f32 dot, and accelerators accumulate bf16 dots in f32 anyway."""
-    b, t, h, d = q.shape
-    k = keys.shape[1]
-    grouped = q.reshape(b, t, k, h // k, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys.astype(q.dtype)).astype(jnp.float32) * d ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(q.dtype))
-    return out.reshape(b, t, h, d)
+    ``[B, K, S, D]`` (H = K * groups); mask ``[B, T, S] bool``. Returns ``[B, T, H, D]``."""
+    return _tokens_major(_attend(_heads_major(q, keys.shape[1]), keys, values, mask))
+
+
+def causal_chunked_attention(q: Array, key: Array, value: Array, mask: Array, chunk: int) -> Array:
+    """Causal self-attention by query chunks: q ``[B, T, H, D]``; key, value ``[B, T, K, D]``;
+    mask ``[B, T, T] bool``, which must be causal. Returns ``[B, T, H, D]``.
+
+    Queries ``[i, i + chunk)`` only see keys ``[0, i + chunk)``, so the blocks above the
+    diagonal are never computed: at T = 256 and chunk 64 that is 5/8 of the score matrix.
+    Measured on a 2-core CPU (B 8, T 256, 8 heads of 64, f32, forward + backward): 46 ms
+    against 94 ms for ``jax.nn.dot_product_attention``'s XLA path, which builds all T x T
+    scores in a ``[B, T, H, D]`` layout that its batched matmuls must transpose."""
+    t = q.shape[1]
+    grouped = _heads_major(q, key.shape[2])
+    keys, values = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)
+        outs.append(_attend(grouped[:, :, :, start:end], keys[:, :, :end], values[:, :, :end],
+                            mask[:, start:end, :end]))
+    return _tokens_major(jnp.concatenate(outs, axis=3))
 
 
 class Attention(nn.Module):
@@ -171,9 +222,12 @@ class Attention(nn.Module):
             mask = same & causal & (segment_ids[:, None, :] > 0)
             key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
             value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
-            impl = None if cfg.attention_impl == "default" else cfg.attention_impl
-            out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
-                                               mask=mask[:, None], implementation=impl)
+            impl = resolve_attention_impl(cfg.attention_impl)
+            if impl == "chunked":
+                out = causal_chunked_attention(q, key, value, mask, ATTENTION_CHUNK)
+            else:
+                out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
+                                                   mask=mask[:, None], implementation=impl)
             new_cache = None
         else:
             all_k, all_v = cache
