@@ -32,6 +32,28 @@ def test_sft_loss_ignores_prompt_tokens_and_padding():
     assert metrics["sft/target_tokens"] == 6
 
 
+def test_next_token_logprobs_gradient_and_accuracy_match_the_direct_formulas():
+    """The compare-and-sum pick on all positions equals log_softmax + take_along_axis on
+    the sliced logits, in value and gradient; accuracy equals the argmax test."""
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(3, 7, 13)) * 3, jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 13, size=(3, 7)))
+    mask = jnp.asarray(rng.integers(0, 2, size=(3, 7)), jnp.float32)
+
+    def direct(lg):
+        logp = jax.nn.log_softmax(lg[:, :-1], axis=-1)
+        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+    np.testing.assert_allclose(losses.next_token_logprobs(logits, tokens), direct(logits), rtol=1e-6, atol=1e-6)
+    ours = jax.grad(lambda lg: losses.sft_loss(lg, tokens, mask)[0])(logits)
+    weights = mask[:, 1:] / jnp.sum(mask[:, 1:])
+    expected = jax.grad(lambda lg: -jnp.sum(direct(lg) * weights))(logits)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7)
+    correct = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(jnp.float32)
+    accuracy = losses.sft_loss(logits, tokens, mask)[1]["sft/accuracy"]
+    np.testing.assert_allclose(accuracy, jnp.sum(correct * mask[:, 1:]) / jnp.sum(mask[:, 1:]), rtol=1e-6)
+
+
 def test_sft_loss_with_denominator_sums_exactly_over_microbatches():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(4, 5, 7)), jnp.float32)
