@@ -27,6 +27,7 @@ import sys
 
 from benchmarks import common, decode, ppo, sft_step
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.host import keep_freed_memory
 
 QUICK_MODEL = ModelConfig(family="gpt2", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_len=64)
 SECTIONS = ("sft", "decode", "ppo")
@@ -56,6 +57,9 @@ def omp_wait_policy() -> str:
     if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= 1.0:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return os.environ.get("OMP_WAIT_POLICY", "libgomp default")
+
+
+MALLOC_KEPT = "glibc keeps freed memory (rlhf_jax.host.keep_freed_memory), for ours and the peers alike"
 
 
 def run(sections=SECTIONS, quick: bool = False, peers: bool = True, log=print) -> dict:
@@ -113,7 +117,7 @@ def table(results: dict) -> str:
              f"and torch (OMP_WAIT_POLICY: {m['omp_wait_policy']}); "
              f"load average {results['load_average_start'][0]:.2f} at start, "
              f"{results['load_average_end'][0]:.2f} at end; {results['date']}"
-             f"{'; QUICK (shrunk) workloads' if quick else ''}.",
+             f"{'; QUICK (shrunk) workloads' if quick else ''}; malloc: {m.get('malloc', 'glibc defaults')}.",
              f"Versions: jax {v['jax']}, flax {v['flax']}, torch {v['torch']}, transformers {v['transformers']}, "
              f"trl {v['trl']}, accelerate {v['accelerate']}.", "",
              "| Benchmark | Ours | Peer | Ours / peer | Target | |", "|---|---|---|---|---|---|"]
@@ -179,8 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON files and table.md")
     args = parser.parse_args(argv)
+    # As the rlhf-jax CLI does; ours and the peers share this process, so both get it.
+    malloc_kept = keep_freed_memory()
     results = run(tuple(args.only or SECTIONS), quick=args.quick, peers=not args.ours_only,
                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results["machine"]["malloc"] = MALLOC_KEPT if malloc_kept else "glibc defaults"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for section in SECTIONS:

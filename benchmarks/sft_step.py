@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks import common
 from rlhf_jax import steps
 from rlhf_jax.config import ModelConfig, OptimConfig
+from rlhf_jax.host import keep_freed_memory
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.types import TokenBatch
@@ -241,6 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/sft_step.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as the rlhf-jax CLI does
     result = run(peers=False)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

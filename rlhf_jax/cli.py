@@ -14,6 +14,7 @@ import sys
 
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 from rlhf_jax.distributed import maybe_initialize
+from rlhf_jax.host import keep_freed_memory
 
 STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample")
 
@@ -49,6 +50,7 @@ def resolve_config(config_path: str | None, workdir: str, overrides: list[str]) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    keep_freed_memory()  # before the JAX backend starts its threads
     if argv[:1] == ["convert"]:
         from rlhf_jax.convert import main as convert_main
 

@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
+    from rlhf_jax.host import keep_freed_memory
 
+    keep_freed_memory()  # before the JAX backend starts its threads
     from rlhf_jax.config import load_experiment
     from rlhf_jax.default_config import default_config
     from rlhf_jax.pipeline import run_pipeline
