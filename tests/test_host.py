@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-# Allocates, touches and frees a 64 MiB block with malloc (as XLA's CPU runtime does), then counts the page faults of doing it
-# again: with glibc's defaults the block is mmapped and unmapped each time (16k faults of
-# 4 KiB), with freed memory kept they are reused (no faults).
+# Allocates, touches and frees a 64 MiB block with malloc (as XLA's CPU runtime does), then
+# counts the page faults of doing it again: with glibc's defaults the block is mmapped and
+# unmapped each time (16k faults of 4 KiB), with freed memory kept it is reused (no faults).
 _PROBE = """
 import ctypes, resource
 from rlhf_jax.host import keep_freed_memory
