@@ -9,7 +9,8 @@ for TRL (their outputs agree to ~1e-6, checked each run). Same prompts, sampling
 temperature 1 for exactly the response length (no EOS stop: TRL ``stop_token=None``, ours an
 EOS id that never occurs), AdamW (b2 0.95, no clipping, as TRL's loop has none), k1 KL,
 beta 0.02, GAE, clipped ratio and value (0.2), whitened advantages, missing-EOS penalty 1,
-no policy EMA.
+no policy EMA. Both take the behaviour policy's log-probs from the sampling pass (ours:
+``PPOConfig.old_logprobs = "sampler"``), so scoring runs three forward passes on each side.
 
 Phases. Ours: the stage's three jitted calls (sampler, experience, update), each waited on.
 Ours and TRL take turns iteration by iteration (TRL's ``on_step_end`` callback runs one of

@@ -235,6 +235,11 @@ class PPOConfig:
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
+    # The behaviour policy's log-probs (PPO's ratio denominator): "sampler" takes the ones
+    # the sampler computed on its KV-cache pass (of the tempered distribution before any
+    # top-k/top-p filtering, as PPO's own forward passes compute them), as TRL does, saving
+    # a forward pass; "recompute" runs that forward pass. Greedy sampling always recomputes.
+    old_logprobs: Literal["sampler", "recompute"] = "sampler"
     ptx_coef: float = 0.0  # gamma_ptx: 0 is plain PPO; the paper's PPO-ptx uses 27.8
     # pretraining rows per optimiser step come from pretrain.batch_size
     ema_decay: float = 0.992  # EMA of policy weights, used for evaluation and export; 0: off

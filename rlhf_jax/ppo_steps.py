@@ -55,10 +55,19 @@ def reward_model_score(reward_model: nn.Module) -> RewardFn:
     return score
 
 
+def sampler_logprobs_are_exact(cfg: PPOConfig) -> bool:
+    """Whether experience takes the sampler's log-probs (``cfg.old_logprobs == "sampler"``):
+    they are the ones a forward pass gives (logits over the temperature, log-softmax before
+    top-k/top-p filtering, :func:`rlhf_jax.sampling.choose_tokens`), up to the KV cache's
+    rounding, whenever the sampler samples (temperature > 0)."""
+    return cfg.old_logprobs == "sampler" and cfg.sampling.temperature > 0
+
+
 def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_fn: RewardFn, cfg: PPOConfig,
                        reward_offset: float, reward_gain: float, mesh: Mesh) -> Callable:
     """experience(policy_params, ref_params, value_params, reward_params, samples, kl_coef)
-    -> (Rollout, metrics): reference log-probs, values, the score (``reward_fn``: the reward
+    -> (Rollout, metrics): the behaviour policy's log-probs (the sampler's, see
+    :func:`sampler_logprobs_are_exact`, or recomputed), reference log-probs, values, the score (``reward_fn``: the reward
     model, or any programmatic reward; minus the missing-EOS penalty), KL-shaped per-token
     rewards, GAE advantages and returns."""
 
@@ -67,8 +76,11 @@ def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_fn: Rew
         tokens, segments, positions = samples.full_sequences()
         mask = samples.mask.astype(jnp.float32)
         temperature = cfg.sampling.temperature
-        old_logp = response_logprobs(response_logits(policy, policy_params, tokens, segments, positions, prompt_len),
-                                     tokens, prompt_len, temperature) * mask
+        if sampler_logprobs_are_exact(cfg):
+            old_logp = samples.logprobs * mask
+        else:
+            old_logp = response_logprobs(response_logits(policy, policy_params, tokens, segments, positions,
+                                                         prompt_len), tokens, prompt_len, temperature) * mask
         ref_logp = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, prompt_len),
                                      tokens, prompt_len, temperature) * mask
         values = response_values(value_model, value_params, tokens, segments, positions, prompt_len) * mask
