@@ -25,8 +25,8 @@ from rlhf_jax.types import PPOState, Rollout, TokenBatch
 
 def response_logits(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
     """``[B, N+1, V]``: logits from the last prompt position on (the last row is unused)."""
-    logits, _ = model.apply({"params": params}, tokens, positions, segment_ids)
-    return logits[:, prompt_len - 1:]
+    logits, _ = model.apply({"params": params}, tokens, positions, segment_ids, logits_from=prompt_len - 1)
+    return logits
 
 
 def response_logprobs(logits, tokens, prompt_len: int, temperature: float):

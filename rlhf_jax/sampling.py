@@ -97,7 +97,8 @@ def sample(model: nn.Module, params: Any, prompt_tokens: Array, prompt_segments:
     cache = KVCache.init(model.cfg, batch, prompt_len + n_new)
     cache = jax.tree.map(nn.with_logical_constraint, cache, KV_CACHE_LOGICAL_AXES)
     prompt_positions = positions_from_segments(prompt_segments)
-    logits, cache = model.apply({"params": params}, prompt_tokens, prompt_positions, prompt_segments, cache=cache)
+    logits, cache = model.apply({"params": params}, prompt_tokens, prompt_positions, prompt_segments, cache=cache,
+                                logits_from=prompt_len - 1)  # only the last prompt position's logits are read
     next_position = prompt_positions[:, -1] + 1  # [B]
 
     def cond(state: _DecodeState):

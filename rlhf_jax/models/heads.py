@@ -14,7 +14,13 @@ from rlhf_jax.models.transformer import Decoder, KVCache, _dense
 
 
 class LanguageModel(nn.Module):
-    """Returns (logits ``[B, T, V] f32``, cache)."""
+    """Returns (logits ``[B, T - logits_from, V] f32``, cache).
+
+    ``logits_from`` (a static int, default 0) is the first position whose logits are
+    computed: PPO's passes need only the response's and the sampler's prefill only the last
+    prompt position's, and at a real vocabulary the unembedding of every prompt position is
+    a large share of a forward pass.
+    """
 
     cfg: ModelConfig
 
@@ -24,8 +30,9 @@ class LanguageModel(nn.Module):
             self.lm_head = _dense(self.cfg.vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_from: int = 0):
         hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic)
+        hidden = hidden[:, logits_from:]
         if self.cfg.tie_embeddings:
             logits = self.backbone.attend(hidden)
         else:

@@ -106,6 +106,16 @@ def test_chunked_attention_matches_dot_product_attention(cfg):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=jax.tree_util.keystr(path[0]))
 
 
+@pytest.mark.parametrize("cfg", [GPT2, LLAMA_GQA], ids=["gpt2", "llama-gqa"])
+def test_logits_from_computes_only_the_later_positions(cfg):
+    model, params = _init(cfg)
+    tokens = jax.random.randint(jax.random.key(3), (2, 10), 0, cfg.vocab_size)
+    full, _ = model.apply({"params": params}, tokens)
+    tail, _ = model.apply({"params": params}, tokens, logits_from=6)
+    assert tail.shape == (2, 4, cfg.vocab_size)
+    np.testing.assert_allclose(tail, full[:, 6:], atol=1e-6)
+
+
 def test_positions_from_segments():
     segments = jnp.array([[1, 1, 1, 2, 2, 0], [0, 0, 1, 1, 1, 1]])
     # restart at each segment start; padding gets 0
