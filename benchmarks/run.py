@@ -7,6 +7,10 @@
 3. One PPO iteration of the embedded default (rollout, scoring, update): ours vs TRL's PPOTrainer.
 4. Compiles after warm-up for each of ours (must be 0).
 
+Each section runs in a fresh process (``--section``): run after the SFT section in the same
+process, our PPO iteration measured 0.56-0.69 s against 0.47 s alone, so a section's
+numbers must not depend on which ran before it.
+
     python -m benchmarks.run                 # full size (~10-15 min on 2 CPU cores)
     python -m benchmarks.run --quick         # every workload shrunk (~1-2 min)
     python -m benchmarks.run --ours-only     # no torch / transformers / trl needed
@@ -23,7 +27,9 @@ import datetime
 import json
 import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 
 from benchmarks import common, decode, ppo, sft_step
 from rlhf_jax.config import ModelConfig
@@ -48,13 +54,15 @@ def workloads(quick: bool) -> dict:
 
 
 def omp_wait_policy() -> str:
-    """torch's OpenMP threads spin-wait between parallel regions; on a busy machine (other
-    processes runnable) a spinning thread holds a core the other one needs, and torch
-    collapses (seen here, load ~5 on 2 cores: a 256^3 f32 matmul at 2 GFLOP/s with 2 threads,
-    100 with 1, 95 with 2 and OMP_WAIT_POLICY=PASSIVE). Unless the user chose a policy, a
-    busy machine (1-min load average >= 1 at start) gets PASSIVE, a quiet one libgomp's
-    default. Must run before torch is imported."""
-    if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= 1.0:
+    """torch's OpenMP threads spin-wait between parallel regions (libgomp's default). On a
+    machine whose cores other processes keep busy, a spinning thread holds a core the other
+    one needs and torch collapses (seen here, load ~5 on 2 cores: a 256^3 f32 matmul at 2
+    GFLOP/s with 2 threads, 100 with 1, 95 with 2 and OMP_WAIT_POLICY=PASSIVE). Unless the
+    user chose a policy, such a machine (1-min load average >= the core count at start) gets
+    PASSIVE; any other keeps libgomp's default, which is what torch users run with: PASSIVE
+    on a quiet machine slowed TRL's PPO iteration from 0.57 to 0.82 s. Must run before torch
+    is imported."""
+    if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= common.peer_threads():
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return os.environ.get("OMP_WAIT_POLICY", "libgomp default")
 
@@ -62,22 +70,40 @@ def omp_wait_policy() -> str:
 MALLOC_KEPT = "glibc keeps freed memory (rlhf_jax.host.keep_freed_memory), for ours and the peers alike"
 
 
-def run(sections=SECTIONS, quick: bool = False, peers: bool = True, log=print) -> dict:
-    work = workloads(quick)
+def run(sections=SECTIONS, quick: bool = False, peers: bool = True) -> dict:
+    """Every section in ``sections``, each in a fresh process, plus the machine."""
     load = os.getloadavg()
     policy = omp_wait_policy() if peers else "n/a (no peers)"
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "quick": quick, "peers": peers, "machine": {**common.machine_info(), "omp_wait_policy": policy},
                "load_average_start": load}
-    if "sft" in sections:
-        results["sft"] = sft_step.run(work["sft"], peers=peers, log=log)
-    if "decode" in sections:
-        results["decode"] = decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
-    if "ppo" in sections:
-        results["ppo"] = ppo.run(work["ppo"], peers=peers, log=log)
+    for section in SECTIONS:
+        if section in sections:
+            results[section] = run_in_fresh_process(section, quick, peers)
     results["load_average_end"] = os.getloadavg()
     results["compiles_after_warmup"] = compiles(results)
     return results
+
+
+def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
+    """One section's results, computed in this process."""
+    work = workloads(quick)
+    if section == "sft":
+        return sft_step.run(work["sft"], peers=peers, log=log)
+    if section == "decode":
+        return decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
+    return ppo.run(work["ppo"], peers=peers, log=log)
+
+
+def run_in_fresh_process(section: str, quick: bool, peers: bool) -> dict:
+    """One section's results from ``python -m benchmarks.run --section``, a fresh process
+    (its log lines go to this one's stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / f"{section}.json"
+        cmd = [sys.executable, "-m", "benchmarks.run", "--section", section, "--out", str(out)]
+        cmd += ["--quick"] * quick + ["--ours-only"] * (not peers)
+        subprocess.run(cmd, check=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
+        return json.loads(out.read_text())
 
 
 def compiles(results: dict) -> dict[str, int]:
@@ -182,11 +208,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ours-only", action="store_true", help="skip the peers (no torch/transformers/trl)")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON files and table.md")
+    parser.add_argument("--section", choices=SECTIONS,
+                        help="internal: compute this one section here and write its JSON to --out (a file)")
     args = parser.parse_args(argv)
-    # As the rlhf-jax CLI does; ours and the peers share this process, so both get it.
+    # As the rlhf-jax CLI does; ours and the peers share a process, so both get it.
     malloc_kept = keep_freed_memory()
-    results = run(tuple(args.only or SECTIONS), quick=args.quick, peers=not args.ours_only,
-                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.section:  # OMP_WAIT_POLICY comes from the parent's environment
+        result = run_section(args.section, args.quick, not args.ours_only,
+                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    results = run(tuple(args.only or SECTIONS), quick=args.quick, peers=not args.ours_only)
     results["machine"]["malloc"] = MALLOC_KEPT if malloc_kept else "glibc defaults"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

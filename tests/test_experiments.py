@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rlhf_jax.config import CheckpointConfig, DataConfig, MeshConfig, load_experiment  # noqa: E402
+from rlhf_jax.config import CheckpointConfig, load_experiment  # noqa: E402
 from rlhf_jax.stages.ppo import run_ppo  # noqa: E402
 from rlhf_jax.stages.rm import run_rm  # noqa: E402
 from rlhf_jax.stages.sft import run_sft  # noqa: E402

@@ -19,7 +19,6 @@ per-layer slice + ``jnp.stack`` copied the whole cache: together 2x slower at ba
 
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax

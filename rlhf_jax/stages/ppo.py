@@ -15,7 +15,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax.config import Config, ConfigError, PPOConfig

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint, losses, sharding, steps
-from rlhf_jax.config import Config, ConfigError
+from rlhf_jax.config import Config
 from rlhf_jax.data import RankingBatches, SFTBatches, to_global
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel, ScalarModel

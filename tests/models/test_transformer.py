@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.config import MeshConfig, ModelConfig
+from rlhf_jax.config import ModelConfig
 from rlhf_jax.models import KVCache, LanguageModel, ScalarModel, positions_from_segments
-from rlhf_jax import sharding
 
 GPT2 = ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=32)
 LLAMA_GQA = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
