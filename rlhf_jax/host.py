@@ -11,14 +11,17 @@ faults to 0. It only takes effect if called before the JAX backend starts its th
 sweep and the benchmarks call it first thing.
 
 The price is that the process's resident memory stays at its peak instead of shrinking
-after it: right for a training job, which reaches its peak every step anyway. Set
-``RLHF_JAX_SYSTEM_MALLOC=1`` to keep glibc's defaults.
+after it: right for a CPU training job, which reaches its peak every step anyway. On a host
+with a GPU or TPU the steps' buffers live on the device, so nothing is gained there, while a
+large checkpoint read through host memory would keep its peak: it is left alone unless
+``JAX_PLATFORMS`` is ``cpu``. Set ``RLHF_JAX_SYSTEM_MALLOC=1`` to keep glibc's defaults.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import sys
 
@@ -29,12 +32,26 @@ _M_ARENA_MAX = -8  # how many malloc arenas the process's threads share
 _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+# Device files of accelerators JAX would use before the CPU: NVIDIA GPUs, TPUs.
+_ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def _runs_on_cpu() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
+
+
 def keep_freed_memory() -> bool:
     """Configures glibc's malloc to reuse freed memory instead of returning it to the
     kernel: one arena, no per-block ``mmap``, no trimming of the heap top. Returns whether
-    it did (False on other platforms, other C libraries, or with
-    ``RLHF_JAX_SYSTEM_MALLOC=1``). Call it before anything runs on a JAX device."""
+    it did: not on other platforms or C libraries, on a host with a GPU or TPU (unless
+    ``JAX_PLATFORMS=cpu``), or with ``RLHF_JAX_SYSTEM_MALLOC=1``. Call it before anything
+    runs on a JAX device."""
     if os.environ.get("RLHF_JAX_SYSTEM_MALLOC", "") not in ("", "0") or not sys.platform.startswith("linux"):
+        return False
+    if not _runs_on_cpu():
         return False
     name = ctypes.util.find_library("c")
     try:

@@ -46,3 +46,18 @@ def test_keep_freed_memory_reuses_freed_blocks_and_can_be_turned_off():
     default_kept, default_faults = _probe("1")
     assert not default_kept
     assert default_faults > 10_000, default_faults
+
+
+def test_keep_freed_memory_leaves_accelerator_hosts_alone(monkeypatch):
+    from rlhf_jax import host
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not host._runs_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host._runs_on_cpu()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(host.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    assert not host._runs_on_cpu()
+    assert not host.keep_freed_memory()
+    monkeypatch.setattr(host.glob, "glob", lambda pattern: [])
+    assert host._runs_on_cpu()
