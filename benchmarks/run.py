@@ -11,7 +11,7 @@ Each section runs in a fresh process (``--section``): run after the SFT section 
 process, our PPO iteration measured 0.56-0.69 s against 0.47 s alone, so a section's
 numbers must not depend on which ran before it.
 
-    python -m benchmarks.run                 # full size (~10-15 min on 2 CPU cores)
+    python -m benchmarks.run                 # full size (~3 min on 2 CPU cores)
     python -m benchmarks.run --quick         # every workload shrunk (~1-2 min)
     python -m benchmarks.run --ours-only     # no torch / transformers / trl needed
 
