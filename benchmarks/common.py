@@ -151,6 +151,20 @@ def time_calls(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] =
     return times
 
 
+def take_turns(runners: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Runs each runner once per round, in turn, so every one sees the same machine load (on
+    a shared machine the load drifts over minutes). Each runner must wait for its own work.
+    Returns (seconds of each call, each call's output), by runner name."""
+    times = {name: [] for name in runners}
+    outputs = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run_once in runners.items():
+            t0 = time.perf_counter()
+            outputs[name].append(run_once())
+            times[name].append(time.perf_counter() - t0)
+    return times, outputs
+
+
 def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "mean_s": statistics.fmean(times),
             "n": len(times)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -105,16 +104,10 @@ def run(work: DecodeWorkload = DecodeWorkload(), models: dict[str, ModelConfig] 
                 runners = {"ours": run_ours}
                 if peers and not missing:
                     runners["hf_generate"] = hf_generate(model_dir, tokens, work)
-                # ours and generate take turns call by call: both see the same machine load
-                times, outputs = {k: [] for k in runners}, {}
                 compiled, counter = jitted._cache_size(), common.compile_counter()
                 with counter.counting():
                     counter.count = 0
-                    for _ in range(work.repeats):
-                        for key, run_once in runners.items():
-                            t0 = time.perf_counter()
-                            outputs[key] = run_once()
-                            times[key].append(time.perf_counter() - t0)
+                    times, outputs = common.take_turns(runners, work.repeats)
                 row["ours"] = {**_timed(batch, work, times["ours"]),
                                "compiles_after_warmup": counter.count + jitted._cache_size() - compiled}
                 if not peers:
@@ -124,7 +117,7 @@ def run(work: DecodeWorkload = DecodeWorkload(), models: dict[str, ModelConfig] 
                 else:
                     row["hf_generate"] = _timed(batch, work, times["hf_generate"])
                     # same weights and maths: the greedy tokens agree (float noise can flip a near-tie)
-                    row["same_tokens_fraction"] = float(np.mean(outputs["hf_generate"] == outputs["ours"]))
+                    row["same_tokens_fraction"] = float(np.mean(outputs["hf_generate"][-1] == outputs["ours"][-1]))
                     row["speedup"] = row["ours"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"]
                 log(f"decode {name} batch {batch}: ours {row['ours']['tokens_per_s']:.0f} tok/s"
                     + (f", generate {row['hf_generate']['tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x)"

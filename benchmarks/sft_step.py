@@ -113,15 +113,8 @@ def torch_loop(work: SFTWorkload, model_dir: pathlib.Path):
 
 
 def alternate(steppers: dict, n: int) -> dict[str, dict]:
-    """Runs ``n`` timed steps of each stepper, taking turns step by step, so that every one
-    sees the same machine load (on a shared machine the load drifts over minutes)."""
-    times = {name: [] for name in steppers}
-    losses = {name: [] for name in steppers}
-    for _ in range(n):
-        for name, step in steppers.items():
-            t0 = time.perf_counter()
-            losses[name].append(step())
-            times[name].append(time.perf_counter() - t0)
+    """``n`` timed steps of each stepper, taking turns step by step (:func:`common.take_turns`)."""
+    times, losses = common.take_turns(steppers, n)
     return {name: {"step_s": float(np.median(times[name])), "step_s_all": times[name],
                    "loss_first_last": [losses[name][0], losses[name][-1]]} for name in steppers}
 
