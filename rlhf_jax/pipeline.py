@@ -141,15 +141,16 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     generations: dict[str, Generations] = {}
     gold: dict[str, np.ndarray] = {}
 
-    def measure(name: str, policy_evaluator: PolicyEvaluator, params, ref_params) -> None:
+    def measure(name: str, policy_evaluator: PolicyEvaluator, params, ref_params, kl_to_sft: bool = True) -> None:
         generations[name] = policy_evaluator.generate(params, ref_params, reward, prompts)
         gold[name] = gold_scores(generations[name].prompts, generations[name].responses)
         report[name] = {"gold_score": float(gold[name].mean()),
                         "rm_score": float(generations[name].scores.mean()),
-                        "kl_to_sft": float(generations[name].kl.mean()),
                         "pretrain_loss": policy_evaluator.pretrain_loss(params, texts),
                         "response_length": float(generations[name].lengths.mean()),
                         "eos_rate": float(generations[name].ended.mean())}
+        if kl_to_sft:
+            report[name]["kl_to_sft"] = float(generations[name].kl.mean())
 
     baselines = ["sft"]
     if cfg.rm.model is not None:
@@ -157,8 +158,8 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
         large_sft = load("sft_large", large)
         measure("sft_large", PolicyEvaluator(large, reward_model_score(scalar), env.mesh,
                                              jax.tree.map(lambda x: x.sharding, large_sft), env.tokenizer,
-                                             sampling, cfg.seed), large_sft, large_sft)
-        del report["sft_large"]["kl_to_sft"]  # its KL was to itself; the policies' is to the small SFT
+                                             sampling, cfg.seed), large_sft, large_sft,
+                kl_to_sft=False)  # its KL is to itself; the policies' is to the small SFT model
         baselines.append("sft_large")
     for stage in ("sft", *ppo_names):
         measure(stage, evaluator, sft if stage == "sft" else load(stage, policy), sft)

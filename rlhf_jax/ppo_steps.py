@@ -55,7 +55,7 @@ def reward_model_score(reward_model: nn.Module) -> RewardFn:
     return score
 
 
-def sampler_logprobs_are_exact(cfg: PPOConfig) -> bool:
+def takes_sampler_logprobs(cfg: PPOConfig) -> bool:
     """Whether experience takes the sampler's log-probs (``cfg.old_logprobs == "sampler"``):
     they are the ones a forward pass gives (logits over the temperature, log-softmax before
     top-k/top-p filtering, :func:`rlhf_jax.sampling.choose_tokens`), up to the KV cache's
@@ -67,16 +67,16 @@ def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_fn: Rew
                        reward_offset: float, reward_gain: float, mesh: Mesh) -> Callable:
     """experience(policy_params, ref_params, value_params, reward_params, samples, kl_coef)
     -> (Rollout, metrics): the behaviour policy's log-probs (the sampler's, see
-    :func:`sampler_logprobs_are_exact`, or recomputed), reference log-probs, values, the score (``reward_fn``: the reward
-    model, or any programmatic reward; minus the missing-EOS penalty), KL-shaped per-token
-    rewards, GAE advantages and returns."""
+    :func:`takes_sampler_logprobs`, or recomputed), reference log-probs, values, the score
+    (``reward_fn``: the reward model, or any programmatic reward; minus the missing-EOS
+    penalty), KL-shaped per-token rewards, GAE advantages and returns."""
 
     def experience(policy_params, ref_params, value_params, reward_params, samples: Samples, kl_coef):
         prompt_len = samples.prompt_tokens.shape[1]
         tokens, segments, positions = samples.full_sequences()
         mask = samples.mask.astype(jnp.float32)
         temperature = cfg.sampling.temperature
-        if sampler_logprobs_are_exact(cfg):
+        if takes_sampler_logprobs(cfg):
             old_logp = samples.logprobs * mask
         else:
             old_logp = response_logprobs(response_logits(policy, policy_params, tokens, segments, positions,

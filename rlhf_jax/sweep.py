@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
+import statistics
 import sys
 
 RM_WELL_ABOVE_CHANCE = 0.6
@@ -60,9 +60,8 @@ def summarize(reports: dict[int, dict]) -> dict:
     stats = {}
     for key in keys:
         values = [flat[s][key] for s in reports]
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
-        stats[key] = {"mean": mean, "std": std, "values": values}
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        stats[key] = {"mean": statistics.fmean(values), "std": std, "values": values}
     met = {seed: targets(r) for seed, r in reports.items()}
     return {"seeds": list(reports), "stats": stats, "targets": met, "reports": reports}
 

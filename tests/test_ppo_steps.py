@@ -9,7 +9,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.config import MeshConfig, ModelConfig, PPOConfig, SamplingConfig
 from rlhf_jax.models import LanguageModel, ScalarModel
-from rlhf_jax.ppo_steps import make_experience_fn, reward_model_score, sampler_logprobs_are_exact
+from rlhf_jax.ppo_steps import make_experience_fn, reward_model_score, takes_sampler_logprobs
 from rlhf_jax.sampling import make_sampler
 
 MODEL = ModelConfig(family="llama", vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -36,9 +36,9 @@ def _experience(sampling: SamplingConfig, old_logprobs: str):
 
 def test_sampler_logprobs_equal_a_recomputed_forward_pass():
     unfiltered = SamplingConfig(max_new_tokens=8, temperature=0.7)
-    assert sampler_logprobs_are_exact(PPOConfig(sampling=unfiltered))
-    assert not sampler_logprobs_are_exact(PPOConfig(sampling=unfiltered, old_logprobs="recompute"))
-    assert not sampler_logprobs_are_exact(PPOConfig(sampling=dataclasses.replace(unfiltered, temperature=0.0)))
+    assert takes_sampler_logprobs(PPOConfig(sampling=unfiltered))
+    assert not takes_sampler_logprobs(PPOConfig(sampling=unfiltered, old_logprobs="recompute"))
+    assert not takes_sampler_logprobs(PPOConfig(sampling=dataclasses.replace(unfiltered, temperature=0.0)))
     # With top-k and top-p too: both are the tempered distribution's log-probs before filtering.
     for sampling in (unfiltered, dataclasses.replace(unfiltered, top_k=5, top_p=0.9)):
         samples, taken = _experience(sampling, "sampler")
