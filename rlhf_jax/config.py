@@ -277,6 +277,11 @@ class PipelineConfig:
     # Also run PPO against the embedded task's gold scorer itself (stage ppo_gold): a perfect
     # reward model, so the report separates what the RM limits from what PPO limits.
     run_ppo_gold: bool = False
+    # Best-of-n diagnosis of the RM on the SFT policy's own samples (held-out prompts, PPO's
+    # sampling settings): the gold score of the RM's pick of n against a random sample's and
+    # the gold-best one's. PPO can only climb the gold score along what the RM ranks right
+    # among the policy's samples. 0 skips it.
+    best_of_n: int = 8
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,16 @@ class PolicyEvaluator:
 
         self.kl = jit_under_mesh(kl_to_reference, mesh)
 
-    def generate(self, params, ref_params, reward_params, prompt_batches) -> Generations:
-        """Responses to every prompt of ``prompt_batches`` (its ``eval_batches``), scored."""
+    def generate(self, params, ref_params, reward_params, prompt_batches, draw: int = 0) -> Generations:
+        """Responses to every prompt of ``prompt_batches`` (its ``eval_batches``), scored.
+        ``draw`` numbers independent draws of the same prompts (when sampling)."""
         out = {k: [] for k in ("prompt", "response", "score", "kl", "length", "ended")}
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), draw) if draw else None
         for i, local in enumerate(prompt_batches.eval_batches()):
             batch = to_global(local, self.mesh)
-            samples = self.sampler(params, batch.tokens, batch.segment_ids, jax.random.PRNGKey(self.seed + i))
+            # draw 0 keeps the keys earlier runs used, so their reports stay reproducible
+            batch_key = jax.random.PRNGKey(self.seed + i) if key is None else jax.random.fold_in(key, i)
+            samples = self.sampler(params, batch.tokens, batch.segment_ids, batch_key)
             scores = self.score(reward_params, samples)
             kl = self.kl(params, ref_params, samples)
             host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),

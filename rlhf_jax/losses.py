@@ -145,6 +145,19 @@ def win_rate(scores: Array, baseline_scores: Array) -> Array:
     return jnp.mean(wins)
 
 
+def best_of_n(rewards: Array, gold: Array) -> tuple[Array, dict[str, Array]]:
+    """Best-of-n selection by a reward model, judged by a gold scorer: ``rewards`` and
+    ``gold`` are ``[N, B]``, N sampled responses to each of B prompts. Returns the mean gold
+    score of the response the reward model ranks first (ties: the first such sample), with
+    the mean gold score of one sample (what picking at random gives on average) and of the
+    gold-best sample (a perfect reward model's pick). A reward model that helps PPO must at
+    least pick better than at random among the policy's own samples."""
+    columns = jnp.arange(gold.shape[1])
+    picked = jnp.mean(gold[jnp.argmax(rewards, axis=0), columns])
+    return picked, {"best_of_n/rm_pick_gold": picked, "best_of_n/random_gold": jnp.mean(gold),
+                    "best_of_n/oracle_gold": jnp.mean(jnp.max(gold, axis=0))}
+
+
 def pairwise_loss(chosen_rewards: Array, rejected_rewards: Array) -> tuple[Array, dict[str, Array]]:
     """``-log sigmoid(r_chosen - r_rejected)`` averaged over the batch (Anthropic HH style
     data); the K = 2 case of :func:`ranking_loss`. Both ``[B] f32``."""

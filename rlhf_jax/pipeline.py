@@ -79,6 +79,8 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     from rlhf_jax.stages.sft import run_sft
 
     workdir = pathlib.Path(workdir).absolute()
+    if cfg.pipeline.best_of_n < 0:
+        raise ConfigError(f"pipeline.best_of_n must be >= 0 (0 skips the diagnosis), got {cfg.pipeline.best_of_n}")
     start = time.perf_counter()
     if not _stage_done(workdir, "pretrain"):
         run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text", show_progress=show_progress)
@@ -108,6 +110,31 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     if jax.process_index() == 0:  # every process has the same report; one writes it
         write_report(workdir, report, samples, tuple(runs))
     return report
+
+
+def rm_best_of_n(cfg: Config, env: common.StageEnv, policy, scalar, sft_params, reward_params,
+                 prompts) -> dict[str, float]:
+    """The RM as a best-of-n selector among ``pipeline.best_of_n`` samples of the SFT policy
+    (PPO's sampling settings) on the held-out prompts: report keys ``best_of_n``,
+    ``best_of_n_gold`` (the RM's pick), ``best_of_n_random_gold`` (one sample) and
+    ``best_of_n_oracle_gold`` (the gold-best sample)."""
+    from rlhf_jax.evaluation import PolicyEvaluator
+    from rlhf_jax.ppo_steps import reward_model_score
+    from rlhf_jax.tasks import gold_scores
+
+    n = cfg.pipeline.best_of_n
+    evaluator = PolicyEvaluator(policy, reward_model_score(scalar), env.mesh,
+                                jax.tree.map(lambda x: x.sharding, sft_params), env.tokenizer, cfg.ppo.sampling,
+                                cfg.seed)
+    rewards, gold = [], []
+    for draw in range(1, n + 1):
+        generations = evaluator.generate(sft_params, sft_params, reward_params, prompts, draw=draw)
+        rewards.append(generations.scores)
+        gold.append(gold_scores(generations.prompts, generations.responses))
+    picked, metrics = losses.best_of_n(jnp.asarray(np.stack(rewards)), jnp.asarray(np.stack(gold)))
+    return {"best_of_n": n, "best_of_n_gold": float(picked),
+            "best_of_n_random_gold": float(metrics["best_of_n/random_gold"]),
+            "best_of_n_oracle_gold": float(metrics["best_of_n/oracle_gold"])}
 
 
 def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> tuple[dict[str, Any], list[dict]]:
@@ -169,6 +196,8 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
             report[stage]["pretrain_loss_regression"] = report[stage]["pretrain_loss"] - report["sft"]["pretrain_loss"]
     rm_rows = [r for r in read_metrics(workdir / "rm" / "metrics.jsonl") if "val/rm_accuracy" in r]
     report["rm"] = {"val_accuracy": rm_rows[-1]["val/rm_accuracy"] if rm_rows else float("nan")}
+    if cfg.pipeline.best_of_n:
+        report["rm"].update(rm_best_of_n(cfg, env, policy, scalar, sft, reward, prompts))
     samples = [{"prompt": generations["sft"].prompts[i], **{s: generations[s].responses[i] for s in generations}}
                for i in range(min(8, len(generations["sft"].prompts)))]
     return report, samples

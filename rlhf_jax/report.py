@@ -104,6 +104,12 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: list[di
                      + f"{kl} | {_fmt(r['pretrain_loss'])} | {_fmt(r['rm_score'])} |")
     lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(report['rm']['val_accuracy'])} "
               f"(labelers agree with each other on about 73% of pairs).", ""]
+    rm = report["rm"]
+    if "best_of_n" in rm:
+        lines += [f"The RM as a best-of-{rm['best_of_n']} selector among the SFT policy's samples (held out): "
+                  f"gold score {_fmt(rm['best_of_n_gold'])} for its pick, against {_fmt(rm['best_of_n_random_gold'])} "
+                  f"for a random sample and {_fmt(rm['best_of_n_oracle_gold'])} for the gold-best one. PPO climbs "
+                  f"the gold score only as far as the RM picks better than at random.", ""]
     lines += [f"![{name}]({name})" for name in PLOTS]
     lines += ["", "## Sample held-out responses", "", "| prompt | " + " | ".join(policies) + " |",
               "|---" * (1 + len(policies)) + "|"]

@@ -264,6 +264,19 @@ def test_explained_variance():
     np.testing.assert_allclose(losses.explained_variance(jnp.full((1, 3), 2.0), returns, mask), 0.0, atol=1e-6)
 
 
+def test_best_of_n_picks_by_reward_and_judges_by_gold():
+    # 3 samples x 2 prompts: the RM picks sample 2 for prompt 0 (gold 0.1) and sample 0 for
+    # prompt 1 (gold 0.9); the first of tied rewards wins
+    rewards = jnp.array([[0.0, 5.0], [1.0, 5.0], [2.0, -1.0]])
+    gold = jnp.array([[0.8, 0.9], [0.5, 0.2], [0.1, 1.0]])
+    picked, metrics = losses.best_of_n(rewards, gold)
+    assert float(picked) == pytest.approx((0.1 + 0.9) / 2)
+    assert float(metrics["best_of_n/random_gold"]) == pytest.approx(float(gold.mean()))
+    assert float(metrics["best_of_n/oracle_gold"]) == pytest.approx((0.8 + 1.0) / 2)
+    # a reward equal to the gold score picks what the oracle picks
+    assert float(losses.best_of_n(gold, gold)[0]) == pytest.approx((0.8 + 1.0) / 2)
+
+
 def test_win_rate_counts_ties_half():
     scores = jnp.array([1.0, 0.5, 0.2, 0.7])
     baseline = jnp.array([0.5, 0.5, 0.3, 0.7])  # win, tie, loss, tie

@@ -4,7 +4,9 @@ import dataclasses
 import json
 import math
 
-from rlhf_jax.config import CheckpointConfig, ModelConfig
+import pytest
+
+from rlhf_jax.config import CheckpointConfig, ConfigError, ModelConfig
 from rlhf_jax.default_config import default_config
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.pipeline import run_pipeline
@@ -12,7 +14,8 @@ from rlhf_jax.report import PLOTS
 
 REPORT_KEYS = ["sft.gold_score", "ppo.gold_score", "ppo_ptx.gold_score", "ppo.win_rate_vs_sft",
                "ppo_ptx.win_rate_vs_sft", "rm.val_accuracy", "ppo.kl_to_sft", "ppo_ptx.kl_to_sft",
-               "sft.pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss", "wall_seconds"]
+               "sft.pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss", "wall_seconds",
+               "rm.best_of_n_gold", "rm.best_of_n_random_gold", "rm.best_of_n_oracle_gold"]
 
 
 def micro_config():
@@ -49,6 +52,11 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000, name
     markdown = (tmp_path / "report.md").read_text()
     assert "| ppo_ptx |" in markdown and "Sample held-out responses" in markdown
+    assert "best-of-8 selector" in markdown
+    rm = report["rm"]  # the oracle's pick is at least as good as any other among the same samples
+    assert rm["best_of_n"] == 8
+    assert rm["best_of_n_oracle_gold"] >= max(rm["best_of_n_gold"], rm["best_of_n_random_gold"])
+    assert rm["best_of_n_oracle_gold"] > rm["best_of_n_random_gold"]  # the 8 draws differ
     for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
         assert (tmp_path / stage / "export" / "export.json").exists(), stage
     # a rerun finds every stage finished and only re-evaluates
@@ -80,3 +88,11 @@ def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_pat
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["d_model"] == 32 and saved["rm"]["model"]["d_model"] == 48
     assert "| sft_large |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_negative_best_of_n_is_refused_before_any_stage_runs(tmp_path):
+    cfg = micro_config()
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, best_of_n=-1))
+    with pytest.raises(ConfigError, match="pipeline.best_of_n"):
+        run_pipeline(cfg, tmp_path, show_progress=False)
+    assert not (tmp_path / "pretrain").exists()
