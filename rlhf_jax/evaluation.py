@@ -55,11 +55,11 @@ class PolicyEvaluator:
         """Responses to every prompt of ``prompt_batches`` (its ``eval_batches``), scored.
         ``draw`` numbers independent draws of the same prompts (when sampling)."""
         out = {k: [] for k in ("prompt", "response", "score", "kl", "length", "ended")}
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), draw) if draw else None
         for i, local in enumerate(prompt_batches.eval_batches()):
             batch = to_global(local, self.mesh)
             # draw 0 keeps the keys earlier runs used, so their reports stay reproducible
-            batch_key = jax.random.PRNGKey(self.seed + i) if key is None else jax.random.fold_in(key, i)
+            batch_key = (jax.random.PRNGKey(self.seed + i) if draw == 0
+                         else jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), draw), i))
             samples = self.sampler(params, batch.tokens, batch.segment_ids, batch_key)
             scores = self.score(reward_params, samples)
             kl = self.kl(params, ref_params, samples)

@@ -112,20 +112,13 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     return report
 
 
-def rm_best_of_n(cfg: Config, env: common.StageEnv, policy, scalar, sft_params, reward_params,
-                 prompts) -> dict[str, float]:
-    """The RM as a best-of-n selector among ``pipeline.best_of_n`` samples of the SFT policy
-    (PPO's sampling settings) on the held-out prompts: report keys ``best_of_n``,
+def rm_best_of_n(evaluator, n: int, sft_params, reward_params, prompts) -> dict[str, float]:
+    """The RM as a best-of-n selector among ``n`` samples of the SFT policy on the held-out
+    prompts (``evaluator`` samples with PPO's settings): report keys ``best_of_n``,
     ``best_of_n_gold`` (the RM's pick), ``best_of_n_random_gold`` (one sample) and
     ``best_of_n_oracle_gold`` (the gold-best sample)."""
-    from rlhf_jax.evaluation import PolicyEvaluator
-    from rlhf_jax.ppo_steps import reward_model_score
     from rlhf_jax.tasks import gold_scores
 
-    n = cfg.pipeline.best_of_n
-    evaluator = PolicyEvaluator(policy, reward_model_score(scalar), env.mesh,
-                                jax.tree.map(lambda x: x.sharding, sft_params), env.tokenizer, cfg.ppo.sampling,
-                                cfg.seed)
     rewards, gold = [], []
     for draw in range(1, n + 1):
         generations = evaluator.generate(sft_params, sft_params, reward_params, prompts, draw=draw)
@@ -162,8 +155,12 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     reward = load("rm", scalar)
     sft = load("sft", policy)
     sampling = dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature)
-    evaluator = PolicyEvaluator(policy, reward_model_score(scalar), env.mesh,
-                                jax.tree.map(lambda x: x.sharding, sft), env.tokenizer, sampling, cfg.seed)
+
+    def evaluator_for(model, params, sampling_cfg) -> PolicyEvaluator:
+        return PolicyEvaluator(model, reward_model_score(scalar), env.mesh, jax.tree.map(lambda x: x.sharding, params),
+                               env.tokenizer, sampling_cfg, cfg.seed)
+
+    evaluator = evaluator_for(policy, sft, sampling)
     report: dict[str, Any] = {}
     generations: dict[str, Generations] = {}
     gold: dict[str, np.ndarray] = {}
@@ -183,9 +180,7 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     if cfg.rm.model is not None:
         large = LanguageModel(cfg.rm.model)
         large_sft = load("sft_large", large)
-        measure("sft_large", PolicyEvaluator(large, reward_model_score(scalar), env.mesh,
-                                             jax.tree.map(lambda x: x.sharding, large_sft), env.tokenizer,
-                                             sampling, cfg.seed), large_sft, large_sft,
+        measure("sft_large", evaluator_for(large, large_sft, sampling), large_sft, large_sft,
                 kl_to_sft=False)  # its KL is to itself; the policies' is to the small SFT model
         baselines.append("sft_large")
     for stage in ("sft", *ppo_names):
@@ -197,7 +192,8 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     rm_rows = [r for r in read_metrics(workdir / "rm" / "metrics.jsonl") if "val/rm_accuracy" in r]
     report["rm"] = {"val_accuracy": rm_rows[-1]["val/rm_accuracy"] if rm_rows else float("nan")}
     if cfg.pipeline.best_of_n:
-        report["rm"].update(rm_best_of_n(cfg, env, policy, scalar, sft, reward, prompts))
+        report["rm"].update(rm_best_of_n(evaluator_for(policy, sft, ppo.sampling), cfg.pipeline.best_of_n, sft,
+                                         reward, prompts))
     samples = [{"prompt": generations["sft"].prompts[i], **{s: generations[s].responses[i] for s in generations}}
                for i in range(min(8, len(generations["sft"].prompts)))]
     return report, samples
