@@ -270,8 +270,9 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
     result = {"workload": {**dataclasses.asdict(work), "model": "embedded default (llama 2L d128 GQA 4/2 heads, V152)",
                            "sampling": "temperature 1, no EOS stop", "optimizer_steps": work.epochs * work.episodes
                            // work.minibatch},
-              "notes": ["scoring: ours runs 4 forwards (policy, reference, value, reward); TRL 3, it takes the "
-                        "policy's log-probs from the logits generate returned",
+              "notes": ["scoring: 3 forwards on each side (reference, value, reward); the behaviour log-probs "
+                        "come from the sampling pass (ours: PPOConfig.old_logprobs='sampler'; TRL: the logits "
+                        "generate returned)",
                         "update: ours takes a policy step and a value step per minibatch (two optimisers); "
                         "TRL one step on pg_loss + vf_coef * vf_loss (one optimiser)"]}
     next_iteration, first_s, jitted = ours(work, mesh, policy, value, reward, prompt_tokens)

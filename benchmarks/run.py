@@ -5,7 +5,11 @@
 2. Greedy decoding with a KV cache (prompt 32, exactly 128 new tokens, batch 1 and 8) for
    that model and the embedded tiny default: ours vs ``transformers`` ``generate``.
 3. One PPO iteration of the embedded default (rollout, scoring, update): ours vs TRL's PPOTrainer.
-4. Compiles after warm-up for each of ours (must be 0).
+4. On an accelerator, ours against the hardware's limits (``roofline``): SFT model FLOPs
+   utilisation for a ~350M and a ~1B model in bf16, and greedy decoding at batch 1 and 8 as a
+   fraction of the memory-bandwidth bound. On a CPU this section reports itself skipped
+   (``--quick`` runs it on shrunk models).
+5. Compiles after warm-up for each of ours (must be 0).
 
 Each section runs in a fresh process (``--section``): run after the SFT section in the same
 process, our PPO iteration measured 0.56-0.69 s against 0.47 s alone, so a section's
@@ -15,7 +19,7 @@ numbers must not depend on which ran before it.
     python -m benchmarks.run --quick         # every workload shrunk (~1-2 min)
     python -m benchmarks.run --ours-only     # no torch / transformers / trl needed
 
-Writes ``<out>/{sft,decode,ppo}.json``, ``<out>/results.json`` (all + machine) and
+Writes ``<out>/{sft,decode,ppo,roofline}.json``, ``<out>/results.json`` (all + machine) and
 ``<out>/table.md``. Peers come from the ``bench`` extra (``pip install -e '.[bench]'``);
 a missing one is reported in its row and the run still succeeds.
 """
@@ -23,6 +27,7 @@ a missing one is reported in its row and the run still succeeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -31,26 +36,37 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import common, decode, ppo, sft_step
+from benchmarks import common, decode, ppo, roofline, sft_step
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.host import keep_freed_memory
 
 QUICK_MODEL = ModelConfig(family="gpt2", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_len=64)
-SECTIONS = ("sft", "decode", "ppo")
+QUICK_BF16 = dataclasses.replace(QUICK_MODEL, compute_dtype="bfloat16")
+QUICK_LLAMA_BF16 = ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                               d_ff=384, max_len=64, tie_embeddings=False, compute_dtype="bfloat16")
+SECTIONS = ("sft", "decode", "ppo", "roofline")
 
 # The issue's minimums (ours / peer, or ours' fraction of the matmul peak), judged on full-size runs only.
 TARGETS = {"sft_vs_torch": 1.0, "sft_vs_trl": 1.5, "sft_fraction_of_peak": 0.65,
-           "decode_tiny": 2.0, "decode_6L": 1.3, "ppo_vs_trl": 2.0}
+           "decode_tiny": 2.0, "decode_6L": 1.3, "ppo_vs_trl": 2.0,
+           "mfu": 0.45, "decode_fraction_of_bandwidth_bound": 0.60}
 
 
 def workloads(quick: bool) -> dict:
     if not quick:
         return {"sft": sft_step.SFTWorkload(), "decode": decode.DecodeWorkload(), "decode_models": decode.MODELS,
-                "ppo": ppo.PPOWorkload()}
+                "ppo": ppo.PPOWorkload(), "roofline": roofline.RooflineWorkload()}
     return {"sft": sft_step.SFTWorkload(model=QUICK_MODEL, batch=4, seq=64, warmup_steps=2, timed_steps=3, peak_n=512),
             "decode": decode.DecodeWorkload(prompt_len=8, new_tokens=16, batches=(1, 4), repeats=2),
             "decode_models": {"gpt2-2L-d128 (quick)": QUICK_MODEL, "tiny-default": decode.TINY},
-            "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1)}
+            "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1),
+            "roofline": roofline.RooflineWorkload(
+                train=(("gpt2-2L-d128 bf16 (quick)", QUICK_BF16, 2, 32),
+                       ("llama-2L-d128 bf16 (quick)", QUICK_LLAMA_BF16, 2, 32)),
+                decode_models=(("gpt2-2L-d128 bf16 (quick)", QUICK_BF16),
+                               ("llama-2L-d128 bf16 (quick)", QUICK_LLAMA_BF16)), prompt_len=8, new_tokens=32,
+                batches=(1, 2), warmup_steps=1, timed_steps=2, repeats=2, peak_n=256, bandwidth_bytes=2 ** 24,
+                needs_accelerator=False)}
 
 
 def omp_wait_policy() -> str:
@@ -74,12 +90,16 @@ def run(sections=SECTIONS, quick: bool = False, peers: bool = True) -> dict:
     """Every section in ``sections``, each in a fresh process, plus the machine."""
     load = os.getloadavg()
     policy = omp_wait_policy() if peers else "n/a (no peers)"
+    section_env = dict(os.environ)
+    # This process only describes the machine. On a GPU, JAX's first use would reserve 75% of
+    # the device's memory here, out of reach of the section processes that need it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "quick": quick, "peers": peers, "machine": {**common.machine_info(), "omp_wait_policy": policy},
                "load_average_start": load}
     for section in SECTIONS:
         if section in sections:
-            results[section] = run_in_fresh_process(section, quick, peers)
+            results[section] = run_in_fresh_process(section, quick, peers, section_env)
     results["load_average_end"] = os.getloadavg()
     results["compiles_after_warmup"] = compiles(results)
     return results
@@ -92,17 +112,19 @@ def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
         return sft_step.run(work["sft"], peers=peers, log=log)
     if section == "decode":
         return decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
+    if section == "roofline":
+        return roofline.run(work["roofline"], log=log)
     return ppo.run(work["ppo"], peers=peers, log=log)
 
 
-def run_in_fresh_process(section: str, quick: bool, peers: bool) -> dict:
+def run_in_fresh_process(section: str, quick: bool, peers: bool, env: dict[str, str] | None = None) -> dict:
     """One section's results from ``python -m benchmarks.run --section``, a fresh process
     (its log lines go to this one's stderr)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / f"{section}.json"
         cmd = [sys.executable, "-m", "benchmarks.run", "--section", section, "--out", str(out)]
         cmd += ["--quick"] * quick + ["--ours-only"] * (not peers)
-        subprocess.run(cmd, check=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
+        subprocess.run(cmd, check=True, cwd=pathlib.Path(__file__).resolve().parent.parent, env=env)
         return json.loads(out.read_text())
 
 
@@ -114,6 +136,10 @@ def compiles(results: dict) -> dict[str, int]:
         out[f"sampler {row['model']} b{row['batch']}"] = row["ours"]["compiles_after_warmup"]
     if "ppo" in results:
         out["ppo sampler+experience+update"] = results["ppo"]["ours"]["compiles_after_warmup"]
+    for row in results.get("roofline", {}).get("train", []):
+        out[f"roofline SFT step {row['model']}"] = row["compiles_after_warmup"]
+    for row in results.get("roofline", {}).get("decode", []):
+        out[f"roofline samplers {row['model']} b{row['batch']}"] = row["compiles_after_warmup"]
     return out
 
 
@@ -186,12 +212,36 @@ def table(results: dict) -> str:
                      f"{w['response_len']}) tokens, {w['optimizer_steps']} minibatch steps (s) vs TRL PPOTrainer | "
                      f"{phases(p['ours'])} | {_peer(p['trl_ppo_trainer'], phases)} | {_ratio(r)} | >= 2x | "
                      f"{_judge(r, TARGETS['ppo_vs_trl'], quick)} |")
+    if "roofline" in results:
+        lines += roofline_rows(results["roofline"], quick)
     comp = results["compiles_after_warmup"]
     bad = {name: n for name, n in comp.items() if n}
     ours = f"0 in each of {len(comp)}" if not bad else ", ".join(f"{n} in {name}" for name, n in bad.items())
-    lines.append(f"| Compiles after warm-up (ours: SFT step, each sampler, the PPO steps) | {ours} | | | 0 | "
+    lines.append(f"| Compiles after warm-up (ours: each SFT step, each sampler, the PPO steps) | {ours} | | | 0 | "
                  f"{'**missed**' if bad else 'met'} |")
     return "\n".join(lines) + "\n"
+
+
+def roofline_rows(r: dict, quick: bool) -> list[str]:
+    if "skipped" in r:
+        return [f"| Accelerator roofline (SFT MFU ~350M / ~1B bf16; decode vs memory-bandwidth bound) | "
+                f"skipped: {r['skipped']} | | | >= 45% / >= 60% | n/a |"]
+    peak = r["peak"]
+    judged = peak[peak["judged_against"]]
+    against = (f"{peak['judged_against']} peak of {peak['device_kind']}: {judged['bf16_flops'] / 1e12:.3g} TFLOP/s "
+               f"bf16, {judged['bytes_per_s'] / 1e9:.3g} GB/s")
+    lines = []
+    for row in r["train"]:
+        lines.append(f"| SFT step {row['model']} ({row['params'] / 1e6:.0f}M params) {row['batch']}x{row['seq']} "
+                     f"bf16: MFU ({against}) | {row['tokens_per_s']:.0f} tok/s, {row['mfu']:.0%} "
+                     f"({row['mfu_of_measured_peak']:.0%} of the measured) | | | >= 45% | "
+                     f"{_judge(row['mfu'], TARGETS['mfu'], quick)} |")
+    for row in r["decode"]:
+        lines.append(f"| Greedy decode {row['model']} bf16 batch {row['batch']}: decode step vs memory-bandwidth "
+                     f"bound ({against}) | {row['step_s'] * 1e3:.2f} ms/step vs {row['bound_step_s'] * 1e3:.2f} ms: "
+                     f"{row['fraction_of_bound']:.0%} ({row['fraction_of_measured_bound']:.0%} of the measured) "
+                     f"| | | >= 60% | {_judge(row['fraction_of_bound'], TARGETS['decode_fraction_of_bandwidth_bound'], quick)} |")
+    return lines
 
 
 def _tokens_per_s(row: dict) -> str:

@@ -63,14 +63,15 @@ def tokens(work: SFTWorkload) -> np.ndarray:
     return np.random.default_rng(0).integers(0, work.model.vocab_size, (work.batch, work.seq)).astype(np.int32)
 
 
-def ours(work: SFTWorkload, params=None):
+def ours(work: SFTWorkload, params=None, keep_initial: bool = True):
     """Our jitted SFT step on one device, compiled and warmed up. Returns (``step() -> loss``,
-    the initial params, its jit object, warm-up seconds)."""
+    the initial params as host arrays (None unless ``keep_initial``: the peers start from
+    them), its jit object, warm-up seconds)."""
     mesh = common.single_device_mesh()
     model = LanguageModel(work.model)
     tx = make_optimizer(OPTIM, 1000)
     state, shardings = steps.create_train_state(model, tx, mesh, jax.random.PRNGKey(0), params)
-    initial = jax.tree.map(np.asarray, state.params)
+    initial = jax.tree.map(np.asarray, state.params) if keep_initial else None
     jitted_step = steps.make_sft_step(model, tx, mesh, shardings)
     b, t = work.batch, work.seq
     data = TokenBatch(tokens=jnp.asarray(tokens(work)), loss_mask=jnp.ones((b, t), jnp.float32),

@@ -20,7 +20,7 @@ def _numbers(tree, path=""):
 def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     run.main(["--quick", "--ours-only", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    for section in ("sft", "decode", "ppo"):
+    for section in ("sft", "decode", "ppo", "roofline"):
         assert json.loads((tmp_path / f"{section}.json").read_text()) == results[section]
     numbers = dict(_numbers(results))
     assert not [path for path, value in numbers.items() if not math.isfinite(value)]
@@ -32,10 +32,71 @@ def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     assert all(row["ours"]["tokens_per_s"] > 0 for row in results["decode"]["rows"])
     phases = results["ppo"]["ours"]
     assert phases["iteration_s"] >= phases["rollout_s"] + phases["scoring_s"] + phases["update_s"] > 0
-    # the sft step, the four samplers and the three PPO steps
-    assert len(results["compiles_after_warmup"]) == 6
+    roof = results["roofline"]
+    assert roof["peak"]["judged_against"] == "measured"  # a CPU has no nominal entry
+    assert [row["model"] for row in roof["train"]] == ["gpt2-2L-d128 bf16 (quick)", "llama-2L-d128 bf16 (quick)"]
+    assert all(row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1.5 for row in roof["train"])
+    assert len(roof["decode"]) == 4
+    bandwidth = roof["peak"]["measured"]["bytes_per_s"]
+    for row in roof["decode"]:  # (a sub-millisecond step's sign is timing noise: not asserted)
+        steps = row["new_tokens"] - 1
+        assert math.isclose(row["step_s"], (row["call_s"]["full"] - row["call_s"]["one_token"]) / steps)
+        assert math.isclose(row["bound_step_s"], row["bytes_per_step"]["total"] / bandwidth)
+        assert math.isclose(row["fraction_of_bound"], row["bound_step_s"] / row["step_s"])
+    # the sft step, the four samplers, the three PPO steps (one entry), and the roofline's
+    # two SFT steps and its samplers (2 lengths) for 2 models x 2 batch sizes
+    assert len(results["compiles_after_warmup"]) == 12
     assert results["compiles_after_warmup"] == {name: 0 for name in results["compiles_after_warmup"]}
 
     assert results["sft"]["torch_loop"] == {"skipped": "--ours-only"}
     table = (tmp_path / "table.md").read_text()
     assert "| Compiles after warm-up" in table and "skipped: --ours-only" in table
+
+
+def test_decode_bytes_count_every_weight_once_and_the_valid_cache_prefix():
+    import dataclasses
+
+    import jax
+
+    from benchmarks import common, roofline
+    from rlhf_jax import sharding
+    from rlhf_jax.config import ModelConfig
+    from rlhf_jax.models import LanguageModel
+
+    llama = ModelConfig(family="llama", vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
+                        max_len=32, tie_embeddings=False, param_dtype="bfloat16", compute_dtype="bfloat16")
+    params, _ = sharding.init_params(LanguageModel(llama), common.single_device_mesh(), jax.random.PRNGKey(0))
+    counted = roofline.decode_bytes_per_step(llama, params, batch=2, prompt_len=8, new_tokens=8)
+    # q 8x8 + k 8x4 + v 8x4 + out 8x8 + gate, up 8x16 + fc_out 16x8 + 3 norms of 8 + lm_head 8x16
+    # = 64 + 32 + 32 + 64 + 128 + 128 + 128 + 24 + 128 = 728 params, 2 bytes each; of the
+    # untied input table only the 2 gathered rows of 8
+    assert counted["weights"] == 728 * 2 + 2 * 8 * 2
+    # keys + values, 1 layer, 1 kv head of 4, bf16 = 16 bytes a slot; steps 1..7 attend to
+    # 9..15 slots, 12 on average, for each of 2 rows
+    assert counted["kv_cache_mean"] == 2 * 12 * 16
+    assert counted["total"] == counted["weights"] + counted["kv_cache_mean"]
+
+    gpt2 = dataclasses.replace(llama, family="gpt2", tie_embeddings=True)
+    params, _ = sharding.init_params(LanguageModel(gpt2), common.single_device_mesh(), jax.random.PRNGKey(0))
+    everything = sum(leaf.size for leaf in jax.tree.leaves(params)) * 2
+    # tied: the token table is read whole as the unembedding; the position table (32 x 8) by rows
+    assert roofline.decode_bytes_per_step(gpt2, params, 2, 8, 8)["weights"] == everything - 32 * 8 * 2 + 2 * 8 * 2
+
+
+def test_nominal_peaks_match_jax_device_kinds():
+    from benchmarks import roofline
+
+    assert roofline.nominal_peak("NVIDIA H200")["bytes_per_s"] == 4.8e12
+    assert roofline.nominal_peak("NVIDIA H100 80GB HBM3")["device"] == "H100"
+    assert roofline.nominal_peak("NVIDIA H100 PCIe")["device"] == "H100 PCIe"
+    assert roofline.nominal_peak("TPU v5 lite")["bf16_flops"] == 197e12
+    assert roofline.nominal_peak("cpu") is None
+
+
+def test_full_size_roofline_skips_itself_on_a_cpu():
+    from benchmarks import roofline
+
+    result = roofline.run(roofline.RooflineWorkload())
+    assert result["backend"] == "cpu" and "no accelerator" in result["skipped"]
+    assert "train" not in result and "decode" not in result
+    assert "skipped: no accelerator" in "\n".join(run.roofline_rows(result, quick=False))
