@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, sft_step
 from rlhf_jax import sharding
 from rlhf_jax.config import OptimConfig, PPOConfig, SamplingConfig
 from rlhf_jax.default_config import default_config
@@ -64,6 +64,7 @@ class PPOWorkload:
     learning_rate: float = _DEFAULT_PPO.policy_optim.learning_rate
     lam: float = _DEFAULT_PPO.lam
     timed_iterations: int = 3
+    peak_n: int = 2048  # the n x n f32 matmul that measures the peak (as the SFT section)
 
 
 def model_config():
@@ -149,6 +150,22 @@ def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, pr
         return phases
 
     return next_iteration, first["iteration_s"], jitted
+
+
+def model_flops(work: PPOWorkload, cfg) -> dict[str, float]:
+    """Model FLOPs of one iteration by phase, as :func:`sft_step.forward_flops_per_token`
+    counts them, unembedding only the response positions (what the algorithm needs; TRL's
+    full-sequence logits are extra work it does, not counted). Scalar heads are negligible.
+    rollout: the prompt and the first R - 1 response tokens pass once, R tokens unembedded;
+    scoring: reference, value and reward model over P + R tokens; update: policy and value
+    forward + backward (3 forwards each) over every episode, per epoch."""
+    seq = work.prompt_len + work.response_len
+    body, unembed = sft_step.forward_flops_per_token(cfg, seq)
+    episodes, response = work.episodes, work.response_len
+    rollout = episodes * ((seq - 1) * body + response * unembed)
+    scoring = episodes * (3 * seq * body + response * unembed)
+    update = work.epochs * episodes * 3 * (2 * seq * body + response * unembed)
+    return {"rollout": rollout, "scoring": scoring, "update": update, "iteration": rollout + scoring + update}
 
 
 def _median_phases(rows: list[dict]) -> dict:
@@ -298,6 +315,17 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
                       "iterations_timed": len(ours_phases),
                       "compiles_after_warmup": counter.count + sum(f._cache_size() for f in jitted) - compiled}
     ours_row = result["ours"]
+    flops = model_flops(work, cfg)
+    peak = max(common.jax_matmul_peak(work.peak_n),
+               common.torch_matmul_peak(work.peak_n) if peers and not missing else 0.0)
+    result["model_flops"] = {**flops, "matmul_peak_tflops": peak / 1e12, "peak_n": work.peak_n}
+    for row in (ours_row, result["trl_ppo_trainer"]):
+        if "skipped" not in row:
+            row["fraction_of_matmul_peak"] = flops["iteration"] / row["iteration_s"] / peak
+    # the iteration time a speedup target needs, as a fraction of the peak
+    result["model_flops"]["fraction_of_peak_for_2x_trl"] = (
+        None if "skipped" in result["trl_ppo_trainer"]
+        else 2 * flops["iteration"] / result["trl_ppo_trainer"]["iteration_s"] / peak)
     log(f"ppo ours: {ours_row['iteration_s']:.3f} s/iteration (rollout {ours_row['rollout_s']:.3f}, "
         f"scoring {ours_row['scoring_s']:.3f}, update {ours_row['update_s']:.3f})")
     if "skipped" not in result["trl_ppo_trainer"]:

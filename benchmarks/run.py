@@ -59,7 +59,8 @@ def workloads(quick: bool) -> dict:
     return {"sft": sft_step.SFTWorkload(model=QUICK_MODEL, batch=4, seq=64, warmup_steps=2, timed_steps=3, peak_n=512),
             "decode": decode.DecodeWorkload(prompt_len=8, new_tokens=16, batches=(1, 4), repeats=2),
             "decode_models": {"gpt2-2L-d128 (quick)": QUICK_MODEL, "tiny-default": decode.TINY},
-            "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1),
+            "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1,
+                                  peak_n=512),
             "roofline": roofline.RooflineWorkload(
                 train=(("gpt2-2L-d128 bf16 (quick)", QUICK_BF16, 2, 32),
                        ("llama-2L-d128 bf16 (quick)", QUICK_LLAMA_BF16, 2, 32)),
@@ -206,12 +207,21 @@ def table(results: dict) -> str:
         w = p["workload"]
         phases = lambda x: (f"{x['iteration_s']:.3f} s = {x['rollout_s']:.3f} rollout + {x['scoring_s']:.3f} "  # noqa: E731
                             f"scoring + {x['update_s']:.3f} update"
-                            + (f" + {x['other_s']:.3f} other" if "other_s" in x else ""))
+                            + (f" + {x['other_s']:.3f} other" if "other_s" in x else "")
+                            + (f" ({x['fraction_of_matmul_peak']:.0%} of matmul peak)"
+                               if "fraction_of_matmul_peak" in x else ""))
         r = p.get("speedup")
         lines.append(f"| PPO iteration, tiny default, {w['episodes']} episodes x ({w['prompt_len']} + "
                      f"{w['response_len']}) tokens, {w['optimizer_steps']} minibatch steps (s) vs TRL PPOTrainer | "
                      f"{phases(p['ours'])} | {_peer(p['trl_ppo_trainer'], phases)} | {_ratio(r)} | >= 2x | "
                      f"{_judge(r, TARGETS['ppo_vs_trl'], quick)} |")
+        needed = p["model_flops"]["fraction_of_peak_for_2x_trl"]
+        if needed is not None:
+            lines.append(f"| PPO iteration: {p['model_flops']['iteration'] / 1e9:.1f} GFLOP of model FLOPs; 2x TRL's "
+                         f"speed would need {needed:.0%} of the matmul peak "
+                         f"({p['model_flops']['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s) | "
+                         f"{p['ours']['fraction_of_matmul_peak']:.0%} | "
+                         f"{p['trl_ppo_trainer']['fraction_of_matmul_peak']:.0%} | | | |")
     if "roofline" in results:
         lines += roofline_rows(results["roofline"], quick)
     comp = results["compiles_after_warmup"]

@@ -49,14 +49,18 @@ class SFTWorkload:
     peak_n: int = 2048
 
 
-def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """MaxText: 6 x (matmul params) per token for forward + backward, plus attention
-    12 x layers x seq x d (QK^T and AV, forward + backward, causal not discounted)."""
-    d, f, v, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+def forward_flops_per_token(cfg: ModelConfig, seq: int) -> tuple[float, float]:
+    """(blocks, unembedding) FLOPs of one token's forward pass, MaxText's way: 2 x matmul
+    params, plus attention 4 x layers x seq x d (QK^T and AV, causal not discounted)."""
+    d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
     q, kv = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
     mlp = (3 if cfg.family == "llama" else 2) * d * f
-    matmul_params = L * (d * (q + 2 * kv) + q * d + mlp) + d * v  # + unembedding
-    return 6 * matmul_params + 12 * L * seq * q
+    return 2 * L * (d * (q + 2 * kv) + q * d + mlp) + 4 * L * seq * q, 2 * d * cfg.vocab_size
+
+
+def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """MaxText: forward + backward is 3 forwards (remat not counted)."""
+    return 3 * sum(forward_flops_per_token(cfg, seq))
 
 
 def tokens(work: SFTWorkload) -> np.ndarray:

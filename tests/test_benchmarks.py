@@ -32,6 +32,10 @@ def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     assert all(row["ours"]["tokens_per_s"] > 0 for row in results["decode"]["rows"])
     phases = results["ppo"]["ours"]
     assert phases["iteration_s"] >= phases["rollout_s"] + phases["scoring_s"] + phases["update_s"] > 0
+    flops = results["ppo"]["model_flops"]
+    assert math.isclose(phases["fraction_of_matmul_peak"],
+                        flops["iteration"] / phases["iteration_s"] / (flops["matmul_peak_tflops"] * 1e12))
+    assert flops["fraction_of_peak_for_2x_trl"] is None  # no TRL in an --ours-only run
     roof = results["roofline"]
     assert roof["peak"]["judged_against"] == "measured"  # a CPU has no nominal entry
     assert [row["model"] for row in roof["train"]] == ["gpt2-2L-d128 bf16 (quick)", "llama-2L-d128 bf16 (quick)"]
@@ -100,3 +104,22 @@ def test_full_size_roofline_skips_itself_on_a_cpu():
     assert result["backend"] == "cpu" and "no accelerator" in result["skipped"]
     assert "train" not in result and "decode" not in result
     assert "skipped: no accelerator" in "\n".join(run.roofline_rows(result, quick=False))
+
+
+def test_model_flops_of_the_sft_step_and_a_ppo_iteration():
+    from benchmarks import ppo, sft_step
+    from rlhf_jax.config import ModelConfig
+
+    cfg = ModelConfig(family="llama", vocab_size=10, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16)
+    body, unembed = sft_step.forward_flops_per_token(cfg, seq=4)
+    # matmul params: q 8x8 + k, v 8x4 each + out 8x8 + SwiGLU 3 x 8x16 = 64 + 64 + 64 + 384 = 576;
+    # attention 4 x 1 layer x seq 4 x q width 8 = 128
+    assert (body, unembed) == (2 * 576 + 128, 2 * 8 * 10)
+    assert sft_step.model_flops_per_token(cfg, 4) == 3 * (1280 + 160)
+
+    work = ppo.PPOWorkload(episodes=2, prompt_len=3, response_len=1, minibatch=2, epochs=2)
+    flops = ppo.model_flops(work, cfg)  # seq 4: body 1280, unembed 160 a token
+    assert flops["rollout"] == 2 * (3 * 1280 + 160)  # 3 tokens pass, 1 is unembedded
+    assert flops["scoring"] == 2 * (3 * 4 * 1280 + 160)  # reference, value, reward
+    assert flops["update"] == 2 * 2 * 3 * (2 * 4 * 1280 + 160)  # 2 epochs, policy + value, fwd + bwd
+    assert flops["iteration"] == flops["rollout"] + flops["scoring"] + flops["update"]
