@@ -94,9 +94,15 @@ def run(sections=SECTIONS, quick: bool = False, peers: bool = True) -> dict:
     section_env = dict(os.environ)
     # This process only describes the machine. On a GPU, JAX's first use would reserve 75% of
     # the device's memory here, out of reach of the section processes that need it.
+    chosen = "XLA_PYTHON_CLIENT_PREALLOCATE" in os.environ
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        machine = common.machine_info()
+    finally:
+        if not chosen:
+            del os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "quick": quick, "peers": peers, "machine": {**common.machine_info(), "omp_wait_policy": policy},
+               "quick": quick, "peers": peers, "machine": {**machine, "omp_wait_policy": policy},
                "load_average_start": load}
     for section in SECTIONS:
         if section in sections:
