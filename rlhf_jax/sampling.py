@@ -78,22 +78,24 @@ def choose_tokens(logits: Array, rng: Array, cfg: SamplingConfig) -> tuple[Array
 
 @struct.dataclass
 class _DecodeState:
-    step: Array
+    step: Array  # tokens chosen so far; the last one is not in the cache yet
     cache: KVCache
-    logits: Array  # [B, V] for the next token
     tokens: Array
     logprobs: Array
     mask: Array
     done: Array
-    rng: Array
 
 
 def sample(model: nn.Module, params: Any, prompt_tokens: Array, prompt_segments: Array, rng: Array,
            cfg: SamplingConfig, eos_id: int, pad_id: int) -> Samples:
     """Samples up to ``cfg.max_new_tokens`` tokens after each prompt (traceable; see
-    :func:`make_sampler` for the jitted, sharded version)."""
+    :func:`make_sampler` for the jitted, sharded version). Token i is drawn with
+    ``fold_in(rng, i)``; the prefill gives token 0's logits and each decode forward, over the
+    token just chosen, the next one's, so N new tokens take N - 1 decode forwards."""
     batch, prompt_len = prompt_tokens.shape
     n_new = cfg.max_new_tokens
+    if n_new < 1:
+        raise ValueError(f"sampling.max_new_tokens must be >= 1, got {n_new}")
     cache = KVCache.init(model.cfg, batch, prompt_len + n_new)
     cache = jax.tree.map(nn.with_logical_constraint, cache, KV_CACHE_LOGICAL_AXES)
     prompt_positions = positions_from_segments(prompt_segments)
@@ -101,27 +103,29 @@ def sample(model: nn.Module, params: Any, prompt_tokens: Array, prompt_segments:
                                 logits_from=prompt_len - 1)  # only the last prompt position's logits are read
     next_position = prompt_positions[:, -1] + 1  # [B]
 
+    def choose(state: _DecodeState, logits: Array) -> _DecodeState:
+        """Records token ``state.step`` drawn from ``logits [B, V]`` (pad after EOS)."""
+        token, logp = choose_tokens(logits, jax.random.fold_in(rng, state.step), cfg)
+        live = ~state.done
+        token = jnp.where(live, token, pad_id)
+        return state.replace(step=state.step + 1, tokens=state.tokens.at[:, state.step].set(token),
+                             logprobs=state.logprobs.at[:, state.step].set(jnp.where(live, logp, 0.0)),
+                             mask=state.mask.at[:, state.step].set(live), done=state.done | (token == eos_id))
+
     def cond(state: _DecodeState):
         return (state.step < n_new) & ~jnp.all(state.done)
 
     def body(state: _DecodeState):
-        token, logp = choose_tokens(state.logits, jax.random.fold_in(state.rng, state.step), cfg)
-        live = ~state.done
-        token = jnp.where(live, token, pad_id)
-        tokens = state.tokens.at[:, state.step].set(token)
-        logprobs = state.logprobs.at[:, state.step].set(jnp.where(live, logp, 0.0))
-        mask = state.mask.at[:, state.step].set(live)
-        done = state.done | (token == eos_id)
-        logits, cache = model.apply({"params": params}, token[:, None], (next_position + state.step)[:, None],
-                                    live.astype(jnp.int32)[:, None], cache=state.cache)
-        return _DecodeState(step=state.step + 1, cache=cache, logits=logits[:, -1], tokens=tokens,
-                            logprobs=logprobs, mask=mask, done=done, rng=state.rng)
+        last = state.step - 1
+        logits, cache = model.apply({"params": params}, state.tokens[:, last, None], (next_position + last)[:, None],
+                                    state.mask[:, last, None].astype(jnp.int32), cache=state.cache)
+        return choose(state.replace(cache=cache), logits[:, -1])
 
-    init = _DecodeState(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
+    init = _DecodeState(step=jnp.zeros((), jnp.int32), cache=cache,
                         tokens=jnp.full((batch, n_new), pad_id, jnp.int32),
                         logprobs=jnp.zeros((batch, n_new), jnp.float32),
-                        mask=jnp.zeros((batch, n_new), bool), done=jnp.zeros((batch,), bool), rng=rng)
-    final = jax.lax.while_loop(cond, body, init)
+                        mask=jnp.zeros((batch, n_new), bool), done=jnp.zeros((batch,), bool))
+    final = jax.lax.while_loop(cond, body, choose(init, logits[:, -1]))
     return Samples(prompt_tokens=prompt_tokens, prompt_segments=prompt_segments, tokens=final.tokens,
                    logprobs=final.logprobs, mask=final.mask, ended=final.done)
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import MeshConfig, ModelConfig
@@ -113,3 +114,47 @@ def test_sharded_sampler_matches_and_never_recompiles(eight_devices):
     np.testing.assert_allclose(out.logprobs, reference.logprobs, atol=1e-5)
     sampler(sharded_params, tokens, segments, jax.random.key(4))
     assert sampler.jitted._cache_size() == 1
+
+
+class _CountingLM(LanguageModel):
+    """Counts (on the host, at run time) the one-token decode forwards the sampler makes."""
+
+    def __call__(self, tokens, *args, **kwargs):
+        if kwargs.get("cache") is not None and tokens.shape[1] == 1:
+            jax.debug.callback(lambda: DECODE_FORWARDS.append(1))
+        return super().__call__(tokens, *args, **kwargs)
+
+
+DECODE_FORWARDS: list[int] = []
+
+
+def test_n_new_tokens_take_n_minus_one_decode_forwards_and_none_after_every_row_ends():
+    _, params = _model()
+    tokens, segments = _prompts()
+    model = _CountingLM(CFG)
+    for n in (1, 2, 6):
+        DECODE_FORWARDS.clear()
+        out = sample(model, params, tokens, segments, jax.random.key(1),
+                     SamplingConfig(max_new_tokens=n, temperature=0.0), eos_id=-1, pad_id=PAD)
+        jax.block_until_ready(out.tokens)
+        jax.effects_barrier()
+        # the prefill's logits give token 0; each decode forward reads the token just chosen
+        assert (len(DECODE_FORWARDS), int(out.mask.sum())) == (n - 1, 2 * n)
+    # two copies of one prompt choose the same first token; made the EOS, it ends both rows
+    # there, and no decode forward runs at all
+    same_tokens, same_segments = jnp.stack([tokens[1]] * 2), jnp.stack([segments[1]] * 2)
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    first = int(sample(model, params, same_tokens, same_segments, jax.random.key(1), config, eos_id=-1,
+                       pad_id=PAD).tokens[0, 0])
+    DECODE_FORWARDS.clear()
+    out = sample(model, params, same_tokens, same_segments, jax.random.key(1), config, eos_id=first, pad_id=PAD)
+    jax.effects_barrier()
+    assert len(DECODE_FORWARDS) == 0 and bool(out.ended.all()) and int(out.mask.sum()) == 2
+
+
+def test_zero_new_tokens_is_refused_naming_the_field():
+    model, params = _model()
+    tokens, segments = _prompts()
+    with pytest.raises(ValueError, match="sampling.max_new_tokens must be >= 1, got 0"):
+        sample(model, params, tokens, segments, jax.random.key(1), SamplingConfig(max_new_tokens=0), eos_id=EOS,
+               pad_id=PAD)
