@@ -174,10 +174,10 @@ def summary(times: list[float]) -> dict[str, float]:
 # peak
 
 
-def jax_matmul_peak(n: int, repeats: int = 10) -> float:
-    """FLOP/s of a jitted f32 ``jnp.dot`` of two n x n matrices (best of ``repeats``)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def jax_matmul_peak(n: int, repeats: int = 10, dtype=jnp.float32) -> float:
+    """FLOP/s of a jitted ``jnp.dot`` of two n x n ``dtype`` matrices (best of ``repeats``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, b))
     return 2 * n ** 3 / min(time_calls(lambda: dot(a, b), repeats))
@@ -190,6 +190,15 @@ def torch_matmul_peak(n: int, repeats: int = 10) -> float:
     sync = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
     sync(a @ b)
     return 2 * n ** 3 / min(time_calls(lambda: a @ b, repeats, sync))
+
+
+def matmul_peaks(n: int, with_torch: bool) -> dict[str, Any]:
+    """The f32 n x n GEMM peak in TFLOP/s of ``jnp.dot`` and (``with_torch``) ``torch.matmul``,
+    and the better of the two (``used``): every row of a section is judged against it."""
+    jax_peak = jax_matmul_peak(n)
+    torch_peak = torch_matmul_peak(n) if with_torch else None
+    return {"jax": jax_peak / 1e12, "torch": torch_peak and torch_peak / 1e12,
+            "used": max(jax_peak, torch_peak or 0.0) / 1e12, "n": n}
 
 
 # ---------------------------------------------------------------------------------------

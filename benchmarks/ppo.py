@@ -316,9 +316,9 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
                       "compiles_after_warmup": counter.count + sum(f._cache_size() for f in jitted) - compiled}
     ours_row = result["ours"]
     flops = model_flops(work, cfg)
-    peak = max(common.jax_matmul_peak(work.peak_n),
-               common.torch_matmul_peak(work.peak_n) if peers and not missing else 0.0)
-    result["model_flops"] = {**flops, "matmul_peak_tflops": peak / 1e12, "peak_n": work.peak_n}
+    peaks = common.matmul_peaks(work.peak_n, with_torch=peers and not missing)
+    peak = peaks["used"] * 1e12
+    result["model_flops"] = {**flops, "matmul_peak_tflops": peaks}
     for row in (ours_row, result["trl_ppo_trainer"]):
         if "skipped" not in row:
             row["fraction_of_matmul_peak"] = flops["iteration"] / row["iteration_s"] / peak

@@ -80,15 +80,6 @@ def nominal_peak(device_kind: str) -> dict | None:
     return None
 
 
-def bf16_matmul_peak(n: int, repeats: int = 10) -> float:
-    """FLOP/s of a jitted bf16 ``jnp.dot`` of two n x n matrices (best of ``repeats``)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, b))
-    return 2 * n ** 3 / min(common.time_calls(lambda: dot(a, b), repeats))
-
-
 def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
     """Bytes/s a jitted f32-accumulated sum reads from a bf16 array of ``nbytes`` (best of ``repeats``)."""
     x = jnp.ones((nbytes // 2 // 1024, 1024), jnp.bfloat16)
@@ -99,7 +90,7 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> float:
 
 def peaks(work: RooflineWorkload, log=print) -> dict:
     device = jax.devices()[0]
-    measured = {"bf16_flops": bf16_matmul_peak(work.peak_n), "bytes_per_s": read_bandwidth(work.bandwidth_bytes),
+    measured = {"bf16_flops": common.jax_matmul_peak(work.peak_n, dtype=jnp.bfloat16), "bytes_per_s": read_bandwidth(work.bandwidth_bytes),
                 "how": f"bf16 jnp.dot {work.peak_n}^3; jitted sum over a {work.bandwidth_bytes / 2 ** 20:.0f} MiB "
                        "bf16 array"}
     nominal = nominal_peak(str(device.device_kind))

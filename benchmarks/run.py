@@ -225,7 +225,7 @@ def table(results: dict) -> str:
         if needed is not None:
             lines.append(f"| PPO iteration: {p['model_flops']['iteration'] / 1e9:.1f} GFLOP of model FLOPs; 2x TRL's "
                          f"speed would need {needed:.0%} of the matmul peak "
-                         f"({p['model_flops']['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s) | "
+                         f"({p['model_flops']['matmul_peak_tflops']['used'] * 1e3:.0f} GFLOP/s) | "
                          f"{p['ours']['fraction_of_matmul_peak']:.0%} | "
                          f"{p['trl_ppo_trainer']['fraction_of_matmul_peak']:.0%} | | | |")
     if "roofline" in results:

@@ -175,10 +175,9 @@ def trl_sft(work: SFTWorkload, model_dir: pathlib.Path, alongside) -> tuple[dict
 
 
 def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dict:
-    peak_jax = common.jax_matmul_peak(work.peak_n)
     missing = common.missing_peers("torch", "transformers") if peers else []
-    peak_torch = common.torch_matmul_peak(work.peak_n) if peers and not missing else None
-    peak = max(peak_jax, peak_torch or 0.0)
+    peaks = common.matmul_peaks(work.peak_n, with_torch=peers and not missing)
+    peak = peaks["used"] * 1e12
     flops_per_token = model_flops_per_token(work.model, work.seq)
     tokens_per_step = work.batch * work.seq
     result = {"workload": {"model": dataclasses.asdict(work.model), "batch": work.batch, "seq": work.seq,
@@ -186,8 +185,7 @@ def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dic
                            "warmup_steps": work.warmup_steps, "timed_steps": work.timed_steps,
                            "timing": "median step; ours and the PyTorch loop take turns step by step"},
               "model_flops_per_token": flops_per_token,
-              "matmul_peak_tflops": {"jax": peak_jax / 1e12, "torch": peak_torch and peak_torch / 1e12,
-                                     "used": peak / 1e12, "n": work.peak_n}}
+              "matmul_peak_tflops": peaks}
 
     def finish(row: dict) -> dict:
         row["tokens_per_s"] = tokens_per_step / row["step_s"]

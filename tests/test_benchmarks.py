@@ -34,7 +34,7 @@ def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     assert phases["iteration_s"] >= phases["rollout_s"] + phases["scoring_s"] + phases["update_s"] > 0
     flops = results["ppo"]["model_flops"]
     assert math.isclose(phases["fraction_of_matmul_peak"],
-                        flops["iteration"] / phases["iteration_s"] / (flops["matmul_peak_tflops"] * 1e12))
+                        flops["iteration"] / phases["iteration_s"] / (flops["matmul_peak_tflops"]["used"] * 1e12))
     assert flops["fraction_of_peak_for_2x_trl"] is None  # no TRL in an --ours-only run
     roof = results["roofline"]
     assert roof["peak"]["judged_against"] == "measured"  # a CPU has no nominal entry

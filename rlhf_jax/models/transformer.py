@@ -144,9 +144,9 @@ def _attend(grouped_q: Array, keys: Array, values: Array, mask: Array) -> Array:
     """The attention core, heads-major: grouped_q ``[B, K, G, T, D]``; keys, values
     ``[B, K, S, D]``; mask ``[B, T, S] bool``. Returns ``[B, K, G, T, D]``. Softmax in f32;
     a query with no visible slot (padding) averages the S slots it was given (as
-    ``jax.nn.dot_product_attention`` averages all); its output is unused. The matmuls return the compute dtype (as that function's XLA path
-    does): the CPU backend has no bf16 x bf16 -> f32 dot, and accelerators accumulate bf16
-    dots in f32 anyway."""
+    ``jax.nn.dot_product_attention`` averages all); its output is unused. The matmuls return
+    the compute dtype (as that function's XLA path does): the CPU backend has no
+    bf16 x bf16 -> f32 dot, and accelerators accumulate bf16 dots in f32 anyway."""
     d = grouped_q.shape[-1]
     dtype = grouped_q.dtype
     scores = jnp.einsum("bkgtd,bksd->bkgts", grouped_q, keys.astype(dtype)).astype(jnp.float32) * d ** -0.5
