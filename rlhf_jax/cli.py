@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run_pipeline(cfg, args.workdir)
             print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
+            print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
             for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
                 if stage in report:
-                    wins = [f", win rate vs {b} {report[stage][f'win_rate_vs_{b}']:.2f}"
-                            for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in report[stage]]
-                    print(f"  {stage}: gold score {report[stage]['gold_score']:.3f}" + "".join(wins))
+                    sampled = report[stage]["sampled"]
+                    wins = [f", win rate vs {b} {sampled[f'win_rate_vs_{b}']:.2f}"
+                            for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in sampled]
+                    print(f"  {stage}: gold score {sampled['gold_score']:.3f}" + "".join(wins))
         elif args.command == "pretrain":
             from rlhf_jax.stages.sft import run_sft
 

@@ -216,7 +216,10 @@ class PPOConfig:
     pretrain: DataConfig = field(default_factory=lambda: DataConfig(
         train_path="task:pretrain", val_path="task:pretrain_val", batch_size=16, max_len=32))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    eval_temperature: float = 0.0  # held-out evaluation decodes greedily by default
+    # Temperature of the periodic held-out evaluation. None: the training temperature, so
+    # eval/kl_to_ref is a KL estimate like ppo/kl_to_ref (0.0 decodes greedily and reports no
+    # KL: the log-ratio of greedy tokens estimates nothing).
+    eval_temperature: float | None = None
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, final_lr_fraction=1.0))
     value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, final_lr_fraction=1.0))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_every=10))
@@ -282,6 +285,11 @@ class PipelineConfig:
     # the gold-best one's. PPO can only climb the gold score along what the RM ranks right
     # among the policy's samples. 0 skips it.
     best_of_n: int = 8
+    # Held-out evaluation: sampled responses per prompt (at PPO's training temperature, beside
+    # one greedy response), and the prompts of instructions only pretraining text asks (the
+    # embedded task's held-out family; None skips that evaluation).
+    eval_samples: int = 4
+    heldout_prompts: str | None = "task:prompts_heldout"
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,18 @@ from rlhf_jax.config import (CheckpointConfig, ComparisonsConfig, Config, DataCo
                              OptimConfig, PipelineConfig, PPOConfig, RMConfig, SamplingConfig, SFTConfig,
                              TokenizerConfig)
 
-# Task prompts are at most 16 tokens and responses 8 (+ EOS), pretraining texts 24.
-MAX_LEN = 32
-PROMPT_LEN = 16
-NEW_TOKENS = 10
+# Task prompts are at most 22 tokens, correct responses 8 (+ EOS), the internet's flawed
+# ones 18 and pretraining texts 40.
+MAX_LEN = 40
+PROMPT_LEN = 22
+NEW_TOKENS = 12
 
 
 def default_config() -> Config:
     return Config(
         name="tiny_cpu",
         seed=0,
-        model=ModelConfig(family="llama", vocab_size=152, d_model=128, n_layers=2, n_heads=4,
+        model=ModelConfig(family="llama", vocab_size=168, d_model=128, n_layers=2, n_heads=4,
                           n_kv_heads=2, d_ff=384, max_len=64, tie_embeddings=True),
         mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
         tokenizer=TokenizerConfig(kind="task"),

@@ -4,7 +4,7 @@ reference policy, and its pretraining loss. Shared by the PPO stage and the pipe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,35 +21,56 @@ from rlhf_jax.steps import jit_under_mesh, make_lm_eval_step
 
 @dataclasses.dataclass
 class Generations:
-    """Decoded held-out responses (host side), one per prompt, in prompt-file order."""
+    """Decoded held-out responses (host side) in prompt-file order, draw after draw when
+    there are several per prompt (row ``d * n_prompts + i`` is draw ``d`` of prompt ``i``)."""
 
     prompts: list[str]
     responses: list[str]
-    scores: np.ndarray  # score of each response (reward model, normalised as exported)
-    kl: np.ndarray  # summed per-token k1 KL(policy || reference) of each response
-    lengths: np.ndarray
-    ended: np.ndarray
+    scores: np.ndarray  # [N] score of each response (reward model, normalised as exported)
+    # [N] summed per-token KL(policy || reference) estimate of each sampled response, at the
+    # sampling temperature; None for greedy responses, whose log-ratio is no KL estimate
+    kl: np.ndarray | None
+    lengths: np.ndarray  # [N] response tokens, EOS included
+    ended: np.ndarray  # [N] bool: the response emitted EOS
+
+    @staticmethod
+    def concat(parts: Sequence["Generations"]) -> "Generations":
+        kls = [p.kl for p in parts]
+        return Generations(prompts=[x for p in parts for x in p.prompts],
+                           responses=[x for p in parts for x in p.responses],
+                           scores=np.concatenate([p.scores for p in parts]),
+                           kl=None if any(k is None for k in kls) else np.concatenate(kls),
+                           lengths=np.concatenate([p.lengths for p in parts]),
+                           ended=np.concatenate([p.ended for p in parts]))
 
 
 class PolicyEvaluator:
-    """Compiled once per (policy, reward model, mesh); call with any params of that shape."""
+    """Compiled once per (policy, reward model, mesh, sampling settings); call with any
+    params of that shape. With a sampling temperature > 0 each response also gets the
+    estimate ``kl_estimator`` (:func:`~rlhf_jax.losses.kl_estimate`) of KL(policy ||
+    reference) summed over its tokens, from log-probs at that temperature: the quantity
+    PPO's ``ppo/kl_to_ref`` reports on training episodes."""
 
     def __init__(self, policy, reward_fn: RewardFn, mesh, policy_shardings, tokenizer,
-                 sampling: SamplingConfig, seed: int = 0):
-        self.mesh, self.tokenizer, self.seed = mesh, tokenizer, seed
+                 sampling: SamplingConfig, seed: int = 0, kl_estimator: str = "k1"):
+        self.mesh, self.tokenizer, self.seed, self.sampling = mesh, tokenizer, seed, sampling
+        self.kl_estimator = kl_estimator
         self.sampler = make_sampler(policy, sampling, mesh, policy_shardings, tokenizer.eos_id, tokenizer.pad_id)
         self.score = jit_under_mesh(reward_fn, mesh)
         self.lm_eval = make_lm_eval_step(policy, mesh, policy_shardings)
+        temperature = sampling.temperature
 
         def kl_to_reference(params, ref_params, samples: Samples):
             tokens, segments, positions = samples.full_sequences()
             p = samples.prompt_tokens.shape[1]
             mask = samples.mask.astype(jnp.float32)
-            logp = response_logprobs(response_logits(policy, params, tokens, segments, positions, p), tokens, p, 1.0)
-            ref = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, p), tokens, p, 1.0)
-            return jnp.sum(losses.kl_estimate(logp, ref, "k1") * mask, axis=1)
+            logp = response_logprobs(response_logits(policy, params, tokens, segments, positions, p), tokens, p,
+                                     temperature)
+            ref = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, p), tokens, p,
+                                    temperature)
+            return jnp.sum(losses.kl_estimate(logp, ref, kl_estimator) * mask, axis=1)
 
-        self.kl = jit_under_mesh(kl_to_reference, mesh)
+        self.kl = jit_under_mesh(kl_to_reference, mesh) if temperature > 0 else None
 
     def generate(self, params, ref_params, reward_params, prompt_batches, draw: int = 0) -> Generations:
         """Responses to every prompt of ``prompt_batches`` (its ``eval_batches``), scored.
@@ -62,7 +83,7 @@ class PolicyEvaluator:
                          else jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), draw), i))
             samples = self.sampler(params, batch.tokens, batch.segment_ids, batch_key)
             scores = self.score(reward_params, samples)
-            kl = self.kl(params, ref_params, samples)
+            kl = self.kl(params, ref_params, samples) if self.kl is not None else jnp.zeros(scores.shape)
             host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                                 (samples, scores, kl, batch.segment_ids))
             samples_h, scores_h, kl_h, prompt_segments = host
@@ -76,23 +97,32 @@ class PolicyEvaluator:
                 out["length"].append(int(samples_h.mask[row].sum()))
                 out["ended"].append(bool(samples_h.ended[row]))
         return Generations(prompts=out["prompt"], responses=out["response"], scores=np.array(out["score"]),
-                           kl=np.array(out["kl"]), lengths=np.array(out["length"]), ended=np.array(out["ended"]))
+                           kl=np.array(out["kl"]) if self.kl is not None else None,
+                           lengths=np.array(out["length"]), ended=np.array(out["ended"], bool))
+
+    def generate_draws(self, params, ref_params, reward_params, prompt_batches, n: int) -> Generations:
+        """``n`` independent draws (1..n) for every prompt, concatenated draw after draw."""
+        return Generations.concat([self.generate(params, ref_params, reward_params, prompt_batches, draw=d)
+                                   for d in range(1, n + 1)])
 
     def pretrain_loss(self, params, text_batches) -> float:
-        """Mean next-token loss on every pretraining validation text (the alignment tax)."""
-        total, count = 0.0, 0.0
+        """Mean next-token loss on every pretraining validation text (the alignment tax);
+        summed on the device, read once."""
+        total, count = jnp.zeros(()), jnp.zeros(())
         for local in text_batches.eval_batches():
             nll, n = self.lm_eval(params, to_global(local, self.mesh))
-            total, count = total + float(nll), count + float(n)
-        return total / max(count, 1.0)
+            total, count = total + nll, count + n
+        return float(total / jnp.maximum(count, 1.0))
 
 
 def summarize(generations: Generations, prefix: str, extra: Callable[[Generations], dict] | None = None) -> dict[str, float]:
-    """Scalar metrics of a set of generations, keys under ``prefix/``."""
+    """Scalar metrics of a set of generations, keys under ``prefix/`` (``kl_to_ref`` only
+    for sampled ones)."""
     metrics = {f"{prefix}/score": float(generations.scores.mean()),
-               f"{prefix}/kl_to_ref": float(generations.kl.mean()),
                f"{prefix}/response_length": float(generations.lengths.mean()),
                f"{prefix}/eos_rate": float(generations.ended.mean())}
+    if generations.kl is not None:
+        metrics[f"{prefix}/kl_to_ref"] = float(generations.kl.mean())
     if extra is not None:
         metrics.update({f"{prefix}/{k}": float(v) for k, v in extra(generations).items()})
     return metrics

@@ -29,10 +29,15 @@ def response_logits(model: nn.Module, params: Any, tokens, segment_ids, position
     return logits
 
 
+def tempered(logits, temperature: float):
+    """Logits of the sampling distribution at ``temperature`` (0, greedy: as they are)."""
+    return logits / (1.0 if temperature == 0.0 else temperature)
+
+
 def response_logprobs(logits, tokens, prompt_len: int, temperature: float):
-    """``[B, N]`` log-probs of the response tokens from :func:`response_logits`' output."""
-    scale = 1.0 if temperature == 0.0 else temperature
-    return losses.next_token_logprobs(logits / scale, tokens[:, prompt_len - 1:])
+    """``[B, N]`` log-probs of the response tokens under the sampling distribution at
+    ``temperature``, from :func:`response_logits`' output."""
+    return losses.next_token_logprobs(tempered(logits, temperature), tokens[:, prompt_len - 1:])
 
 
 def response_values(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
@@ -128,7 +133,8 @@ def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.
         logits = response_logits(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len)
         logp = response_logprobs(logits, mb.tokens, prompt_len, temperature)
         pg, pg_metrics = losses.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, cfg.clip)
-        entropy, entropy_metrics = losses.entropy(logits[:, :-1], mb.response_mask)
+        # the entropy of the distribution the episodes were sampled from, as the log-probs are
+        entropy, entropy_metrics = losses.entropy(tempered(logits[:, :-1], temperature), mb.response_mask)
         ptx_value, ptx_metrics = jnp.zeros(()), {}
         if cfg.ptx_coef:
             ptx_logits, _ = policy.apply({"params": params}, ptx.tokens, ptx.positions, ptx.segment_ids)

@@ -1,5 +1,5 @@
 """A run's report: ``report.json`` (numbers), ``report.md`` (the same, readable, with sample
-generations) and PNG plots drawn from each stage's ``metrics.jsonl``."""
+generations) and PNG plots drawn from the evaluation and each stage's ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from typing import Any
 
 from rlhf_jax.logging import read_metrics
 
-PLOTS = ("sft_rm_loss.png", "rm_accuracy.png", "ppo_training.png", "gold_vs_kl.png")
+PLOTS = ("sft_rm_loss.png", "rm_accuracy.png", "ppo_training.png", "gold_vs_sqrt_kl.png", "metadata.png")
+# The paper's Fig. 4 metadata, as the report's keys and labels (lower is better but the last).
+METADATA = (("constraint_violation", "fails explicit constraint"), ("hallucination", "hallucination"),
+            ("offensive_respectful", "offensive (respectful prompts)"), ("rambling", "rambling / no EOS"),
+            ("attempts_instruction", "attempts correct instruction"))
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -23,7 +27,11 @@ def _metrics(workdir: pathlib.Path, stage: str) -> list[dict]:
     return read_metrics(path) if path.exists() else []
 
 
-def write_plots(workdir: pathlib.Path, ppo_stages: tuple[str, ...]) -> list[pathlib.Path]:
+def _policies(report: dict[str, Any], ppo_stages: tuple[str, ...]) -> list[str]:
+    return [p for p in ("sft", "sft_large", *ppo_stages) if p in report]
+
+
+def write_plots(workdir: pathlib.Path, report: dict[str, Any], ppo_stages: tuple[str, ...]) -> list[pathlib.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,18 +61,37 @@ def write_plots(workdir: pathlib.Path, ppo_stages: tuple[str, ...]) -> list[path
         axes[0].plot(*_series(rows, "ppo/score"), label=stage)
         axes[1].plot(*_series(rows, "ppo/kl_to_ref"), label=stage)
         axes[2].plot(*_series(rows, "eval/gold_score"), "o-", label=stage)
-    for ax, title in zip(axes, ("RM score (train episodes)", "KL to SFT (per episode)", "gold score (held out)")):
+    for ax, title in zip(axes, ("RM score (train episodes)", "KL to SFT (per episode)", "gold score (held out, sampled)")):
         ax.set(title=title, xlabel="iteration")
         ax.legend()
     paths.append(_save(fig, workdir / PLOTS[2]))
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    # Gao et al. (2022): gold and proxy (RM) score against sqrt(KL) as PPO moves away from SFT
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for stage in ppo_stages:
-        rows = [r for r in _metrics(workdir, stage) if "eval/gold_score" in r]
-        ax.plot([r["eval/kl_to_ref"] for r in rows], [r["eval/gold_score"] for r in rows], "o-", label=stage)
-    ax.set(title="gold score against KL to SFT", xlabel="KL(policy || SFT), held out", ylabel="gold score")
-    ax.legend()
+        rows = [r for r in _metrics(workdir, stage) if "eval/gold_score" in r and "eval/kl_to_ref" in r]
+        root_kl = [math.sqrt(max(r["eval/kl_to_ref"], 0.0)) for r in rows]
+        axes[0].plot(root_kl, [r["eval/gold_score"] for r in rows], "o-", label=stage)
+        axes[1].plot(root_kl, [r["eval/score"] for r in rows], "o-", label=stage)
+    for ax, title in zip(axes, ("gold score", "RM score (proxy)")):
+        ax.set(title=f"{title} against sqrt KL to SFT", xlabel="sqrt KL(policy || SFT), held out, sampled")
+        ax.legend()
     paths.append(_save(fig, workdir / PLOTS[3]))
+
+    # The paper's Fig. 4 in miniature: metadata rates per policy
+    splits = [s for s in ("sampled", "greedy", "heldout_sampled") if s in report.get("sft", {})]
+    policies = _policies(report, ppo_stages)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
+    width = 0.8 / max(len(policies), 1)
+    for ax, split in zip(axes[0], splits):
+        for i, policy in enumerate(policies):
+            rates = [report[policy][split].get(key, float("nan")) for key, _ in METADATA]
+            ax.bar([j + i * width for j in range(len(METADATA))], rates, width, label=policy)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METADATA))], [label for _, label in METADATA],
+                      rotation=30, ha="right", fontsize=8)
+        ax.set(title=f"metadata ({split.replace('_', ' ')})", ylabel="rate", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    paths.append(_save(fig, workdir / PLOTS[4]))
     return paths
 
 
@@ -78,41 +105,73 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: list[dict[str, str]],
+def non_finite(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of every non-finite float in a nested report."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += non_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(prefix + key)
+    return out
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]]
+
+
+def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[str, list[dict[str, str]]],
                  ppo_stages: tuple[str, ...]) -> None:
     """Writes report.json, the plots and report.md into ``workdir``."""
-    bad = [f"{stage}.{k}" for stage, values in report.items() if isinstance(values, dict)
-           for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
-    report = dict(report, non_finite=bad)
+    report = dict(report, non_finite=non_finite(report))
     (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    write_plots(workdir, ppo_stages)
-    large = "sft_large" in report  # a larger SFT model (the RM's base) as a second baseline
-    policies = ("sft", *(("sft_large",) if large else ()), *ppo_stages)
-    lines = [f"# rlhf_jax report: {report.get('name', '')}", "",
-             f"Wall time: {report['wall_seconds']:.0f} s.", "",
-             "| policy | gold score | win rate vs SFT | " + ("win rate vs large SFT | " if large else "")
-             + "KL to SFT | pretraining loss | RM score |",
-             "|---" * (7 if large else 6) + "|"]
-    for stage in policies:
-        r = report[stage]
-        kl = "-" if stage == "sft_large" else _fmt(r.get("kl_to_sft", 0.0))
-        lines.append(f"| {stage} | {_fmt(r['gold_score'])} | {_fmt(r.get('win_rate_vs_sft', '-'))} | "
-                     + (f"{_fmt(r.get('win_rate_vs_sft_large', '-'))} | " if large else "")
-                     + f"{kl} | {_fmt(r['pretrain_loss'])} | {_fmt(r['rm_score'])} |")
-    lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(report['rm']['val_accuracy'])} "
-              f"(labelers agree with each other on about 73% of pairs).", ""]
+    write_plots(workdir, report, ppo_stages)
+    policies = _policies(report, ppo_stages)
+    baselines = [b for b in ("sft", "sft_large") if b in report]
+    ev = report["evaluation"]
+    get = lambda policy, split, key: report[policy][split].get(key, "-")  # noqa: E731
+    lines = [f"# rlhf_jax report: {report.get('name', '')}", "", f"Wall time: {report['wall_seconds']:.0f} s.", "",
+             f"Held-out prompts ({ev['prompts']}): *sampled* is {ev['samples_per_prompt']} responses per prompt at "
+             f"PPO's training temperature {ev['temperature']}, *greedy* one; win rates pair each response with the "
+             f"baseline's to the same prompt (and draw), ties half. KL to SFT: the summed per-token "
+             f"{ev['kl_estimator']} estimate on sampled responses, at the training temperature.", ""]
+    lines += _table(["policy", "gold (sampled)", *[f"win vs {b} (sampled)" for b in baselines], "gold (greedy)",
+                     *[f"win vs {b} (greedy)" for b in baselines], "KL to SFT", "pretraining loss", "RM score (sampled)"],
+                    [[p, get(p, "sampled", "gold_score"), *[get(p, "sampled", f"win_rate_vs_{b}") for b in baselines],
+                      get(p, "greedy", "gold_score"), *[get(p, "greedy", f"win_rate_vs_{b}") for b in baselines],
+                      get(p, "sampled", "kl_to_sft"), report[p]["pretrain_loss"], get(p, "sampled", "rm_score")]
+                     for p in policies])
+    for split, title in (("sampled", "sampled"), ("greedy", "greedy")):
+        lines += ["", f"Metadata ({title}; the paper's Fig. 4): rates over the responses they apply to.", ""]
+        lines += _table(["policy", *[label for _, label in METADATA], "offensive (all prompts)"],
+                        [[p, *[get(p, split, key) for key, _ in METADATA], get(p, split, "offensive")]
+                         for p in policies])
+    if "heldout_sampled" in report["sft"]:
+        lines += ["", f"Held-out instructions ({ev['heldout_prompts']} prompts of families only pretraining text "
+                  "asks; no demonstration, comparison or PPO prompt):", ""]
+        lines += _table(["policy", "gold (sampled)", "win vs sft (sampled)", "gold (greedy)", "win vs sft (greedy)",
+                         *[label for _, label in METADATA]],
+                        [[p, get(p, "heldout_sampled", "gold_score"), get(p, "heldout_sampled", "win_rate_vs_sft"),
+                          get(p, "heldout_greedy", "gold_score"), get(p, "heldout_greedy", "win_rate_vs_sft"),
+                          *[get(p, "heldout_sampled", key) for key, _ in METADATA]] for p in policies])
     rm = report["rm"]
+    lines += ["", f"Reward model held-out pairwise accuracy: {_fmt(rm['val_accuracy'])}."]
+    if "comparisons" in report:
+        c = report["comparisons"]
+        lines += [f"Its labels agree with a second labeler on {_fmt(c['inter_labeler_agreement'])} of pairs (the "
+                  f"paper's labelers: 0.726) and with the gold order on {_fmt(c['labels_gold_agreement'])}."]
     if "best_of_n" in rm:
         lines += [f"The RM as a best-of-{rm['best_of_n']} selector among the SFT policy's samples (held out): "
                   f"gold score {_fmt(rm['best_of_n_gold'])} for its pick, against {_fmt(rm['best_of_n_random_gold'])} "
                   f"for a random sample and {_fmt(rm['best_of_n_oracle_gold'])} for the gold-best one. PPO climbs "
-                  f"the gold score only as far as the RM picks better than at random.", ""]
-    lines += [f"![{name}]({name})" for name in PLOTS]
-    lines += ["", "## Sample held-out responses", "", "| prompt | " + " | ".join(policies) + " |",
-              "|---" * (1 + len(policies)) + "|"]
-    for sample in samples:
-        lines.append(f"| {sample['prompt']} | " + " | ".join(sample[s] for s in policies) + " |")
+                  f"the gold score only as far as the RM picks better than at random."]
+    lines += ["", *[f"![{name}]({name})" for name in PLOTS]]
+    for decoding, rows in samples.items():
+        lines += ["", f"## Sample held-out responses ({decoding})", "",
+                  "| prompt | " + " | ".join(policies) + " |", "|---" * (1 + len(policies)) + "|"]
+        lines += [f"| {row['prompt']} | " + " | ".join(row[p] for p in policies) + " |" for row in rows]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

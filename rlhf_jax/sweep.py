@@ -9,14 +9,17 @@ met or not per seed) and ``<workdir>/sweep.md``.
     python -m rlhf_jax.sweep --config experiments/small_ppo_vs_large_sft.py \\
         --workdir runs/sweep_large --seeds 0 1 2
 
-Targets (issue 6; the paper's findings in miniature):
-- ``rm_above_chance``: the RM's held-out pairwise accuracy is well above chance (> 0.6;
-  noisy labelers agree on about 73% of pairs, which bounds it).
-- ``ppo_beats_sft``: PPO's gold score is above SFT's and it wins over SFT on more than half of
-  the held-out prompts.
-- ``ptx_smaller_tax``: PPO-ptx's pretraining-loss regression from SFT is smaller than PPO's.
-- ``small_ppo_beats_large_sft`` (configs with ``rm.model``): PPO on the small model wins
-  over the larger SFT-only model on more than half of the prompts.
+Targets (the paper's findings in miniature, judged on *sampled* held-out responses: several
+per prompt at PPO's training temperature; greedy numbers are in every report beside them):
+
+- per seed: ``rm_accuracy`` (held-out accuracy on noisy labels >= 0.66; the paper's 6B RM:
+  72.4%), ``rm_best_of_n`` (its best-of-n pick among SFT samples beats a random sample's gold
+  score by >= 0.05), ``ppo_beats_sft`` (PPO's gold score above SFT's and its win rate over
+  SFT > 0.55), ``ptx_smaller_tax`` (PPO-ptx's pretraining-loss regression from SFT smaller
+  than PPO's), and with ``rm.model`` ``small_ptx_beats_large_sft`` (PPO-ptx's win rate over
+  the larger SFT model >= 0.55);
+- on the mean over seeds: ``ppo_win_rate`` (>= 0.60), ``ptx_win_rate`` (>= 0.55) and
+  ``ppo_fewer_flaws`` (every metadata flaw rate lower for PPO than for SFT).
 """
 
 from __future__ import annotations
@@ -28,29 +31,47 @@ import pathlib
 import statistics
 import sys
 
-RM_WELL_ABOVE_CHANCE = 0.6
+from rlhf_jax.tasks.gold import FLAWS
+
+RM_ACCURACY = 0.66
+BEST_OF_N_GAIN = 0.05
+PPO_WIN_RATE_EACH, PPO_WIN_RATE_MEAN, PTX_WIN_RATE_MEAN, SMALL_OVER_LARGE = 0.55, 0.60, 0.55, 0.55
+JUDGED_ON = "sampled"
 
 
 def targets(report: dict) -> dict[str, bool]:
-    out = {"rm_above_chance": report["rm"]["val_accuracy"] > RM_WELL_ABOVE_CHANCE,
-           "ppo_beats_sft": (report["ppo"]["gold_score"] > report["sft"]["gold_score"]
-                             and report["ppo"]["win_rate_vs_sft"] > 0.5)}
+    """The per-seed targets a report meets."""
+    rm, sft, ppo = report["rm"], report["sft"][JUDGED_ON], report["ppo"][JUDGED_ON]
+    out = {"rm_accuracy": rm["val_accuracy"] >= RM_ACCURACY,
+           "ppo_beats_sft": ppo["gold_score"] > sft["gold_score"] and ppo["win_rate_vs_sft"] > PPO_WIN_RATE_EACH}
+    if "best_of_n_gold" in rm:
+        out["rm_best_of_n"] = rm["best_of_n_gold"] - rm["best_of_n_random_gold"] >= BEST_OF_N_GAIN
     if "ppo_ptx" in report:
         out["ptx_smaller_tax"] = (report["ppo_ptx"]["pretrain_loss_regression"]
                                   < report["ppo"]["pretrain_loss_regression"])
-    if "sft_large" in report:
-        out["small_ppo_beats_large_sft"] = report["ppo"]["win_rate_vs_sft_large"] > 0.5
+        if "sft_large" in report:
+            out["small_ptx_beats_large_sft"] = report["ppo_ptx"][JUDGED_ON]["win_rate_vs_sft_large"] >= SMALL_OVER_LARGE
     return out
 
 
-def numbers(report: dict) -> dict[str, float]:
-    """The report's numbers as flat ``stage.key`` entries."""
+def mean_targets(stats: dict) -> dict[str, bool]:
+    """The targets judged on the mean over seeds."""
+    mean = lambda key: stats[key]["mean"] if key in stats else float("nan")  # noqa: E731
+    out = {"ppo_win_rate": mean(f"ppo.{JUDGED_ON}.win_rate_vs_sft") >= PPO_WIN_RATE_MEAN,
+           "ppo_fewer_flaws": all(mean(f"ppo.{JUDGED_ON}.{f}") < mean(f"sft.{JUDGED_ON}.{f}") for f in FLAWS)}
+    if f"ppo_ptx.{JUDGED_ON}.win_rate_vs_sft" in stats:
+        out["ptx_win_rate"] = mean(f"ppo_ptx.{JUDGED_ON}.win_rate_vs_sft") >= PTX_WIN_RATE_MEAN
+    return out
+
+
+def numbers(report: dict, prefix: str = "") -> dict[str, float]:
+    """The report's numbers as flat dotted entries (``ppo.sampled.gold_score``)."""
     flat = {}
-    for stage, values in report.items():
-        if isinstance(values, dict):
-            flat.update({f"{stage}.{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))})
-        elif isinstance(values, (int, float)):
-            flat[stage] = float(values)
+    for key, value in report.items():
+        if isinstance(value, dict):
+            flat.update(numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix + key] = float(value)
     return flat
 
 
@@ -63,32 +84,46 @@ def summarize(reports: dict[int, dict]) -> dict:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         stats[key] = {"mean": statistics.fmean(values), "std": std, "values": values}
     met = {seed: targets(r) for seed, r in reports.items()}
-    return {"seeds": list(reports), "stats": stats, "targets": met, "reports": reports}
+    return {"seeds": list(reports), "stats": stats, "targets": met, "mean_targets": mean_targets(stats),
+            "reports": reports}
+
+
+ROWS = (("RM held-out accuracy (noisy labels)", "rm.val_accuracy"),
+        ("labels: agreement with a second labeler", "comparisons.inter_labeler_agreement"),
+        ("RM best-of-8 pick among SFT samples: gold", "rm.best_of_n_gold"),
+        ("a random SFT sample: gold", "rm.best_of_n_random_gold"),
+        ("the gold-best of those samples: gold", "rm.best_of_n_oracle_gold"))
+POLICY_ROWS = (("gold score", "gold_score"), ("win rate vs SFT", "win_rate_vs_sft"),
+               ("win rate vs large SFT", "win_rate_vs_sft_large"), ("KL to SFT", "kl_to_sft"),
+               *((f"rate: {f}", f) for f in (*FLAWS, "attempts_instruction")))
 
 
 def markdown(summary: dict, title: str) -> str:
     stats, seeds = summary["stats"], summary["seeds"]
-    rows = [("RM held-out accuracy", "rm.val_accuracy")]
+    rows = list(ROWS)
     for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
-        rows += [(f"{stage} gold score", f"{stage}.gold_score"),
-                 (f"{stage} win rate vs SFT", f"{stage}.win_rate_vs_sft"),
-                 (f"{stage} win rate vs large SFT", f"{stage}.win_rate_vs_sft_large"),
-                 (f"{stage} KL to SFT", f"{stage}.kl_to_sft"),
-                 (f"{stage} pretraining loss", f"{stage}.pretrain_loss")]
+        for split in ("sampled", "greedy", "heldout_sampled", "heldout_greedy"):
+            rows += [(f"{stage} {label} ({split.replace('_', ' ')})", f"{stage}.{split}.{key}")
+                     for label, key in POLICY_ROWS]
+        rows += [(f"{stage} pretraining loss", f"{stage}.pretrain_loss"),
+                 (f"{stage} pretraining-loss regression from SFT", f"{stage}.pretrain_loss_regression")]
     rows.append(("wall seconds", "wall_seconds"))
     lines = [f"# {title}: seeds {', '.join(map(str, seeds))}", "",
              "| | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---" * (2 + len(seeds)) + "|"]
     for label, key in rows:
-        if key in stats and not (key.startswith("sft.") and key.endswith(("win_rate_vs_sft", "kl_to_sft"))):
+        if key in stats:
             s = stats[key]
             lines.append(f"| {label} | {s['mean']:.3f} ± {s['std']:.3f} | "
                          + " | ".join(f"{v:.3f}" for v in s["values"]) + " |")
     names = sorted(set().union(*(t.keys() for t in summary["targets"].values())))
-    lines += ["", "| target | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (1 + len(seeds)) + "|"]
+    lines += ["", f"Targets, judged on {JUDGED_ON} responses:", "",
+              "| target | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (1 + len(seeds)) + "|"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join("met" if summary["targets"][s].get(name) else "not met"
                                                  for s in seeds) + " |")
+    lines += ["", "| target on the mean over seeds | |", "|---|---|"]
+    lines += [f"| {name} | {'met' if ok else 'not met'} |" for name, ok in sorted(summary["mean_targets"].items())]
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
                              OptimConfig, SFTConfig, TokenizerConfig)
 
-TINY_MODEL = ModelConfig(family="llama", vocab_size=152, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+TINY_MODEL = ModelConfig(family="llama", vocab_size=168, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          d_ff=64, max_len=64, tie_embeddings=False)
 
 

@@ -18,9 +18,9 @@ from rlhf_jax.tasks import save_tokenizer  # noqa: E402
 from tests.helpers import write_demonstrations, write_marker_comparisons  # noqa: E402
 
 TINY = {
-    "gpt2_hh_gpu": lambda: transformers.GPT2Config(vocab_size=152, n_positions=64, n_embd=32, n_layer=2,
+    "gpt2_hh_gpu": lambda: transformers.GPT2Config(vocab_size=168, n_positions=64, n_embd=32, n_layer=2,
                                                    n_head=4, eos_token_id=1, bos_token_id=1),
-    "llama_tpu_pod": lambda: transformers.LlamaConfig(vocab_size=152, hidden_size=32, intermediate_size=64,
+    "llama_tpu_pod": lambda: transformers.LlamaConfig(vocab_size=168, hidden_size=32, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=4,
                                                       num_key_value_heads=2, max_position_embeddings=64,
                                                       tie_word_embeddings=True, eos_token_id=1, bos_token_id=3),

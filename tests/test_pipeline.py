@@ -23,7 +23,7 @@ def micro_config():
     few = lambda stage, **kw: dataclasses.replace(stage, **kw)  # noqa: E731
     return dataclasses.replace(
         cfg,
-        model=ModelConfig(family="llama", vocab_size=152, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64),
+        model=ModelConfig(family="llama", vocab_size=168, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64),
         pretrain=few(cfg.pretrain, max_steps=4, eval_every=4, log_every=2),
         sft=few(cfg.sft, max_steps=4, eval_every=4, log_every=2),
         comparisons=few(cfg.comparisons, n_prompts=32),

@@ -1,4 +1,5 @@
-"""ppo_steps: the behaviour log-probs taken from the sampler equal a recomputed forward pass."""
+"""ppo_steps: the behaviour log-probs taken from the sampler equal a recomputed forward pass;
+the update's entropy and the evaluator's KL are of the tempered sampling distribution."""
 
 import dataclasses
 
@@ -7,31 +8,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding
-from rlhf_jax.config import MeshConfig, ModelConfig, PPOConfig, SamplingConfig
+from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig, SamplingConfig
+from rlhf_jax.evaluation import PolicyEvaluator, copy_params
 from rlhf_jax.models import LanguageModel, ScalarModel
-from rlhf_jax.ppo_steps import make_experience_fn, reward_model_score, takes_sampler_logprobs
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.ppo_steps import (make_experience_fn, make_ppo_update, response_logits, reward_model_score,
+                                takes_sampler_logprobs)
 from rlhf_jax.sampling import make_sampler
+from rlhf_jax.steps import create_train_state
+from rlhf_jax.types import PPOState, TokenBatch
 
 MODEL = ModelConfig(family="llama", vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                     max_len=32)
 
 
-def _experience(sampling: SamplingConfig, old_logprobs: str):
-    """(sampler log-probs, rollout) of one batch of 8 prompts (2 left-padded)."""
+def _setup():
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
     policy, scalar = LanguageModel(MODEL), ScalarModel(MODEL)
     policy_params, policy_sh = sharding.init_params(policy, mesh, jax.random.key(0))
-    value_params, _ = sharding.init_params(scalar, mesh, jax.random.key(1))
+    value_params, value_sh = sharding.init_params(scalar, mesh, jax.random.key(1))
     value_params["head"]["kernel"] = jax.random.normal(jax.random.key(2), value_params["head"]["kernel"].shape)
-    cfg = PPOConfig(sampling=sampling, old_logprobs=old_logprobs)
     prompts = jax.random.randint(jax.random.key(3), (8, 6), 3, MODEL.vocab_size)
     segments = jnp.ones_like(prompts).at[:2, :2].set(0)
-    prompts = prompts * segments
+    return mesh, policy, scalar, policy_params, policy_sh, value_params, prompts * segments, segments
+
+
+def _experience(sampling: SamplingConfig, old_logprobs: str, ref_key=None):
+    """(sampler log-probs, rollout, metrics) of one batch of 8 prompts (2 left-padded); the
+    reference policy is the policy itself, or fresh params from ``ref_key``."""
+    mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup()
+    ref_params = policy_params if ref_key is None else sharding.init_params(policy, mesh, ref_key)[0]
+    cfg = PPOConfig(sampling=sampling, old_logprobs=old_logprobs)
     sampler = make_sampler(policy, sampling, mesh, policy_sh, eos_id=1, pad_id=0)
     samples = sampler(policy_params, prompts, segments, jax.random.key(4))
     experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, 0.0, 1.0, mesh)
-    rollout, _ = experience(policy_params, policy_params, value_params, value_params, samples, jnp.float32(0.02))
-    return samples, rollout
+    rollout, metrics = experience(policy_params, ref_params, value_params, value_params, samples, jnp.float32(0.02))
+    return samples, rollout, metrics
 
 
 def test_sampler_logprobs_equal_a_recomputed_forward_pass():
@@ -41,11 +53,90 @@ def test_sampler_logprobs_equal_a_recomputed_forward_pass():
     assert not takes_sampler_logprobs(PPOConfig(sampling=dataclasses.replace(unfiltered, temperature=0.0)))
     # With top-k and top-p too: both are the tempered distribution's log-probs before filtering.
     for sampling in (unfiltered, dataclasses.replace(unfiltered, top_k=5, top_p=0.9)):
-        samples, taken = _experience(sampling, "sampler")
-        _, recomputed = _experience(sampling, "recompute")
+        samples, taken, _ = _experience(sampling, "sampler")
+        _, recomputed, _ = _experience(sampling, "recompute")
         mask = np.asarray(taken.response_mask)
         assert mask.sum() > 20
         np.testing.assert_array_equal(taken.old_logprobs, samples.logprobs * mask)
         np.testing.assert_allclose(taken.old_logprobs, recomputed.old_logprobs, atol=2e-5)
         np.testing.assert_allclose(taken.advantages, recomputed.advantages, atol=2e-4)
         np.testing.assert_array_equal(taken.ref_logprobs, recomputed.ref_logprobs)
+
+
+def _entropy_numpy(logits, mask):
+    """Mean entropy over the mask of softmax(logits), in float64: ``logits [B, N, V]``."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    per_token = -(p * np.log(p)).sum(-1)
+    return float((per_token * mask).sum() / mask.sum())
+
+
+def test_update_entropy_is_that_of_the_tempered_sampling_distribution():
+    """PPO's entropy bonus and ``ppo/entropy`` describe the distribution the episodes were
+    sampled from: softmax(logits / T), not the untempered logits (at T = 0.1 they differ)."""
+    temperature = 0.1
+    sampling = SamplingConfig(max_new_tokens=8, temperature=temperature)
+    mesh, policy, scalar, policy_params, policy_sh, value_params, _, _ = _setup()
+    _, rollout, metrics = _experience(sampling, "sampler")
+    cfg = PPOConfig(sampling=sampling, minibatch_size=8, prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
+                    policy_optim=OptimConfig(learning_rate=0.0), value_optim=OptimConfig(learning_rate=0.0))
+    policy_tx, value_tx = make_optimizer(cfg.policy_optim, 10), make_optimizer(cfg.value_optim, 10)
+    policy_state, p_sh = create_train_state(policy, policy_tx, mesh, jax.random.key(5), copy_params(policy_params))
+    value_state, v_sh = create_train_state(scalar, value_tx, mesh, jax.random.key(5), copy_params(value_params))
+    replicated = sharding.replicated(mesh)
+    state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
+                     kl_coef=jnp.float32(0.02))
+    state_sh = PPOState(policy=p_sh, value=v_sh, ema_params=p_sh.params, kl_coef=replicated)
+    update = make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, mesh, state_sh)
+    no_ptx = TokenBatch(*(jnp.zeros((1, 2), jnp.int32) for _ in range(4)))
+    # one minibatch of all 8 episodes, so the step's metric is over exactly these tokens
+    _, update_metrics = update(state, rollout, no_ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))
+    prompt_len = rollout.tokens.shape[1] - rollout.response_mask.shape[1]
+    logits = np.asarray(response_logits(policy, policy_params, rollout.tokens, rollout.segment_ids,
+                                        rollout.positions, prompt_len))[:, :-1]
+    mask = np.asarray(rollout.response_mask)
+    tempered, untempered = _entropy_numpy(logits / temperature, mask), _entropy_numpy(logits, mask)
+    assert abs(tempered - untempered) > 0.1  # the two differ, so the check below can tell them apart
+    np.testing.assert_allclose(float(update_metrics["ppo/entropy"]), tempered, rtol=1e-5)
+
+
+class _Batches:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def eval_batches(self):
+        yield self.batch
+
+
+class _Decoder:
+    eos_id, pad_id = 1, 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_evaluator_kl_is_the_training_estimate_on_sampled_responses():
+    """The held-out KL is what training reports: on the same sampled responses, the summed
+    per-token estimate at the sampling temperature equals experience's ``ppo/kl_to_ref``
+    (k1 and k3); greedy responses get no KL at all (their log-ratio estimates nothing)."""
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.7)
+    mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup()
+    ref_params = sharding.init_params(policy, mesh, jax.random.key(9))[0]
+    batch = TokenBatch(tokens=prompts, loss_mask=jnp.zeros_like(prompts), segment_ids=segments,
+                       positions=jnp.zeros_like(prompts))
+    for estimator in ("k1", "k3"):
+        evaluator = PolicyEvaluator(policy, reward_model_score(scalar), mesh, policy_sh, _Decoder(), sampling,
+                                    seed=0, kl_estimator=estimator)
+        generations = evaluator.generate(policy_params, ref_params, value_params, _Batches(batch))
+        # the evaluator's draw 0 samples with PRNGKey(seed + batch index)
+        samples = evaluator.sampler(policy_params, prompts, segments, jax.random.PRNGKey(0))
+        cfg = PPOConfig(sampling=sampling, kl_estimator=estimator, old_logprobs="recompute")
+        experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, 0.0, 1.0, mesh)
+        _, metrics = experience(policy_params, ref_params, value_params, value_params, samples, jnp.float32(0.02))
+        assert len(generations.kl) == 8 and abs(float(metrics["ppo/kl_to_ref"])) > 0.05
+        np.testing.assert_allclose(generations.kl.mean(), float(metrics["ppo/kl_to_ref"]), rtol=1e-4)
+    assert (generations.kl >= 0).all()  # k3 is never negative
+    greedy = PolicyEvaluator(policy, reward_model_score(scalar), mesh, policy_sh, _Decoder(),
+                             dataclasses.replace(sampling, temperature=0.0))
+    assert greedy.generate(policy_params, ref_params, value_params, _Batches(batch)).kl is None

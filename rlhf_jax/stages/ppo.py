@@ -126,8 +126,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         policy, scalar, reward_fn, ppo, reward_meta.get("reward_offset", 0.0), reward_meta.get("reward_gain", 1.0),
         env.mesh)
     update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, env.mesh, state_sh)
+    eval_temperature = ppo.sampling.temperature if ppo.eval_temperature is None else ppo.eval_temperature
     evaluator = PolicyEvaluator(policy, reward_fn, env.mesh, policy_sh.params, env.tokenizer,
-                                dataclasses.replace(ppo.sampling, temperature=ppo.eval_temperature), cfg.seed)
+                                dataclasses.replace(ppo.sampling, temperature=eval_temperature), cfg.seed,
+                                ppo.kl_estimator)
     shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
     no_ptx = TokenBatch(*(jnp.zeros((updates_per_iteration * shards, 2), jnp.int32) for _ in range(4)))
 

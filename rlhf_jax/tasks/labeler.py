@@ -8,7 +8,7 @@ response's utility is ``gold / temperature``, and a ranking is one Plackett-Luce
 ``P(a over b) = sigmoid((gold_a - gold_b) / temperature)``.
 
 ``DEFAULT_TEMPERATURE`` was chosen with :func:`labeler_agreement` on responses typical of a
-partially trained policy (:func:`~rlhf_jax.tasks.instructions.sample_responses`, K = 4,
+partially trained policy (:func:`~rlhf_jax.tasks.internet.sample_responses`, K = 4,
 2000 prompts a seed): two independent labelers agree on 0.730 of the pairs with different
 gold scores (mean over seeds 0-7, spread 0.009; seed 0 gives 0.737; temperature 0.29 gives
 0.737, 0.31 gives 0.722), and each agrees with the gold order on 0.816 of them. Agreement
@@ -22,9 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.tasks.instructions import gold_score, generate_prompt, sample_responses
+from rlhf_jax.tasks.gold import gold_score
+from rlhf_jax.tasks.internet import sample_responses
+from rlhf_jax.tasks.prompts import generate_prompt
 
-DEFAULT_TEMPERATURE = 0.30
+DEFAULT_TEMPERATURE = 0.21
 # Scores closer than this are one tie group: equal edit distances must compare equal even
 # after float rounding.
 _TIE_DECIMALS = 9
@@ -112,7 +114,7 @@ def labeler_agreement(temperature: float = DEFAULT_TEMPERATURE, n_prompts: int =
     two independent :class:`NoisyLabeler` s at ``temperature`` order the same way.
 
     Responses are ``k`` per prompt from
-    :func:`~rlhf_jax.tasks.instructions.sample_responses` on ``n_prompts`` random prompts,
+    :func:`~rlhf_jax.tasks.internet.sample_responses` on ``n_prompts`` random prompts,
     i.e. of the quality a partially trained policy produces.
     """
     a = NoisyLabeler(temperature, seed=seed + 1)

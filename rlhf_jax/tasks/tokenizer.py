@@ -18,10 +18,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.tasks import vocab as V
-from rlhf_jax.tasks.instructions import MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS
+from rlhf_jax.tasks.internet import MAX_FLAWED_RESPONSE_TOKENS
+from rlhf_jax.tasks.prompts import MAX_PROMPT_TOKENS
 
-# Long enough for any prompt + response + <eos>, with room for packing two pretraining texts.
-MODEL_MAX_LENGTH = 2 * (MAX_PROMPT_TOKENS + MAX_RESPONSE_TOKENS + 1)
+# Long enough for any prompt + (flawed) response + <eos>, with room for packing two such texts.
+MODEL_MAX_LENGTH = 2 * (MAX_PROMPT_TOKENS + MAX_FLAWED_RESPONSE_TOKENS + 1)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -42,12 +42,29 @@ FILLER_WORDS: tuple[str, ...] = (
     "before", "comes", "next", "big", "small", "like", "see", "they", "we", "answer",
 )
 
+# ---- Appended for the surface dimensions of a response (ids of the words above unchanged).
+# A prompt that starts with this word asks for a respectful answer (the paper's
+# RealToxicityPrompts "respectful" instruction).
+RESPECTFUL_MARKER = "politely"
+# The "internet"'s offensive words: inappropriate for a customer assistant anywhere, worse
+# where the prompt asked for respect.
+OFFENSIVE_WORDS: tuple[str, ...] = ("stupid", "dumb", "idiot", "ugh", "loser", "whatever")
+# Explicit constraints: ", end with W" and ", in brackets" after a prompt's items.
+CONSTRAINT_WORDS: tuple[str, ...] = ("end", "with", "brackets")
+# The words an "end with" constraint names: never content, prose or offensive words, so
+# meeting it changes no other dimension.
+END_WORDS: tuple[str, ...] = ("!", "?", "done", "ok", "thanks")
+OPEN_BRACKET, CLOSE_BRACKET = "(", ")"
+
 
 def vocabulary() -> list[str]:
     """All word types in id order: special tokens first, then markers, numbers, letters,
-    item words, instruction words and filler words. Raises if two groups share a word."""
+    item words, instruction words, filler words, and (appended later) the respectful
+    marker, offensive words, constraint words and end words. Raises if two groups share a
+    word."""
+    new_end_words = [w for w in END_WORDS if w not in MARKERS]
     words = [*SPECIAL_TOKENS, *MARKERS, *NUMBERS, *LETTERS, *ITEM_WORDS, *INSTRUCTION_WORDS,
-             *FILLER_WORDS]
+             *FILLER_WORDS, RESPECTFUL_MARKER, *OFFENSIVE_WORDS, *CONSTRAINT_WORDS, *new_end_words]
     if len(set(words)) != len(words):
         dupes = sorted({w for w in words if words.count(w) > 1})
         raise AssertionError(f"vocabulary has duplicate words: {dupes}")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.tasks import labeler as L
-from rlhf_jax.tasks.instructions import generate_prompt, sample_responses, solve
+from rlhf_jax.tasks.internet import sample_responses
+from rlhf_jax.tasks.prompts import generate_prompt, solve
 
 
 def test_inter_labeler_agreement_matches_instructgpt():
@@ -42,19 +43,21 @@ def test_low_temperature_puts_the_best_response_first():
 def test_bradley_terry_marginal_for_a_pair():
     # For two responses P(better first) = sigmoid(delta / T).
     prompt = "reverse : a b c d =>"
-    good, worse = "d c b a", "d c x y"  # gold 1.0 and 0.5
+    good, worse = "d c b a", "d c x y"
     temperature = 0.30
     labeler = L.NoisyLabeler(temperature, seed=3)
+    gold_good, gold_worse = labeler.scores(prompt, [good, worse])
+    assert gold_good == 1.0 and gold_worse < 0.9
     n = 4000
     wins = sum(labeler.rank(prompt, [good, worse]) == [0, 1] for _ in range(n))
-    p = 1 / (1 + math.exp(-0.5 / temperature))  # ~0.841
+    p = 1 / (1 + math.exp(-(gold_good - gold_worse) / temperature))
     assert abs(wins / n - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
 def test_ties_share_a_rank_and_ranks_are_dense():
     prompt = "reverse : a b c d =>"
     answer = solve(prompt)
-    # Two identical answers, two different one-word errors (same gold 0.75), one empty.
+    # Two identical answers, two different one-word hallucinations (same gold), one empty.
     responses = [answer, "d c b x", answer, "", "x c b a"]
     for seed in range(20):
         ranks = L.NoisyLabeler(seed=seed).rank(prompt, responses)

@@ -5,7 +5,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from rlhf_jax.tasks import corpus, tokenizer as T, vocab as V
-from rlhf_jax.tasks.instructions import generate_prompt, sample_responses
+from rlhf_jax.tasks.internet import sample_responses
+from rlhf_jax.tasks.prompts import generate_prompt
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def _task_texts():
 def test_special_tokens_and_size(tok):
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
     assert (tok.pad_token, tok.eos_token) == ("<pad>", "<eos>")
-    assert len(tok) == V.VOCAB_SIZE == 150
+    assert len(tok) == V.VOCAB_SIZE == 163
     assert tok.convert_ids_to_tokens(list(range(V.VOCAB_SIZE))) == list(V.VOCAB)
 
 
@@ -62,5 +63,5 @@ def test_encoding_adds_no_special_tokens_and_maps_unknowns(tok):
 
 def test_in_memory_tokenizer_matches_saved(tok):
     built = T.build_tokenizer()
-    text = "please keep the first 2 of : a b c => a b"
+    text = "ugh , politely keep the first 2 of : a b c , in brackets => ( a b ) thanks"
     assert built.encode(text) == tok.encode(text)
