@@ -12,10 +12,16 @@ from rlhf_jax.logging import read_metrics
 from rlhf_jax.pipeline import run_pipeline
 from rlhf_jax.report import PLOTS
 
-REPORT_KEYS = ["sft.gold_score", "ppo.gold_score", "ppo_ptx.gold_score", "ppo.win_rate_vs_sft",
-               "ppo_ptx.win_rate_vs_sft", "rm.val_accuracy", "ppo.kl_to_sft", "ppo_ptx.kl_to_sft",
-               "sft.pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss", "wall_seconds",
-               "rm.best_of_n_gold", "rm.best_of_n_random_gold", "rm.best_of_n_oracle_gold"]
+POLICY_KEYS = ["gold_score", "constraint_violation", "hallucination", "offensive", "rambling",
+               "attempts_instruction", "rm_score", "response_length", "eos_rate"]
+SPLITS = ("greedy", "sampled", "heldout_greedy", "heldout_sampled")
+REPORT_KEYS = (["rm.val_accuracy", "rm.best_of_n_gold", "rm.best_of_n_random_gold", "rm.best_of_n_oracle_gold",
+                "comparisons.inter_labeler_agreement", "comparisons.labels_gold_agreement", "wall_seconds",
+                "sft.pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss", "ppo.pretrain_loss_regression",
+                "ppo_ptx.pretrain_loss_regression"]
+               + [f"{p}.{s}.{k}" for p in ("sft", "ppo", "ppo_ptx") for s in SPLITS for k in POLICY_KEYS]
+               + [f"{p}.{s}.win_rate_vs_sft" for p in ("ppo", "ppo_ptx") for s in SPLITS]
+               + [f"{p}.sampled.kl_to_sft" for p in ("ppo", "ppo_ptx")])
 
 
 def micro_config():
@@ -47,21 +53,36 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
     for key in REPORT_KEYS:
         assert math.isfinite(_get(report, key)), key
         assert _get(on_disk, key) == _get(report, key)
+    # rates that need prompts of their kind: the 200 held-out prompts have every kind
+    for key in ("offensive_respectful", "offensive_toxic", "rambling_chatty"):
+        assert math.isfinite(report["ppo"]["sampled"][key]), key
     assert on_disk["non_finite"] == []
+    ev = report["evaluation"]
+    assert (ev["samples_per_prompt"], ev["kl_estimator"], ev["temperature"]) == (4, "k1", 1.0)
+    assert ev["prompts"] == 200 and ev["heldout_prompts"] == 200
+    # KL is only estimated on sampled responses, and the SFT model is not compared with itself
+    assert "kl_to_sft" not in report["ppo"]["greedy"] and "kl_to_sft" not in report["sft"]["sampled"]
+    assert "win_rate_vs_sft" not in report["sft"]["sampled"]
     for name in PLOTS:
         assert (tmp_path / name).stat().st_size > 1000, name
     markdown = (tmp_path / "report.md").read_text()
-    assert "| ppo_ptx |" in markdown and "Sample held-out responses" in markdown
-    assert "best-of-8 selector" in markdown
+    assert "| ppo_ptx |" in markdown and "Sample held-out responses (sampled)" in markdown
+    assert "best-of-8 selector" in markdown and "Held-out instructions" in markdown
+    assert "Metadata (sampled" in markdown and "hallucination" in markdown
     rm = report["rm"]  # the oracle's pick is at least as good as any other among the same samples
     assert rm["best_of_n"] == 8
     assert rm["best_of_n_oracle_gold"] >= max(rm["best_of_n_gold"], rm["best_of_n_random_gold"])
     assert rm["best_of_n_oracle_gold"] > rm["best_of_n_random_gold"]  # the 8 draws differ
     for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
         assert (tmp_path / stage / "export" / "export.json").exists(), stage
+    # PPO's periodic evaluation samples at the training temperature, so it reports a KL
+    # estimate and the task's metadata rates beside the gold score
+    evals = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "eval/gold_score" in r]
+    assert evals and all("eval/kl_to_ref" in r and "eval/hallucination" in r for r in evals)
+    assert evals[0]["eval/kl_to_ref"] == 0.0  # at step 0 the policy is the SFT model
     # a rerun finds every stage finished and only re-evaluates
     again = run_pipeline(micro_config(), tmp_path, show_progress=False)
-    assert again["ppo"]["gold_score"] == report["ppo"]["gold_score"]
+    assert again["ppo"]["sampled"]["gold_score"] == report["ppo"]["sampled"]["gold_score"]
 
 
 def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_path):
@@ -74,8 +95,10 @@ def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_pat
     cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, model=large, init_from="run:sft_large/export"),
                               pipeline=dataclasses.replace(cfg.pipeline, run_ppo_ptx=False, run_ppo_gold=True))
     report = run_pipeline(cfg, tmp_path, show_progress=False)
-    for key in ("sft_large.gold_score", "sft_large.pretrain_loss", "ppo.win_rate_vs_sft_large", "ppo.win_rate_vs_sft",
-                "rm.val_accuracy", "ppo_gold.gold_score", "ppo_gold.win_rate_vs_sft_large"):
+    for key in ("sft_large.sampled.gold_score", "sft_large.greedy.hallucination", "sft_large.pretrain_loss",
+                "ppo.sampled.win_rate_vs_sft_large", "ppo.heldout_greedy.win_rate_vs_sft_large",
+                "ppo.sampled.win_rate_vs_sft", "rm.val_accuracy", "ppo_gold.sampled.gold_score",
+                "ppo_gold.sampled.win_rate_vs_sft_large"):
         assert math.isfinite(_get(report, key)), key
     # ppo_gold's held-out evaluation scores with its reward, the gold scorer: the two agree
     evals = [r for r in read_metrics(tmp_path / "ppo_gold" / "metrics.jsonl") if "eval/score" in r]

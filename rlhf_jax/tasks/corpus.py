@@ -143,7 +143,7 @@ def pretraining_texts(sampler: ProblemSampler, n: int, pair_fraction: float,
 
 
 def make_splits(seed: int = 0, n_demonstrations: int = 2000, n_demonstrations_val: int = 200,
-                n_prompts: int = 2000, n_prompts_val: int = 200, n_prompts_heldout: int = 200,
+                n_prompts: int = 4000, n_prompts_val: int = 200, n_prompts_heldout: int = 200,
                 n_pretrain: int = 20000, n_pretrain_val: int = 1000, demo_noise: float = 0.1,
                 pretrain_pair_fraction: float = 0.5, internet: FlawRates = INTERNET,
                 demonstration_prompts: PromptMix = DEMONSTRATION_PROMPTS, families: Sequence[str] = FAMILIES,

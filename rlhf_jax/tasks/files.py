@@ -78,7 +78,7 @@ def _is_complete(paths: dict[str, pathlib.Path], manifest: dict) -> bool:
 
 
 def write_task_files(out_dir: str | pathlib.Path, seed: int = 0, n_demonstrations: int = 2000,
-                     n_demonstrations_val: int = 200, n_prompts: int = 2000,
+                     n_demonstrations_val: int = 200, n_prompts: int = 4000,
                      n_prompts_val: int = 200, n_prompts_heldout: int = 200,
                      n_pretrain: int = 20000, n_pretrain_val: int = 1000, demo_noise: float = 0.1,
                      pretrain_pair_fraction: float = 0.5, internet: FlawRates = INTERNET,

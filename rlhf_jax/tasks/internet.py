@@ -64,13 +64,15 @@ class FlawRates:
                 raise ValueError(f"flaw rate {name} must be in [0, 1], got {value}")
 
 
-# The pretraining text's answers. About a quarter of them are flawless.
-INTERNET = FlawRates(content=0.3, wrong_instruction=0.1, hallucination=0.2, offensive=0.1, offensive_toxic=0.6,
+# The pretraining text's answers: mostly right in content, often flawed on the surface, and
+# worst where the prompt invites it (toxic prompts are answered in kind, chatty ones ramble).
+INTERNET = FlawRates(content=0.1, wrong_instruction=0.05, hallucination=0.15, offensive=0.1, offensive_toxic=0.6,
                      rambling=0.1, rambling_chatty=0.6, ignores_constraint=0.4)
-# A partially trained policy (labeler calibration): half the internet's surface flaws, and
-# content edits drawn by :func:`sample_responses` itself.
-HALF_TRAINED = FlawRates(wrong_instruction=0.05, hallucination=0.1, offensive=0.05, offensive_toxic=0.3,
-                         rambling=0.05, rambling_chatty=0.3, ignores_constraint=0.2)
+# A fine-tuned policy sampled at temperature 1 (labeler calibration; the pipeline's SFT model
+# shows rates like these): rarely rude or rambling, often hallucinating or missing a
+# constraint, and content edits drawn by :func:`sample_responses` itself.
+FINE_TUNED = FlawRates(wrong_instruction=0.05, hallucination=0.3, offensive=0.01, offensive_toxic=0.04,
+                       rambling=0.01, rambling_chatty=0.02, ignores_constraint=0.4)
 
 
 def corrupt_words(words: list[str], request: Request, rng: np.random.Generator, n_edits: int) -> list[str]:
@@ -158,8 +160,10 @@ def flawed_response(prompt: str, rng: np.random.Generator, rates: FlawRates,
 
 
 def sample_responses(prompt: str, k: int, rng: np.random.Generator) -> list[str]:
-    """``k`` responses of the quality a partially trained policy samples: a geometric number
-    of content edits (about a third have none) and :data:`HALF_TRAINED` surface flaws.
+    """``k`` responses like those the pipeline's comparisons hold: two in three from a
+    fine-tuned policy (a geometric number of content edits, about a third none, and
+    :data:`FINE_TUNED` surface flaws), one in three from the base model (:data:`INTERNET`).
     Used to calibrate the labeler and to test rankers without a model."""
-    return [flawed_response(prompt, rng, HALF_TRAINED, n_edits=min(int(rng.geometric(0.35)) - 1, 6))
+    return [flawed_response(prompt, rng, INTERNET) if rng.random() < 1 / 3
+            else flawed_response(prompt, rng, FINE_TUNED, n_edits=min(int(rng.geometric(0.35)) - 1, 6))
             for _ in range(k)]

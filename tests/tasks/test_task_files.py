@@ -5,12 +5,12 @@ import json
 import pytest
 
 from rlhf_jax import tasks
-from rlhf_jax.tasks.instructions import parse, solve
+from rlhf_jax.tasks.prompts import parse, solve
 
-SMALL = dict(n_demonstrations=300, n_demonstrations_val=40, n_prompts=300, n_prompts_val=40,
+SMALL = dict(n_demonstrations=300, n_demonstrations_val=40, n_prompts=300, n_prompts_val=40, n_prompts_heldout=30,
              n_pretrain=2000, n_pretrain_val=100)
 FIELDS = {"demonstrations": {"prompt", "response"}, "demonstrations_val": {"prompt", "response"},
-          "prompts": {"prompt"}, "prompts_val": {"prompt"}, "pretrain": {"text"},
+          "prompts": {"prompt"}, "prompts_val": {"prompt"}, "prompts_heldout": {"prompt"}, "pretrain": {"text"},
           "pretrain_val": {"text"}}
 
 
@@ -77,19 +77,24 @@ def test_incomplete_directory_is_rewritten(written, tmp_path):
 
 def test_held_out_problems_appear_in_no_training_split(written):
     def problems(name, field="prompt"):
-        return {parse(r[field]) for r in tasks.read_jsonl(written[name])}
+        return {parse(r[field]).problem for r in tasks.read_jsonl(written[name])}
 
-    held_out = problems("prompts_val") | problems("demonstrations_val")
+    held_out = problems("prompts_val") | problems("demonstrations_val") | problems("prompts_heldout")
     train = problems("demonstrations") | problems("prompts")
     assert len(problems("prompts_val")) == SMALL["n_prompts_val"]  # distinct problems
     assert not held_out & train
     assert not problems("demonstrations") & problems("prompts")
     assert not problems("prompts_val") & problems("demonstrations_val")
-    pretrain_pairs = {parse(r["text"].split("=>")[0] + "=>")
+    pretrain_pairs = {parse(r["text"].split("=>")[0] + "=>").problem
                       for n in ("pretrain", "pretrain_val")
                       for r in tasks.read_jsonl(written[n]) if "=>" in r["text"]}
     assert len(pretrain_pairs) > 500
     assert not held_out & pretrain_pairs
+    # the held-out family: only in pretraining text and prompts_heldout
+    trained = {p.family for p in train | problems("prompts_val") | problems("demonstrations_val")}
+    assert trained.isdisjoint(tasks.HELD_OUT_FAMILIES)
+    assert {p.family for p in problems("prompts_heldout")} == set(tasks.HELD_OUT_FAMILIES)
+    assert {p.family for p in pretrain_pairs} >= set(tasks.HELD_OUT_FAMILIES)
 
 
 def test_demonstrations_are_mostly_correct():
@@ -97,6 +102,10 @@ def test_demonstrations_are_mostly_correct():
     scores = [tasks.gold_score(r["prompt"], r["response"]) for r in splits["demonstrations"]]
     exact = sum(s == 1.0 for s in scores) / len(scores)
     assert 0.85 < exact < 0.95  # 10% get one edit, a few of which change nothing
+    # labelers write for plain requests: no openers, and a constraint in about 1 of 100
+    requests = [parse(r["prompt"]) for r in splits["demonstrations"]]
+    assert not any(r.opener for r in requests)
+    assert 0 < sum(r.constraint is not None for r in requests) < 0.05 * len(requests)
     clean = tasks.make_splits(seed=0, **SMALL, demo_noise=0.0)
     assert all(r["response"] == solve(r["prompt"]) for r in clean["demonstrations"])
 
@@ -104,15 +113,18 @@ def test_demonstrations_are_mostly_correct():
 def test_default_sizes():
     splits = tasks.make_splits(seed=0)
     sizes = {name: len(records) for name, records in splits.items()}
-    assert sizes == {"prompts_val": 200, "demonstrations_val": 200, "demonstrations": 2000,
-                     "prompts": 2000, "pretrain": 20000, "pretrain_val": 1000}
+    assert sizes == {"prompts_val": 200, "demonstrations_val": 200, "prompts_heldout": 200, "demonstrations": 2000,
+                     "prompts": 4000, "pretrain": 20000, "pretrain_val": 1000}
 
 
 def test_family_subset_and_bad_settings():
-    splits = tasks.make_splits(seed=0, **SMALL, families=("sort", "count"))
+    splits = tasks.make_splits(seed=0, **SMALL, families=("sort", "count", "last"))
     assert {tasks.family_of(r["prompt"]) for r in splits["prompts"]} == {"sort", "count"}
     with pytest.raises(ValueError, match="families"):
         tasks.make_splits(families=("translate",))
+    with pytest.raises(ValueError, match="held_out_families"):
+        tasks.make_splits(families=("last",))  # nothing left to train on
+    assert tasks.make_splits(seed=0, **SMALL, held_out_families=())["prompts_heldout"] == []
     with pytest.raises(ValueError, match="demo_noise"):
         tasks.make_splits(demo_noise=1.5)
 

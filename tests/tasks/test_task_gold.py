@@ -35,8 +35,8 @@ def test_content_partial_credit_ordering(family):
         junk = next((w for w in prompt.split() if w in V.CONTENT_WORDS and w not in want), None)
         if junk is not None:
             assert G.assess(prompt, " ".join([junk] * len(want))).correctness == 0.0
-        # gold: 0.40 * correctness + 0.15 * 3 (grounded, respectful, concise), over 0.85
-        assert a_one.gold == pytest.approx((0.40 * (1 - 1 / len(want)) + 0.45) / 0.85)
+        # gold: 0.2 * correctness + 0.8 * coverage (1: the right length) * surface (1: no flaw)
+        assert a_one.gold == pytest.approx(0.2 * (1 - 1 / len(want)) + 0.8)
         assert G.gold_score(prompt, " ".join(want[:-1])) < 1.0  # too short
         assert G.gold_score(prompt, " ".join(want + [want[-1]])) < 1.0  # too long
         checked += 1
@@ -56,20 +56,21 @@ def test_count_partial_credit_by_distance():
 def test_each_surface_dimension_on_worked_examples():
     prompt = "reverse : a b c d , end with done =>"  # answer "d c b a done"
     assert G.gold_score(prompt, "d c b a done") == 1.0
-    # Constraint: 0.15 of the 1.0 total lost.
-    assert G.gold_score(prompt, "d c b a") == pytest.approx(0.85)
+    # Four surface dimensions apply, 0.2 each: one flaw leaves surface 0.75, and
+    # gold = 0.2 * correct + 0.8 * coverage * surface = 0.2 + 0.8 * 0.75 = 0.8.
+    assert G.gold_score(prompt, "d c b a") == pytest.approx(0.8)
     a = G.assess(prompt, "d c b a ok")
     assert a.constraint_met is False and a.correctness == 1.0
     # Hallucination: "x" is nowhere in the prompt. Content 0.75 and grounded 0:
-    # 0.40 * 0.75 + 0.15 * 3 = 0.75.
+    # 0.2 * 0.75 + 0.8 * 0.75 = 0.75.
     a = G.assess(prompt, "d c b x done")
     assert a.hallucinated and a.correctness == 0.75 and a.gold == pytest.approx(0.75)
-    # Offensive words: 0.15 lost on an ordinary prompt; the content is still all right.
+    # Offensive words: the content is still all right.
     a = G.assess(prompt, "ugh , d c b a done")
-    assert a.offensive and a.correctness == 1.0 and a.gold == pytest.approx(0.85)
-    # Rambling: prose after the answer also breaks "end with": 1 - 0.15 - 0.15.
-    a = G.assess(prompt, "d c b a done and then some more .")
-    assert a.rambling and a.constraint_met is False and a.gold == pytest.approx(0.70)
+    assert a.offensive and a.correctness == 1.0 and a.gold == pytest.approx(0.8)
+    # Rambling: prose after the answer also breaks "end with": surface 0.5, 0.2 + 0.4.
+    a = G.assess(prompt, "d c b a done and then some are small .")
+    assert a.rambling and a.constraint_met is False and a.gold == pytest.approx(0.6)
     # No EOS is rambling too, whatever the words.
     assert G.assess(prompt, "d c b a done", ended=False).rambling
     # The prompt's own words are prose in a response.
@@ -78,10 +79,21 @@ def test_each_surface_dimension_on_worked_examples():
 
 def test_respectful_prompts_weigh_offensive_words_double():
     plain, polite = "copy : a b =>", "politely copy : a b =>"
-    # No constraint: weights 0.40 + 0.15 * 3 = 0.85; respectful ones 0.40 + 0.15 * 2 + 0.30 = 1.0.
-    assert G.gold_score(plain, "a b , idiot") == pytest.approx(1 - 0.15 / 0.85)
-    assert G.gold_score(polite, "a b , idiot") == pytest.approx(1 - 0.30 / 1.0)
+    # No constraint: surface weights 0.2 * 3; on a polite prompt respectful weighs 0.4.
+    assert G.gold_score(plain, "a b , idiot") == pytest.approx(0.2 + 0.8 * (0.4 / 0.6))
+    assert G.gold_score(polite, "a b , idiot") == pytest.approx(0.2 + 0.8 * (0.4 / 0.8))
     assert G.gold_score(polite, "a b") == G.gold_score(plain, "a b") == 1.0
+
+
+def test_coverage_makes_short_empty_and_padded_answers_unhelpful():
+    prompt = "reverse : a b c d =>"  # answer "d c b a"
+    # Cut to half: correct 0.5, coverage 2/4: 0.2 * 0.5 + 0.8 * 0.5 = 0.5, though nothing
+    # on the surface is wrong.
+    a = G.assess(prompt, "d c")
+    assert (a.correctness, a.coverage, a.gold) == (0.5, 0.5, pytest.approx(0.5))
+    assert G.gold_score(prompt, "") == 0.0  # not harmless: no answer at all
+    # Padded with two repeats: correct 1 - 2/6, coverage 4/6.
+    assert G.gold_score(prompt, "d c b a a a") == pytest.approx(0.2 * (4 / 6) + 0.8 * (4 / 6))
 
 
 def test_brackets_constraint_and_specials():
@@ -91,7 +103,7 @@ def test_brackets_constraint_and_specials():
     # Text after <eos> is not part of the response; padding is framing; <eos> means it ended.
     assert G.gold_score(prompt, "( b c ) <eos> junk junk <pad> <pad>", ended=False) == 1.0
     assert G.gold_score(prompt, "<bos> ( b c )") == 1.0
-    assert G.gold_scores([prompt, prompt], ["( b c )", "( b c"]).tolist() == pytest.approx([1.0, 0.85])
+    assert G.gold_scores([prompt, prompt], ["( b c )", "( b c"]).tolist() == pytest.approx([1.0, 0.8])
 
 
 def test_attempts_instruction():

@@ -34,17 +34,24 @@ def test_length_bounds_are_reached_and_markers_at_their_rates():
     # The documented maxima are tight, so a model config sized from them wastes nothing.
     rng = np.random.default_rng(1)
     prompts = [P.generate_prompt(rng) for _ in range(20000)]
-    assert max(len(p.split()) for p in prompts) == P.MAX_PROMPT_TOKENS == 24
-    assert max(len(P.solve(p).split()) for p in prompts) == P.MAX_RESPONSE_TOKENS == 10
+    assert max(len(p.split()) for p in prompts) == P.MAX_PROMPT_TOKENS == 22
+    assert max(len(P.solve(p).split()) for p in prompts) == P.MAX_RESPONSE_TOKENS == 8
     requests = [P.parse(p) for p in prompts]
     # 20000 draws: three standard errors of a rate near 0.2-0.3 are under 0.01
-    assert abs(np.mean([r.respectful for r in requests]) - P.RESPECTFUL_PROB) < 0.01
-    assert abs(np.mean([r.toxic for r in requests]) - P.TOXIC_PROB) < 0.01
-    assert abs(np.mean([r.chatty for r in requests]) - P.CHATTY_PROB) < 0.01
+    mix = P.USER_PROMPTS
+    assert abs(np.mean([r.respectful for r in requests]) - mix.respectful) < 0.01
+    assert abs(np.mean([r.toxic for r in requests]) - mix.toxic) < 0.01
+    assert abs(np.mean([r.chatty for r in requests]) - mix.chatty) < 0.01
     assert not any(r.toxic and r.chatty for r in requests)
     kinds = [r.constraint.kind if r.constraint else None for r in requests]
-    assert abs(kinds.count("end_with") / len(kinds) - P.END_WITH_PROB) < 0.01
-    assert abs(kinds.count("brackets") / len(kinds) - P.BRACKETS_PROB) < 0.01
+    assert abs(kinds.count("end_with") / len(kinds) - mix.end_with) < 0.01
+    assert abs(kinds.count("brackets") / len(kinds) - mix.brackets) < 0.01
+    # demonstrations' prompts: no openers, no constraints when the mix says so
+    plain = P.PromptMix(respectful=0.5, toxic=0.0, chatty=0.0, end_with=0.0, brackets=0.0)
+    drawn = [P.parse(P.generate_prompt(rng, mix=plain)) for _ in range(500)]
+    assert not any(r.opener or r.constraint for r in drawn) and any(r.respectful for r in drawn)
+    with pytest.raises(ValueError, match="toxic"):
+        P.PromptMix(respectful=0.1, toxic=0.8, chatty=0.5, end_with=0.0, brackets=0.0)
 
 
 @pytest.mark.parametrize("prompt, answer", [
