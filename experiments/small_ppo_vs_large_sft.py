@@ -6,8 +6,9 @@ The embedded default's policy (2 layers, d_model 128), plus a larger model (4 la
 d_model 192: about 4x the compute) that the pipeline pretrains and fine-tunes on the same
 corpus and demonstrations (stages ``pretrain_large``, ``sft_large``). The reward model (and
 so PPO's value model) starts from that larger SFT model; the policy stays small. The
-report's ``ppo.win_rate_vs_sft_large`` is the fraction of held-out prompts where the gold
-labeler prefers the small PPO policy's response to the large SFT model's (ties half).
+report's ``ppo_ptx.sampled.win_rate_vs_sft_large`` is the fraction of held-out prompts (and
+samples) where the gold scorer prefers the small PPO-ptx policy's response to the large SFT
+model's (ties half); ``greedy`` holds the same for greedy responses.
 
     rlhf-jax pipeline --config experiments/small_ppo_vs_large_sft.py --workdir runs/small_vs_large
     python -m rlhf_jax.sweep --config experiments/small_ppo_vs_large_sft.py --workdir runs/sweep_large
