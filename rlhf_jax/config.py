@@ -24,6 +24,18 @@ class ConfigError(ValueError):
     """A config that cannot describe a valid run; the message names the field."""
 
 
+def _require_at_least(block: Any, where: str, minimum: int | float, *names: str, optional: bool = False) -> None:
+    """Each named field of ``block`` must be >= ``minimum`` (None allowed when ``optional``);
+    the error names the field by its dotted path (``where`` is the block's)."""
+    for name in names:
+        value = getattr(block, name)
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            allowed = " (or None)" if optional else ""
+            raise ConfigError(f"{where}.{name} must be >= {minimum}{allowed}, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer. ``family`` picks the block layout:
@@ -62,22 +74,22 @@ class ModelConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
-    def validate(self) -> None:
+    def validate(self, where: str = "model") -> None:
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
-                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-                "set model.head_dim explicitly")
+                f"{where}.d_model={self.d_model} is not divisible by {where}.n_heads={self.n_heads}; "
+                f"set {where}.head_dim explicitly")
         if self.n_heads % self.kv_heads:
             raise ConfigError(
-                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+                f"{where}.n_heads={self.n_heads} is not a multiple of {where}.n_kv_heads={self.kv_heads}")
         if self.family == "gpt2" and self.kv_heads != self.n_heads:
-            raise ConfigError("model.n_kv_heads: the gpt2 family has no grouped-query attention")
+            raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -128,11 +140,18 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     grad_accum_steps: int = 1  # micro-batches per optimiser update
 
+    def validate(self, where: str) -> None:
+        _require_at_least(self, where, 1, "grad_accum_steps")
+        _require_at_least(self, where, 0, "learning_rate", "warmup_steps", "grad_clip", "final_lr_fraction")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     save_every: int = 100  # optimiser steps between checkpoints
     keep: int = 2  # checkpoints kept on disk
+
+    def validate(self, where: str) -> None:
+        _require_at_least(self, where, 1, "save_every", "keep")
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,10 @@ class DataConfig:
     shuffle: bool = True
     on_too_long: Literal["truncate", "error"] = "truncate"
 
+    def validate(self, where: str) -> None:
+        _require_at_least(self, where, 1, "batch_size")
+        _require_at_least(self, where, 2, "max_len")  # a next-token target needs a token before it
+
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -165,6 +188,14 @@ class SFTConfig:
     eval_every: int = 50  # optimiser steps between validation passes
     log_every: int = 10
     init_from: str | None = None  # an export directory to start from; None: fresh init
+
+    def validate(self, where: str) -> None:
+        self.data.validate(f"{where}.data")
+        self.optim.validate(f"{where}.optim")
+        self.checkpoint.validate(f"{where}.checkpoint")
+        _require_at_least(self, where, 1, "epochs", "eval_every", "log_every")
+        _require_at_least(self, where, 1, "max_steps", optional=True)
+        _check_dropout(self.dropout, f"{where}.dropout")
 
 
 @dataclass(frozen=True)
@@ -189,6 +220,17 @@ class RMConfig:
     # fine-tunes this model too (stages pretrain_large, sft_large); point ``init_from`` at
     # ``run:sft_large/export``. PPO reads the RM's architecture from its export.
     model: ModelConfig | None = None
+
+    def validate(self, where: str) -> None:
+        self.data.validate(f"{where}.data")
+        self.optim.validate(f"{where}.optim")
+        self.checkpoint.validate(f"{where}.checkpoint")
+        _require_at_least(self, where, 1, "epochs", "log_every")
+        _require_at_least(self, where, 1, "max_steps", "eval_every", optional=True)
+        _require_at_least(self, where, 2, "k_max")
+        _check_dropout(self.dropout, f"{where}.dropout")
+        if self.model is not None:
+            self.model.validate(f"{where}.model")
 
 
 @dataclass(frozen=True)
@@ -251,6 +293,14 @@ class PPOConfig:
     value_init: str | None = None  # None: the reward model's export
     eval_every: int = 10  # iterations between held-out evaluations
 
+    def validate(self, where: str) -> None:
+        for name in ("prompts", "pretrain"):
+            getattr(self, name).validate(f"{where}.{name}")
+        self.policy_optim.validate(f"{where}.policy_optim")
+        self.value_optim.validate(f"{where}.value_optim")
+        self.checkpoint.validate(f"{where}.checkpoint")
+        _require_at_least(self, where, 1, "iterations", "minibatch_size", "epochs", "eval_every")
+
 
 @dataclass(frozen=True)
 class ComparisonsConfig:
@@ -268,6 +318,10 @@ class ComparisonsConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     labeler: str = "task"  # "task": the embedded task's noisy labeler; else a comparisons JSONL to use as is
     labeler_temperature: float | None = None  # None: the task's default (~73% inter-labeler agreement)
+
+    def validate(self, where: str) -> None:
+        self.prompts.validate(f"{where}.prompts")
+        _require_at_least(self, where, 1, "n_prompts")
 
 
 @dataclass(frozen=True)
@@ -311,8 +365,16 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> "Config":
+        """Checks every block, so a bad field is refused before a stage writes anything."""
         self.model.validate()
+        for name in ("pretrain", "sft", "comparisons", "rm", "ppo"):
+            getattr(self, name).validate(name)
         return self
+
+
+def _check_dropout(value: float, field: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{field} must be in [0, 1), got {value}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -115,7 +115,8 @@ def _parse(raw: bytes, is_last_unterminated: bool) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         hint = " (truncated line?)" if is_last_unterminated else ""
-        raise _RecordError(f"not valid JSON{hint}: {err.msg} at column {err.colno}") from err
+        # json's "Unterminated string starting at" already ends in "at"
+        raise _RecordError(f"not valid JSON{hint}: {err.msg.removesuffix(' at')} at column {err.colno}") from err
     if not isinstance(obj, dict):
         raise _RecordError(f"expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -64,6 +64,14 @@ class RowBatches(abc.ABC):
         self._train = ordered.map(self._assemble).batch(self.local_batch_size, drop_remainder=True)
         self._local_per_epoch = self.num_rows // self.local_batch_size
 
+    def require_one_batch(self, field: str) -> "RowBatches":
+        """Refuses a training set with fewer rows than one batch (it would train 0 steps and
+        export the untrained init); ``field`` names the batch size, e.g. ``sft.data.batch_size``."""
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.source.path}: {self.num_rows} rows, fewer than one batch of "
+                            f"{field}={self.global_batch_size}; add rows or lower {field}")
+        return self
+
     @abc.abstractmethod
     def _assemble(self, row: tuple) -> dict[str, np.ndarray]:
         """One row's arrays (all padding for ``()``); runs inside grain's map."""

@@ -38,7 +38,10 @@ class RankingBatches(RowBatches):
         self.max_len = cfg.max_len
         self.k_max = k_max
         self.num_truncated = 0
+        ordered_pairs = 0
         for record in source:
+            ranks = record["ranks"]
+            ordered_pairs += sum(a != b for i, a in enumerate(ranks) for b in ranks[i + 1:])
             if len(record["responses"]) > k_max:
                 raise DataError(f"{source.path}:{record['line']}: {len(record['responses'])} "
                                 f"responses, more than k_max={k_max}")
@@ -50,6 +53,9 @@ class RankingBatches(RowBatches):
                         raise too_long_error(source, record, f"prompt + responses[{i}] + EOS", n,
                                         cfg.max_len)
                     self.num_truncated += 1
+        if len(source) and not ordered_pairs:  # the ranking loss drops ties: nothing to learn
+            raise DataError(f"{source.path}: every comparison is a tie ({len(source)} comparisons, "
+                            "0 pairs with different ranks); the reward model has nothing to learn from")
         super().__init__(source, [(i,) for i in range(len(source))],
                          batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,

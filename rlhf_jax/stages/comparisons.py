@@ -61,7 +61,7 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
 
     prompts = PromptBatches(env.data_path(c.prompts.train_path, "comparisons.prompts.train_path"), env.tokenizer,
                             dataclasses.replace(c.prompts, shuffle=True), seed=cfg.seed, cache_dir=env.cache_dir,
-                            **env.process)
+                            **env.process).require_one_batch("comparisons.prompts.batch_size")
     model = LanguageModel(cfg.model)
     policies = []
     for spec in c.policies:

@@ -76,7 +76,8 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     env = common.make_env(cfg, workdir, ppo.stage_name)
     updates_per_iteration = check_ppo_config(ppo, env.mesh)
     prompts = PromptBatches(env.data_path(ppo.prompts.train_path, f"{ppo.stage_name}.prompts.train_path"),
-                            env.tokenizer, ppo.prompts, seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+                            env.tokenizer, ppo.prompts, seed=cfg.seed, cache_dir=env.cache_dir, **env.process,
+                            ).require_one_batch(f"{ppo.stage_name}.prompts.batch_size")
     val_prompts = None
     if ppo.prompts.val_path:
         val_prompts = PromptBatches(env.data_path(ppo.prompts.val_path, f"{ppo.stage_name}.prompts.val_path"),

@@ -71,7 +71,8 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     env = common.make_env(cfg, workdir, "rm", rm_cfg.model)
     cfg = env.cfg  # its model is the RM's architecture
     train = RankingBatches(env.data_path(rm_cfg.data.train_path, "rm.data.train_path"), env.tokenizer,
-                           rm_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, k_max=rm_cfg.k_max, **env.process)
+                           rm_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, k_max=rm_cfg.k_max, **env.process,
+                           ).require_one_batch("rm.data.batch_size")
     val = None
     if rm_cfg.data.val_path:
         val = RankingBatches(env.data_path(rm_cfg.data.val_path, "rm.data.val_path"), env.tokenizer,

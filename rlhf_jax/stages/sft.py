@@ -39,7 +39,8 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     batches_cls = SFTBatches if data_kind == "demonstrations" else TextBatches
     data_field = f"{stage}.data"
     train = batches_cls(env.data_path(stage_cfg.data.train_path, f"{data_field}.train_path"), env.tokenizer,
-                        stage_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+                        stage_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, **env.process,
+                        ).require_one_batch(f"{data_field}.batch_size")
     val = None
     if stage_cfg.data.val_path:
         val = batches_cls(env.data_path(stage_cfg.data.val_path, f"{data_field}.val_path"), env.tokenizer,
