@@ -41,8 +41,9 @@ class StageCheckpoints:
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        # handlers named up front, so metadata can be read before a restore is attempted
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -60,6 +61,13 @@ class StageCheckpoints:
         target = jax.tree.map(
             lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
             else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+        # A restore that fails midway leaves Orbax's reads running past its closed event loop
+        # (pages of "Event loop is closed"): compare shapes from the metadata first.
+        differ = _differences(self.manager.item_metadata(step)["state"], target)
+        if differ:
+            raise CheckpointError(
+                f"{self.directory}/{step}: does not match this run's state (was it written by a "
+                f"different model config?): {len(differ)} arrays differ, e.g. {'; '.join(differ[:3])}")
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -74,6 +82,26 @@ class StageCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _differences(saved: Any, target: Any) -> list[str]:
+    """``name: stored shape, this run shape`` for each array that differs (params first)."""
+    stored = ocp.tree.to_flat_dict(saved, sep=".")
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(target, keep_empty_nodes=True), sep=".")
+    shape = lambda leaf: tuple(leaf.shape) if leaf is not None and hasattr(leaf, "shape") else None  # noqa: E731
+    names = sorted(set(stored) | set(wanted), key=lambda k: (not k.startswith("params."), k))
+    return [f"{k}: stored {shape(stored.get(k)) if k in stored else 'nothing'}, this run "
+            f"{shape(wanted.get(k)) if k in wanted else 'nothing'}"
+            for k in names if k not in stored or k not in wanted or shape(stored[k]) != shape(wanted[k])]
+
+
+def finished_steps(directory: str | pathlib.Path) -> list[int]:
+    """Steps of the finished checkpoints in ``directory`` (Orbax writes a step under a
+    temporary name and renames it when done), oldest first."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelConfig,
