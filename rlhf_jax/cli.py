@@ -9,6 +9,7 @@ every other ``--dotted.field=value`` overrides a config field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import sys
 
@@ -56,57 +57,81 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
+    from rlhf_jax.stages.common import Interrupted
+
     try:
-        cfg = resolve_config(args.config, args.workdir, overrides)
+        if args.stop_after_steps is not None and args.stop_after_steps < 1:
+            raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+        cfg = resolve_config(args.config, args.workdir, overrides)  # validates every field first
         maybe_initialize(cfg.distributed)  # before anything touches a device
-        if args.command == "pipeline":
-            from rlhf_jax.pipeline import run_pipeline
-
-            report = run_pipeline(cfg, args.workdir)
-            print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
-            print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
-            for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
-                if stage in report:
-                    sampled = report[stage]["sampled"]
-                    wins = [f", win rate vs {b} {sampled[f'win_rate_vs_{b}']:.2f}"
-                            for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in sampled]
-                    print(f"  {stage}: gold score {sampled['gold_score']:.3f}" + "".join(wins))
-        elif args.command == "pretrain":
-            from rlhf_jax.stages.sft import run_sft
-
-            export = run_sft(cfg, args.workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
-                             stop_after=args.stop_after_steps)
-            print(f"pretrain export: {export}" if export else "pretrain: stopped early; rerun to resume")
-        elif args.command == "comparisons":
-            from rlhf_jax.stages.comparisons import run_comparisons
-
-            print(f"comparisons: {run_comparisons(cfg, args.workdir)}")
-        elif args.command == "sft":
-            from rlhf_jax.stages.sft import run_sft
-
-            export = run_sft(cfg, args.workdir, stop_after=args.stop_after_steps)
-            print(f"sft export: {export}" if export else "sft: stopped early; rerun to resume")
-        elif args.command == "rm":
-            from rlhf_jax.stages.rm import run_rm
-
-            export = run_rm(cfg, args.workdir, stop_after=args.stop_after_steps)
-            print(f"rm export: {export}" if export else "rm: stopped early; rerun to resume")
-        elif args.command == "ppo":
-            from rlhf_jax.stages.ppo import run_ppo
-
-            export = run_ppo(cfg, args.workdir, stop_after=args.stop_after_steps)
-            print(f"{cfg.ppo.stage_name} export: {export}" if export else "ppo: stopped early; rerun to resume")
-        elif args.command == "sample":
-            from rlhf_jax.generate import generate_from_export
-
-            if not args.export:
-                raise ConfigError("sample: --export DIR (a policy export) is required")
-            for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
-                print(f"{prompt} {response}")
+        with _run_directory_lock(args.command, args.workdir):
+            _run(args, cfg)
+    except Interrupted as stop:  # a SIGTERM stopped the pipeline after the stage saved
+        print(stop)
+        return 0
     except (ConfigError, ValueError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf stop
         print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_directory_lock(command: str, workdir: str):
+    """Every command that writes into the run directory holds its lock (process 0 for all)."""
+    import jax
+
+    from rlhf_jax.run_lock import hold_run_directory
+
+    if command == "sample" or jax.process_index() != 0:  # sample only reads
+        return contextlib.nullcontext()
+    return hold_run_directory(workdir)
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> None:
+    """Runs one command in a validated config (the lock held)."""
+    if args.command == "pipeline":
+        from rlhf_jax.pipeline import run_pipeline
+
+        report = run_pipeline(cfg, args.workdir)
+        print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
+        print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
+        for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
+            if stage in report:
+                sampled = report[stage]["sampled"]
+                wins = [f", win rate vs {b} {sampled[f'win_rate_vs_{b}']:.2f}"
+                        for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in sampled]
+                print(f"  {stage}: gold score {sampled['gold_score']:.3f}" + "".join(wins))
+    elif args.command == "pretrain":
+        from rlhf_jax.stages.sft import run_sft
+
+        export = run_sft(cfg, args.workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
+                         stop_after=args.stop_after_steps)
+        print(f"pretrain export: {export}" if export else "pretrain: stopped early; rerun to resume")
+    elif args.command == "comparisons":
+        from rlhf_jax.stages.comparisons import run_comparisons
+
+        print(f"comparisons: {run_comparisons(cfg, args.workdir)}")
+    elif args.command == "sft":
+        from rlhf_jax.stages.sft import run_sft
+
+        export = run_sft(cfg, args.workdir, stop_after=args.stop_after_steps)
+        print(f"sft export: {export}" if export else "sft: stopped early; rerun to resume")
+    elif args.command == "rm":
+        from rlhf_jax.stages.rm import run_rm
+
+        export = run_rm(cfg, args.workdir, stop_after=args.stop_after_steps)
+        print(f"rm export: {export}" if export else "rm: stopped early; rerun to resume")
+    elif args.command == "ppo":
+        from rlhf_jax.stages.ppo import run_ppo
+
+        export = run_ppo(cfg, args.workdir, stop_after=args.stop_after_steps)
+        print(f"{cfg.ppo.stage_name} export: {export}" if export else "ppo: stopped early; rerun to resume")
+    elif args.command == "sample":
+        from rlhf_jax.generate import generate_from_export
+
+        if not args.export:
+            raise ConfigError("sample: --export DIR (a policy export) is required")
+        for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
+            print(f"{prompt} {response}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -39,41 +39,60 @@ def ppo_stages(cfg: Config) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool = True) -> dict[str, Any]:
-    """Runs every stage not yet finished in ``workdir``, then evaluates; returns the report."""
+    """Runs every stage not yet finished in ``workdir``, then evaluates; returns the report.
+
+    A SIGTERM (preemption) stops it where it is: a training stage saves the step it is at,
+    a stage between steps finishes first; then :class:`common.Interrupted` says where, and
+    rerunning the same call resumes from there."""
+    workdir = pathlib.Path(workdir).absolute()
+    if cfg.pipeline.best_of_n < 0:
+        raise ConfigError(f"pipeline.best_of_n must be >= 0 (0 skips the diagnosis), got {cfg.pipeline.best_of_n}")
+    if cfg.pipeline.eval_samples < 1:
+        raise ConfigError(f"pipeline.eval_samples must be >= 1, got {cfg.pipeline.eval_samples}")
+    if cfg.pipeline.run_ppo_gold and jax.process_count() > 1:
+        raise ConfigError("pipeline.run_ppo_gold: the gold-scorer reward runs on one host; use a single process")
+    with common.Preemption() as preemption:
+        return _run_stages(cfg, workdir, show_progress, preemption)
+
+
+def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
+                preemption: common.Preemption) -> dict[str, Any]:
     from rlhf_jax.stages.comparisons import run_comparisons
     from rlhf_jax.stages.ppo import run_ppo
     from rlhf_jax.stages.rm import run_rm
     from rlhf_jax.stages.sft import run_sft
     from rlhf_jax.task_eval import evaluate, gold_reward, task_metrics
 
-    workdir = pathlib.Path(workdir).absolute()
-    if cfg.pipeline.best_of_n < 0:
-        raise ConfigError(f"pipeline.best_of_n must be >= 0 (0 skips the diagnosis), got {cfg.pipeline.best_of_n}")
-    if cfg.pipeline.eval_samples < 1:
-        raise ConfigError(f"pipeline.eval_samples must be >= 1, got {cfg.pipeline.eval_samples}")
+    def stage(name: str, run: Callable[[], Any]) -> None:
+        """Runs ``run`` unless stage ``name`` is finished; stops the pipeline on a SIGTERM."""
+        if name != "comparisons" and _stage_done(workdir, name):
+            return
+        if preemption.signalled:
+            raise common.Interrupted(f"before stage {name}")
+        if run() is None:  # a training stage that stopped early has saved its step
+            steps = checkpoint.finished_steps(workdir / name / "checkpoints")
+            raise common.Interrupted(f"in stage {name} at step {steps[-1] if steps else 0}")
+
     start = time.perf_counter()
-    if not _stage_done(workdir, "pretrain"):
-        run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text", show_progress=show_progress)
-    if not _stage_done(workdir, "sft"):
-        run_sft(cfg, workdir, show_progress=show_progress)
+    stage("pretrain", lambda: run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
+                                      show_progress=show_progress))
+    stage("sft", lambda: run_sft(cfg, workdir, show_progress=show_progress))
     if cfg.rm.model is not None:  # the larger model the RM starts from, trained the same way
-        if not _stage_done(workdir, "pretrain_large"):
-            run_sft(cfg, workdir, stage="pretrain_large", stage_cfg=cfg.pretrain, data_kind="text",
-                    show_progress=show_progress, model=cfg.rm.model)
-        if not _stage_done(workdir, "sft_large"):
-            run_sft(cfg, workdir, stage="sft_large", stage_cfg=dataclasses.replace(
-                cfg.sft, init_from="run:pretrain_large/export"), show_progress=show_progress, model=cfg.rm.model)
-    run_comparisons(cfg, workdir, show_progress=show_progress)
-    if not _stage_done(workdir, "rm"):
-        run_rm(cfg, workdir, show_progress=show_progress)
+        stage("pretrain_large", lambda: run_sft(cfg, workdir, stage="pretrain_large", stage_cfg=cfg.pretrain,
+                                                data_kind="text", show_progress=show_progress, model=cfg.rm.model))
+        stage("sft_large", lambda: run_sft(cfg, workdir, stage="sft_large", stage_cfg=dataclasses.replace(
+            cfg.sft, init_from="run:pretrain_large/export"), show_progress=show_progress, model=cfg.rm.model))
+    stage("comparisons", lambda: run_comparisons(cfg, workdir, show_progress=show_progress))  # skips itself when done
+    stage("rm", lambda: run_rm(cfg, workdir, show_progress=show_progress))
     runs = ppo_stages(cfg)
-    if cfg.pipeline.run_ppo_gold and jax.process_count() > 1:
-        raise ConfigError("pipeline.run_ppo_gold: the gold-scorer reward runs on one host; use a single process")
     for name, ppo in runs.items():
-        if not _stage_done(workdir, name):
+        def run(name: str = name, ppo: Any = ppo) -> pathlib.Path | None:
             reward_fn = gold_reward(common.make_env(cfg, workdir, name).tokenizer) if name == "ppo_gold" else None
-            run_ppo(cfg, workdir, ppo=ppo, show_progress=show_progress, generation_metrics=task_metrics,
-                    reward_fn=reward_fn)
+            return run_ppo(cfg, workdir, ppo=ppo, show_progress=show_progress, generation_metrics=task_metrics,
+                           reward_fn=reward_fn)
+        stage(name, run)
+    if preemption.signalled:
+        raise common.Interrupted("before the evaluation (every stage finished)")
     report, samples = evaluate(cfg, workdir, tuple(runs))
     report["wall_seconds"] = time.perf_counter() - start
     report["name"] = cfg.name

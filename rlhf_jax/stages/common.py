@@ -150,10 +150,19 @@ def check_finite(step: int, values: dict[str, float], ckpts: checkpoint.StageChe
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         ckpts.wait()  # the last good checkpoint may still be in flight: finish it before stopping
-        key = sorted(bad)[0]
+        key, last = sorted(bad)[0], ckpts.latest_step()
+        kept = (f"the last good checkpoint is step {last} in {ckpts.directory}" if last is not None else
+                f"there is no checkpoint yet in {ckpts.directory}, so a rerun starts from step 0")
         raise NonFiniteError(
             f"step {step}: {key} is {bad[key]} (non-finite: {sorted(bad)}); nothing from this step was "
-            f"saved, the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
+            f"saved, {kept}")
+
+
+class Interrupted(Exception):
+    """The pipeline stopped after a SIGTERM; the message says where, and a rerun resumes."""
+
+    def __init__(self, where: str):
+        super().__init__(f"interrupted {where}; rerun the same command to resume")
 
 
 class Preemption:
@@ -179,6 +188,13 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         self._flag = True
+        if callable(self._previous):  # an enclosing Preemption (the pipeline's) hears it too
+            self._previous(signum, frame)
+
+    @property
+    def signalled(self) -> bool:
+        """SIGTERM arrived while this was entered (single process; no device sync)."""
+        return self._flag
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:
