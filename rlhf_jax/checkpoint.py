@@ -15,6 +15,8 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import sys
+import zlib
 from typing import Any
 
 import jax
@@ -25,8 +27,15 @@ from rlhf_jax.config import CheckpointConfig, ModelConfig
 EXPORT_META = "export.json"
 
 
+CHECKSUMS = "rlhf_jax_checksums.json"  # in each finished step directory: file -> CRC32
+
+
 class CheckpointError(ValueError):
     """A checkpoint or export that cannot be used for this run; names the path."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files changed or went missing after it was written; names the step."""
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -44,13 +53,82 @@ class StageCheckpoints:
         # handlers named up front, so metadata can be read before a restore is attempted
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._seal()  # the previous save must finish before this one starts anyway
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._unsealed.append(step)
+
+    def _seal(self) -> None:
+        """Writes the checksums of every finished save (process 0; files are on a shared disk)."""
+        if not self._unsealed:
+            return
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unsealed:
+                step_dir = self.directory / str(step)
+                if step_dir.is_dir():  # not yet pruned by ``keep``
+                    tmp = step_dir / (CHECKSUMS + ".tmp")
+                    tmp.write_text(json.dumps(_file_sums(step_dir), indent=0, sort_keys=True))
+                    tmp.replace(step_dir / CHECKSUMS)
+        self._unsealed = []
+
+    def damage(self, step: int) -> str | None:
+        """What is wrong with finished checkpoint ``step`` on disk, or None: a file missing
+        or changed since its checksums were written, or Orbax's metadata unreadable."""
+        step_dir = self.directory / str(step)
+        sums_path = step_dir / CHECKSUMS
+        if sums_path.is_file():  # absent only if the run died between a save and its seal
+            try:
+                saved = json.loads(sums_path.read_text())
+            except ValueError:
+                return f"its {CHECKSUMS} is not valid JSON"
+            now = _file_sums(step_dir)
+            for name in sorted(saved):
+                if name not in now:
+                    return f"{name} is missing"
+                if now[name] != saved[name]:
+                    return f"{name} changed since it was written (checksum mismatch)"
+        try:
+            if self.manager.item_metadata(step)["state"] is None:
+                return "Orbax finds no state metadata in it"
+        except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage
+            return f"Orbax cannot read its metadata ({type(err).__name__}: {str(err)[:300]})"
+        return None
+
+    def restore_newest_intact(self, target_state: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the newest checkpoint that is not damaged (None: there is none yet).
+        A damaged newer one is named in a warning and moved to ``<stage>/damaged_checkpoints``
+        (nothing is deleted); if every checkpoint is damaged, stops naming them."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(target_state, step)
+            except DamagedCheckpointError as err:
+                damaged.append(step)
+                print(f"rlhf-jax: warning: {err}; moved to {self._set_aside(step)}, trying an older step",
+                      file=sys.stderr)
+        if damaged:
+            raise CheckpointError(f"{self.directory}: every checkpoint is damaged (steps {damaged}, now in "
+                                  f"{self.directory.parent / 'damaged_checkpoints'}); rerun to start this "
+                                  "stage from step 0")
+        return None
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        aside = self.directory.parent / "damaged_checkpoints" / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                shutil.rmtree(aside)
+            shutil.move(self.directory / str(step), aside)
+        _sync_processes(f"rlhf_jax checkpoint {step} set aside")
+        self.manager.reload()
+        return aside
 
     def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores ``step`` (default: latest) shaped and sharded like ``target_state``
@@ -61,6 +139,9 @@ class StageCheckpoints:
         target = jax.tree.map(
             lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
             else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+        why = self.damage(step)
+        if why:
+            raise DamagedCheckpointError(f"{self.directory}/{step} is damaged: {why}")
         # A restore that fails midway leaves Orbax's reads running past its closed event loop
         # (pages of "Event loop is closed"): compare shapes from the metadata first.
         differ = _differences(self.manager.item_metadata(step)["state"], target)
@@ -71,17 +152,31 @@ class StageCheckpoints:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(
-                f"{self.directory}/{step}: does not match this run's state (was it written by a "
-                f"different model config?): {err}") from err
+        except Exception as err:  # noqa: BLE001 - shapes matched, so the files are bad
+            raise DamagedCheckpointError(f"{self.directory}/{step} is damaged: Orbax could not read it "
+                                         f"({type(err).__name__}: {str(err)[:300]})") from err
         return restored["state"], restored["meta"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
+        self._seal()
         self.manager.close()
+
+
+def _file_sums(step_dir: pathlib.Path) -> dict[str, int]:
+    """CRC32 of every file under ``step_dir`` (but the checksums themselves), by relative path."""
+    sums = {}
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and not path.name.startswith(CHECKSUMS):
+            crc = 0
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    crc = zlib.crc32(chunk, crc)
+            sums[str(path.relative_to(step_dir))] = crc
+    return sums
 
 
 def _differences(saved: Any, target: Any) -> list[str]:

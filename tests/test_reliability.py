@@ -263,3 +263,60 @@ def test_a_refused_restore_prints_one_error_line_and_no_asyncio_noise(run):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]  # one line
     assert "sft/checkpoints/2: does not match this run's state" in proc.stderr
     assert "params.backbone.embed.embedding: stored (168, 32), this run (168, 64)" in proc.stderr
+
+
+# ---- 2. a damaged checkpoint -------------------------------------------------------------------
+
+def _flip_bytes(step_dir: pathlib.Path) -> None:
+    data = max((p for p in step_dir.glob("state/ocdbt.process_0/d/*")), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def _truncate_data(step_dir: pathlib.Path) -> None:
+    data = max((p for p in step_dir.glob("state/ocdbt.process_0/d/*")), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+DAMAGE = {
+    "flipped-bytes": _flip_bytes,
+    "truncated-data": _truncate_data,
+    "deleted-metadata": lambda step_dir: (step_dir / "state" / "_METADATA").unlink(),
+    "truncated-metadata": lambda step_dir: (step_dir / "state" / "_METADATA").write_text(
+        (step_dir / "state" / "_METADATA").read_text()[:40]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(run, damage):
+    workdir, demos = run
+    experiment = str(write_experiment(tiny_config(demos, steps=6, save_every=2), workdir.parent / "exp.py"))
+    rc, out = _finish(_start("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "4"))
+    assert rc == 0, out[-3000:]
+    ckpt_dir = workdir / "sft" / "checkpoints"
+    assert checkpoint.finished_steps(ckpt_dir) == [2, 4]
+    DAMAGE[damage](ckpt_dir / "4")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir)], env=_env(),
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"warning: {ckpt_dir}/4 is damaged: " in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert (workdir / "sft" / "damaged_checkpoints" / "4").is_dir()  # set aside, not deleted
+    assert [r["step"] for r in read_metrics(workdir / "sft" / "metrics.jsonl")] == [2, 4, 6]  # resumed at 2
+    assert (workdir / "sft" / "export" / "export.json").exists()
+
+
+def test_when_every_checkpoint_is_damaged_the_message_names_the_steps(run):
+    workdir, demos = run
+    experiment = str(write_experiment(tiny_config(demos, steps=6, save_every=2), workdir.parent / "exp.py"))
+    rc, out = _finish(_start("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "4"))
+    assert rc == 0, out[-3000:]
+    ckpt_dir = workdir / "sft" / "checkpoints"
+    for step in (2, 4):
+        _flip_bytes(ckpt_dir / str(step))
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir)], env=_env(),
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert f"rlhf-jax sft: error: {ckpt_dir}: every checkpoint is damaged (steps [4, 2]" in proc.stderr
+    assert "Traceback" not in proc.stderr

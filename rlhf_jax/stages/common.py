@@ -116,9 +116,9 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
     Returns (checkpoints, state, first step to run).
     """
     ckpts = checkpoint.StageCheckpoints(env.stage_dir / "checkpoints", ckpt_cfg)
-    if ckpts.latest_step() is None:
+    saved = ckpts.restore_newest_intact(state)  # a damaged newest step falls back to an older one
+    if saved is None:
         return ckpts, state, 0
-    saved = ckpts.restore(state)
     state, meta = saved
     saved_model = meta.get("config", {}).get("model")
     current_model = to_dict(env.cfg)["model"]
