@@ -12,6 +12,7 @@ and resumes an interrupted one from its checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Callable
@@ -25,7 +26,33 @@ from rlhf_jax.stages import common
 
 
 def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
+    if stage == "comparisons":  # its files, written whole when it finishes (as run_comparisons checks)
+        return all((workdir / stage / f"{split}.jsonl").exists() for split in ("train", "val"))
     return (workdir / stage / "export" / checkpoint.EXPORT_META).exists()
+
+
+TIMINGS = "timings.json"  # seconds spent per stage, summed over every invocation that got past it
+
+
+def _read_timings(workdir: pathlib.Path) -> dict[str, float]:
+    path = workdir / TIMINGS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _add_seconds(workdir: pathlib.Path, name: str, seconds: float) -> dict[str, float]:
+    """Adds ``seconds`` to stage ``name`` in ``<workdir>/timings.json``; returns all timings.
+
+    A resumed pipeline skips finished stages, so its own clock would report only what it
+    ran; the report's ``wall_seconds`` is the sum over stages instead (a kill -9 loses the
+    killed invocation's seconds of the stage it was in)."""
+    path = workdir / TIMINGS
+    timings = _read_timings(workdir)
+    timings[name] = timings.get(name, 0.0) + seconds
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(timings, indent=1))
+        tmp.replace(path)
+    return timings
 
 
 def ppo_stages(cfg: Config) -> dict[str, Any]:
@@ -65,15 +92,17 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
 
     def stage(name: str, run: Callable[[], Any]) -> None:
         """Runs ``run`` unless stage ``name`` is finished; stops the pipeline on a SIGTERM."""
-        if name != "comparisons" and _stage_done(workdir, name):
+        if _stage_done(workdir, name):
             return
         if preemption.signalled:
             raise common.Interrupted(f"before stage {name}")
-        if run() is None:  # a training stage that stopped early has saved its step
+        started = time.perf_counter()
+        result = run()
+        _add_seconds(workdir, name, time.perf_counter() - started)
+        if result is None:  # a training stage that stopped early has saved its step
             steps = checkpoint.finished_steps(workdir / name / "checkpoints")
             raise common.Interrupted(f"in stage {name} at step {steps[-1] if steps else 0}")
 
-    start = time.perf_counter()
     stage("pretrain", lambda: run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
                                       show_progress=show_progress))
     stage("sft", lambda: run_sft(cfg, workdir, show_progress=show_progress))
@@ -82,7 +111,7 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
                                                 data_kind="text", show_progress=show_progress, model=cfg.rm.model))
         stage("sft_large", lambda: run_sft(cfg, workdir, stage="sft_large", stage_cfg=dataclasses.replace(
             cfg.sft, init_from="run:pretrain_large/export"), show_progress=show_progress, model=cfg.rm.model))
-    stage("comparisons", lambda: run_comparisons(cfg, workdir, show_progress=show_progress))  # skips itself when done
+    stage("comparisons", lambda: run_comparisons(cfg, workdir, show_progress=show_progress))
     stage("rm", lambda: run_rm(cfg, workdir, show_progress=show_progress))
     runs = ppo_stages(cfg)
     for name, ppo in runs.items():
@@ -93,8 +122,12 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
         stage(name, run)
     if preemption.signalled:
         raise common.Interrupted("before the evaluation (every stage finished)")
+    started = time.perf_counter()
     report, samples = evaluate(cfg, workdir, tuple(runs))
-    report["wall_seconds"] = time.perf_counter() - start
+    # every training stage's seconds over all invocations, and this run's evaluation (a rerun repeats it)
+    timings = {**_read_timings(workdir), "evaluation": time.perf_counter() - started}
+    report["stage_seconds"] = timings
+    report["wall_seconds"] = sum(timings.values())
     report["name"] = cfg.name
     if jax.process_index() == 0:  # every process has the same report; one writes it
         write_report(workdir, report, samples, tuple(runs))

@@ -80,9 +80,17 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
     evals = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "eval/gold_score" in r]
     assert evals and all("eval/kl_to_ref" in r and "eval/hallucination" in r for r in evals)
     assert evals[0]["eval/kl_to_ref"] == 0.0  # at step 0 the policy is the SFT model
-    # a rerun finds every stage finished and only re-evaluates
+    # the wall time is the sum of the stages' times and the evaluation's
+    stages = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "evaluation")
+    assert set(report["stage_seconds"]) == set(stages) and all(report["stage_seconds"][s] > 0 for s in stages)
+    assert report["wall_seconds"] == pytest.approx(sum(report["stage_seconds"].values()))
+    # a rerun finds every stage finished and only re-evaluates; its report still counts the
+    # time the stages took when they ran, not only the re-evaluation's
     again = run_pipeline(micro_config(), tmp_path, show_progress=False)
     assert again["ppo"]["sampled"]["gold_score"] == report["ppo"]["sampled"]["gold_score"]
+    for name in stages[:-1]:
+        assert again["stage_seconds"][name] == report["stage_seconds"][name], name
+    assert again["wall_seconds"] > again["stage_seconds"]["evaluation"] + report["stage_seconds"]["pretrain"]
 
 
 def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_path):
