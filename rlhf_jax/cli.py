@@ -17,7 +17,7 @@ from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, l
 from rlhf_jax.distributed import maybe_initialize
 from rlhf_jax.host import keep_freed_memory
 
-STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample")
+STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample", "label")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", help="sample: the policy export directory to generate from")
     parser.add_argument("--prompt", action="append", default=[],
                         help="sample: a prompt (repeatable); default: the first held-out prompts")
+    label = parser.add_argument_group("label (human comparisons; see rlhf_jax/labeling)")
+    label.add_argument("--prompts", help="label: JSONL of {prompt, responses} to rank, or of {prompt} with --policy")
+    label.add_argument("--policy", help="label: a policy export (e.g. run:sft/export) to sample --k responses from")
+    label.add_argument("--k", type=int, default=4, help="label: responses sampled per prompt (2..9)")
+    label.add_argument("--n-prompts", type=int, default=100, help="label: prompts to sample responses for")
+    label.add_argument("--overlap", type=int, default=10,
+                       help="label: the first N items are shown to every labeler (for agreement)")
+    label.add_argument("--host", default=None,
+                       help="label: address to bind (default 127.0.0.1); any other prints an access token")
+    label.add_argument("--port", type=int, default=8765, help="label: port (0: any free one)")
+    label.add_argument("--stats", action="store_true", help="label: print agreement statistics and exit")
     return parser
 
 
@@ -81,7 +92,8 @@ def _run_directory_lock(command: str, workdir: str):
 
     from rlhf_jax.run_lock import hold_run_directory
 
-    if command == "sample" or jax.process_index() != 0:  # sample only reads
+    # sample only reads; label holds <workdir>/labels/.lock itself, so the RM can train meanwhile
+    if command in ("sample", "label") or jax.process_index() != 0:
         return contextlib.nullcontext()
     return hold_run_directory(workdir)
 
@@ -132,6 +144,22 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
             raise ConfigError("sample: --export DIR (a policy export) is required")
         for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
             print(f"{prompt} {response}")
+    elif args.command == "label":
+        _label(args, cfg)
+
+
+def _label(args: argparse.Namespace, cfg: Config) -> None:
+    from rlhf_jax.labeling import command
+    from rlhf_jax.labeling.storage import labels_dir
+    from rlhf_jax.run_lock import hold_run_directory
+
+    workdir = pathlib.Path(args.workdir)
+    if args.stats:
+        command.print_stats(workdir)
+        return
+    with hold_run_directory(labels_dir(workdir)):  # one labeling server per run directory
+        items = command.prepare_items(cfg, workdir, args.prompts, args.policy, args.k, args.n_prompts, args.overlap)
+        command.serve(workdir, items, args.host, args.port)
 
 
 if __name__ == "__main__":

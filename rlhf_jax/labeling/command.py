@@ -1,0 +1,131 @@
+"""``rlhf-jax label``: make the items once, then serve the page (or print ``--stats``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import secrets
+from typing import Any
+
+from rlhf_jax.config import Config, ConfigError
+from rlhf_jax.labeling.storage import LabelStore, labels_dir, make_items, read_items, write_items
+
+LOCAL_HOST = "127.0.0.1"
+
+
+def items_from_file(path: pathlib.Path) -> list[tuple[str, list[str]]] | list[str]:
+    """``(prompt, responses)`` pairs from a JSONL of ``{"prompt", "responses"}`` (extra
+    fields such as ``ranks`` are ignored), or bare prompts from ``{"prompt"}`` records.
+    Errors name the file and line."""
+    from rlhf_jax.data import DataError, read_records
+    from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES
+
+    rows = read_records(path, "prompts")  # every line a JSON object with a non-empty prompt
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with_responses = ["responses" in obj for obj in lines]
+    if not any(with_responses):
+        return [record["prompt"] for _, record in rows]
+    pairs = []
+    for (number, record), obj, has in zip(rows, lines, with_responses):
+        responses = obj.get("responses")
+        if not has:
+            raise DataError(f"{path}:{number}: no \"responses\" where other records have them; give either "
+                            "prompts with responses to label, or bare prompts with --policy")
+        if not (isinstance(responses, list) and MIN_RESPONSES <= len(responses) <= MAX_RESPONSES
+                and all(isinstance(r, str) for r in responses)):
+            raise DataError(f"{path}:{number}: \"responses\" must be a list of {MIN_RESPONSES} to "
+                            f"{MAX_RESPONSES} strings")
+        pairs.append((record["prompt"], responses))
+    return pairs
+
+
+def sample_items(cfg: Config, workdir: pathlib.Path, policy: str, prompts: list[str],
+                 k: int) -> list[tuple[str, list[str]]]:
+    """K responses per prompt from ``policy``, with the comparisons stage's sampling
+    settings (``comparisons.sampling``, prompt length ``comparisons.prompts.max_len``)."""
+    from rlhf_jax.generate import generate_from_export
+
+    c = cfg.comparisons
+    sampling_cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, sampling=c.sampling, prompts=c.prompts))
+    repeated = [p for p in prompts for _ in range(k)]  # one sampler row per response: all K in one call
+    out = generate_from_export(sampling_cfg, workdir, policy, repeated)
+    if len(out) != len(repeated):
+        raise RuntimeError(f"sampled {len(out)} responses for {len(repeated)} prompt rows")
+    return [(p, [out[i * k + j][1] for j in range(k)]) for i, p in enumerate(prompts)]
+
+
+def default_prompts(cfg: Config, workdir: pathlib.Path, n: int) -> list[str]:
+    """The first ``n`` prompts of ``comparisons.prompts.train_path`` (the embedded task's by default)."""
+    from rlhf_jax.data import read_records
+    from rlhf_jax.stages import common
+
+    env = common.make_env(cfg, workdir, "comparisons")
+    path = env.data_path(cfg.comparisons.prompts.train_path, "comparisons.prompts.train_path")
+    return [r["prompt"] for _, r in read_records(path, "prompts")[:n]]
+
+
+def prepare_items(cfg: Config, workdir: pathlib.Path, prompts_file: str | None, policy: str | None,
+                  k: int, n_prompts: int, overlap: int) -> list[dict[str, Any]]:
+    """The items of ``labels/items.jsonl``, creating it on the first run (so a restart
+    shows the same items, sampled or not)."""
+    directory = labels_dir(workdir)
+    if (directory / "items.jsonl").is_file():
+        if prompts_file or policy:
+            print(f"label: using the existing {directory / 'items.jsonl'}; --prompts/--policy apply only "
+                  "when it does not exist yet")
+        return read_items(directory)
+    if not 2 <= k <= 9:
+        raise ConfigError(f"--k {k}: a comparison has 2 to 9 responses")
+    source = items_from_file(pathlib.Path(prompts_file)) if prompts_file else None
+    if source and isinstance(source[0], tuple):
+        if policy:
+            raise ConfigError(f"--prompts {prompts_file} already holds responses; drop --policy or give bare prompts")
+        pairs = source
+    elif policy:
+        prompts = source if source else default_prompts(cfg, workdir, n_prompts)
+        pairs = sample_items(cfg, workdir, policy, list(prompts)[:n_prompts], k)
+    else:
+        raise ConfigError("label: give --prompts FILE with {\"prompt\", \"responses\"} records, or --policy EXPORT "
+                          f"(e.g. run:sft/export) to sample --k responses per prompt; {directory} has no items.jsonl yet")
+    items = make_items(pairs, overlap)
+    write_items(directory, items)
+    return items
+
+
+def serve(workdir: pathlib.Path, items: list[dict[str, Any]], host: str | None, port: int) -> None:
+    """Serves until Ctrl-C (the caller holds the labels directory's lock); a token is required
+    unless bound to 127.0.0.1 (the default)."""
+    from rlhf_jax.labeling.server import LabelApp, make_server
+
+    host = host or LOCAL_HOST
+    token = None if host == LOCAL_HOST else secrets.token_urlsafe(24)
+    app = LabelApp(LabelStore(labels_dir(workdir)), items, token)
+    try:
+        server = make_server(app, host, port)
+    # the port is taken, or the address is not this machine's (werkzeug exits on a failed bind)
+    except (OSError, SystemExit) as err:
+        raise ConfigError(f"label: cannot listen on {host}:{port}; choose another --port "
+                          "(0: any free one) or --host") from err
+    address = f"http://{host}:{server.server_port}/" + (f"?token={token}" if token else "")
+    print(f"label: {len(items)} items ({sum(i['overlap'] for i in items)} shown to every labeler); "
+          f"labels go to {labels_dir(workdir)}/<labeler>.jsonl")
+    print(f"label: open {address}" + ("  (anyone with this address can label; keep it private)" if token else ""),
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def print_stats(workdir: pathlib.Path) -> dict[str, Any]:
+    from rlhf_jax.labeling.stats import format_stats, label_stats
+
+    directory = labels_dir(workdir)
+    if not directory.is_dir():
+        raise ConfigError(f"label --stats: {directory} does not exist; nothing has been labeled in {workdir}")
+    stats = label_stats(LabelStore(directory))
+    print(format_stats(stats))
+    return stats
