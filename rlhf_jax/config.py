@@ -363,6 +363,11 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # A persistent XLA compilation cache, so a rerun or a resumed stage loads its programs
+    # instead of compiling them again: a directory, or run:<path> inside the run directory
+    # (e.g. run:xla_cache). None: JAX's own setting (off unless JAX_COMPILATION_CACHE_DIR
+    # is set, which then wins). One per process: the first stage's directory is kept.
+    compilation_cache_dir: str | None = None
 
     def validate(self) -> "Config":
         """Checks every block, so a bad field is refused before a stage writes anything."""

@@ -61,3 +61,22 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+def use_compilation_cache(directory: str | os.PathLike) -> str:
+    """Turns on JAX's persistent compilation cache in ``directory`` for this process and
+    returns the directory in use. Every program is cached, however fast it compiled: a stage
+    compiles dozens of small programs (a 20-step pretrain run of the default model on the
+    2-core CPU: 17.6 s writing the cache, 11.7 s reading it, 13 entries, 0.5 MB). A
+    directory already set (``JAX_COMPILATION_CACHE_DIR``, or an earlier call) is kept: JAX
+    opens its cache once per process."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(directory)

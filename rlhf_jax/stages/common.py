@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config, to_dict
 from rlhf_jax.data import load_tokenizer, to_global
+from rlhf_jax.host import use_compilation_cache
 from rlhf_jax.logging import MetricsLogger
 
 TASK_PREFIX = "task:"
@@ -95,6 +96,9 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
     cfg.validate()
     quiet_tfds()
     workdir = pathlib.Path(workdir).absolute()
+    if cfg.compilation_cache_dir:
+        cache = cfg.compilation_cache_dir
+        use_compilation_cache(workdir / cache[4:] if cache.startswith("run:") else cache)
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.tokenizer.kind == "task":
         tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"])
