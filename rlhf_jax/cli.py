@@ -23,7 +23,9 @@ STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample", "
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=STAGES)
+    # convert has its own flags and parser (rlhf_jax.convert); listed here so --help names it
+    parser.add_argument("command", choices=(*STAGES, "convert"),
+                        help="a stage, the whole pipeline, sample, label, or convert (--help after it for its flags)")
     parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
