@@ -82,7 +82,7 @@ def _launched(remote: str) -> list[str]:
     return words[start:words.index(">", start)]
 
 
-@pytest.mark.parametrize("stage", [s for s in cli.STAGES if s != "sample"])
+@pytest.mark.parametrize("stage", [s for s in cli.STAGES if s not in ("sample", "label")])
 def test_launch_runs_the_stage_on_every_worker_and_the_cli_accepts_it(capsys, stage):
     experiment = "experiments/llama_tpu_pod.py"
     (ssh,) = dry_run(capsys, "launch", "--env", "RLHF_JAX_DATA_DIR=/mnt/disks/b/data", "--",
@@ -108,6 +108,7 @@ def test_launch_runs_the_stage_on_every_worker_and_the_cli_accepts_it(capsys, st
     (["sft", "--workdir", "w", "--sft.optim.learning_rate=fast"], "would refuse the overrides"),
     (["sft", "--config", "experiments/tiny_cpu.py"], "pass --workdir"),
     (["sample", "--workdir", "w"], "one worker"),
+    (["label", "--workdir", "w"], "one worker"),
     ([], "after --"),
 ])
 def test_launch_refuses_what_rlhf_jax_would_refuse(capsys, args, message):

@@ -137,6 +137,9 @@ def check_rlhf_jax_args(cli_args: Sequence[str]) -> list[str]:
         raise ScriptError(f"launch: rlhf-jax would refuse {shlex.join(cli_args)}") from exit_
     if parsed.command == "sample":
         raise ScriptError("launch: 'sample' prints to the terminal; run it with ssh on one worker")
+    if parsed.command == "label":  # one server, not one per worker
+        raise ScriptError("launch: 'label' serves a page from one machine; run it with ssh on one worker "
+                          "(or locally on the run's exports)")
     if not any(a.startswith("--workdir") for a in cli_args):
         raise ScriptError("launch: pass --workdir (on a pod slice, a directory every worker sees)")
     local = pathlib.Path(parsed.config) if parsed.config else None
