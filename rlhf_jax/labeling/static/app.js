@@ -74,7 +74,7 @@ function render() {
   list.replaceChildren();
   cards.forEach((card, n) => {
     const li = document.createElement("li");
-    li.draggable = true; li.dataset.position = n;
+    li.draggable = true; li.dataset.position = n; li.dataset.response = card.response;
     li.className = (n === selected ? "selected " : "") + (card.tiedWithAbove ? "tied" : "");
     const rank = document.createElement("span"); rank.className = "rank"; rank.textContent = `#${r[card.response] + 1}`;
     const text = document.createElement("span"); text.className = "text"; text.textContent = item.responses[card.response];
@@ -94,12 +94,19 @@ function render() {
       label.append(box, ` ${k + 1}: ${FLAG_LABELS[f] || f}`); flags.append(label);
     });
     li.append(flags);
-    li.onclick = (e) => { if (e.target.tagName !== "INPUT") { selected = n; render(); } };
+    // select without re-rendering: a click on a flag's or tie's label text must still reach
+    // its checkbox, which a re-render here would have replaced before the click's activation
+    li.onclick = () => { selected = n; markSelected(); };
     li.ondragstart = (e) => { e.dataTransfer.setData("text/plain", String(n)); li.classList.add("dragging"); };
+    li.ondragend = () => li.classList.remove("dragging");
     li.ondragover = (e) => e.preventDefault();
     li.ondrop = (e) => { e.preventDefault(); move(Number(e.dataTransfer.getData("text/plain")), n); };
     list.append(li);
   });
+}
+
+function markSelected() {
+  [...$("responses").children].forEach((li, n) => li.classList.toggle("selected", n === selected));
 }
 
 function move(from, to) {
@@ -143,7 +150,8 @@ async function start() {
   const name = $("labeler").value.trim();
   try {
     labeler = name; await loadQueue();
-  } catch (err) { $("message").textContent = err.message; alert(err.message); return; }
+  } catch (err) { $("login-message").textContent = err.message; return; }
+  $("login-message").textContent = "";
   localStorage.setItem("rlhf-jax-labeler", name);
   $("login").hidden = true;
   show(firstUndone(0));
