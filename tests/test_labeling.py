@@ -345,7 +345,9 @@ def test_in_a_real_browser(tmp_path):
     items = {i["id"]: i for i in read_items(workdir / "labels")}
     driver = _browser()
     wait = WebDriverWait(driver, 10)
-    keys = lambda *k: ActionChains(driver).send_keys(*k).perform()  # noqa: E731 (to the focused page)
+
+    def keys(*pressed):  # to the focused page, as a person types
+        ActionChains(driver).send_keys(*pressed).perform()
 
     def shift(key):  # Shift held down while the key is pressed
         ActionChains(driver).key_down(Keys.SHIFT).send_keys(key).key_up(Keys.SHIFT).perform()
