@@ -158,14 +158,6 @@ def best_of_n(rewards: Array, gold: Array) -> tuple[Array, dict[str, Array]]:
                     "best_of_n/oracle_gold": jnp.mean(jnp.max(gold, axis=0))}
 
 
-def pairwise_loss(chosen_rewards: Array, rejected_rewards: Array) -> tuple[Array, dict[str, Array]]:
-    """``-log sigmoid(r_chosen - r_rejected)`` averaged over the batch (Anthropic HH style
-    data); the K = 2 case of :func:`ranking_loss`. Both ``[B] f32``."""
-    rewards = jnp.stack([chosen_rewards, rejected_rewards], axis=1)
-    ranks = jnp.broadcast_to(jnp.array([0, 1], jnp.int32), rewards.shape)
-    return ranking_loss(rewards, ranks, jnp.ones(rewards.shape, bool))
-
-
 # ---------------------------------------------------------------- PPO and PPO-ptx
 # Shapes: B episodes, T response positions. ``mask`` ``[B, T]`` marks the response tokens
 # (right-padded: each row's tokens come first). Log-probs are of the sampled tokens.

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.sampling import Samples
-from rlhf_jax.steps import _split_microbatches, apply_gradients, jit_under_mesh
+from rlhf_jax.steps import _split_microbatches, apply_gradients, jit_under_mesh, last_token_scores
 from rlhf_jax.types import PPOState, Rollout, TokenBatch
 
 
@@ -54,8 +54,7 @@ def reward_model_score(reward_model: nn.Module) -> RewardFn:
 
     def score(params, samples: Samples):
         tokens, segments, positions = samples.full_sequences()
-        values, _ = reward_model.apply({"params": params}, tokens, positions, segments)
-        return jnp.take_along_axis(values, losses.last_index(segments > 0)[:, None], axis=1)[:, 0]
+        return last_token_scores(reward_model, params, tokens, segments, positions)
 
     return score
 

@@ -163,13 +163,19 @@ def make_rm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Cal
                           out_shardings=sharding.replicated(mesh))
 
 
+def last_token_scores(model: nn.Module, params: Any, tokens, segment_ids, positions) -> jax.Array:
+    """``[B] f32``: a scalar model's output at each row's last real token (tokens, segment ids
+    and positions ``[B, T]``; rows may be left- and right-padded). The reward model's score, in
+    the RM stage and as PPO's reward."""
+    values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    return jnp.take_along_axis(values, losses.last_index(segment_ids > 0)[:, None], axis=1)[:, 0]
+
+
 def make_score_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
-    """score(params, tokens, segment_ids, positions) -> ``[B] f32``: a scalar model's output
-    at each row's last real token (rows may be left- and right-padded)."""
+    """score(params, tokens, segment_ids, positions) -> ``[B] f32``: :func:`last_token_scores`, jitted."""
 
     def score(params, tokens, segment_ids, positions):
-        values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
-        return jnp.take_along_axis(values, losses.last_index(segment_ids > 0)[:, None], axis=1)[:, 0]
+        return last_token_scores(model, params, tokens, segment_ids, positions)
 
     batch = sharding.batch_sharding(mesh, 1)
     return jit_under_mesh(score, mesh, in_shardings=(param_shardings, batch, batch, batch), out_shardings=batch)

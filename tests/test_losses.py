@@ -108,9 +108,12 @@ def test_ranking_loss_worked_example_and_swap():
     np.testing.assert_allclose(swapped, expected_swapped, rtol=1e-6)
 
 
-def test_pairwise_loss_is_the_k2_case():
+def test_the_k2_ranking_loss_is_the_pairwise_loss():
+    """Chosen/rejected data (Anthropic HH style) is the K = 2 case: -log sigmoid(r_c - r_r)."""
     chosen, rejected = jnp.array([1.0, -0.5, 0.3]), jnp.array([0.0, 0.5, 0.3])
-    loss, metrics = losses.pairwise_loss(chosen, rejected)
+    rewards = jnp.stack([chosen, rejected], axis=1)
+    ranks = jnp.broadcast_to(jnp.array([0, 1], jnp.int32), rewards.shape)
+    loss, metrics = losses.ranking_loss(rewards, ranks, jnp.ones(rewards.shape, bool))
     np.testing.assert_allclose(loss, np.mean(-jax.nn.log_sigmoid(chosen - rejected)), rtol=1e-6)
     np.testing.assert_allclose(metrics["rm/accuracy"], (1 + 0 + 0.5) / 3)  # reward tie counts half
 

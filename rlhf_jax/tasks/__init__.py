@@ -26,7 +26,7 @@ Modules: ``vocab`` (the words), ``instructions`` (families: the content), ``prom
 """
 
 from rlhf_jax.tasks.corpus import HELD_OUT_FAMILIES, MAX_TEXT_TOKENS, make_splits
-from rlhf_jax.tasks.files import SPLITS, read_jsonl, task_info, write_task_files
+from rlhf_jax.tasks.files import SPLITS, task_info, write_task_files
 from rlhf_jax.tasks.gold import FLAWS, WEIGHTS, Assessment, assess, flaw_rates, gold_score, gold_scores
 from rlhf_jax.tasks.instructions import FAMILIES, Instance
 from rlhf_jax.tasks.internet import INTERNET, FlawRates, flawed_response, sample_responses
@@ -35,7 +35,7 @@ from rlhf_jax.tasks.labeler import (DEFAULT_TEMPERATURE, NoisyLabeler, labeler_a
                                     plackett_luce_ranks)
 from rlhf_jax.tasks.prompts import (MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, Constraint, Request,
                                     family_of, generate_prompt, parse, solve)
-from rlhf_jax.tasks.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from rlhf_jax.tasks.tokenizer import build_tokenizer, save_tokenizer
 from rlhf_jax.tasks.vocab import EOS, PAD, SEPARATOR, VOCAB, VOCAB_SIZE
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "Assessment", "Constraint", "FlawRates", "Instance", "MAX_PROMPT_TOKENS", "MAX_RESPONSE_TOKENS",
     "MAX_TEXT_TOKENS", "NoisyLabeler", "PAD", "Request", "SEPARATOR", "SPLITS", "VOCAB", "VOCAB_SIZE",
     "assess", "build_tokenizer", "family_of", "flaw_rates", "flawed_response", "generate_prompt",
-    "gold_score", "gold_scores", "labeler_agreement", "labeler_gold_accuracy", "load_tokenizer",
-    "make_splits", "pairwise_agreement", "parse", "plackett_luce_ranks", "read_jsonl",
+    "gold_score", "gold_scores", "labeler_agreement", "labeler_gold_accuracy",
+    "make_splits", "pairwise_agreement", "parse", "plackett_luce_ranks",
     "sample_responses", "save_tokenizer", "solve", "task_info", "write_task_files",
 ]

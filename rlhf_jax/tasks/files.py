@@ -125,17 +125,3 @@ def write_task_files(out_dir: str | pathlib.Path, seed: int = 0, n_demonstration
     _write_tokenizer(paths["tokenizer"])
     _atomic_write(paths["manifest"], json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return paths
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    """The records of a JSONL file; raises ``ValueError`` naming file and line on bad JSON."""
-    records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {err.msg}") from err
-    return records

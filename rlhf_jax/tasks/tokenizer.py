@@ -49,10 +49,3 @@ def save_tokenizer(out_dir: str | pathlib.Path) -> pathlib.Path:
     out_dir = pathlib.Path(out_dir)
     build_tokenizer().save_pretrained(str(out_dir))
     return out_dir
-
-
-def load_tokenizer(path: str | pathlib.Path):
-    """Loads a tokenizer directory written by :func:`save_tokenizer` without network."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

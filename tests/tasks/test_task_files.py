@@ -5,7 +5,12 @@ import json
 import pytest
 
 from rlhf_jax import tasks
+from rlhf_jax.data import load_tokenizer
 from rlhf_jax.tasks.prompts import parse, solve
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 SMALL = dict(n_demonstrations=300, n_demonstrations_val=40, n_prompts=300, n_prompts_val=40, n_prompts_heldout=30,
              n_pretrain=2000, n_pretrain_val=100)
@@ -33,8 +38,8 @@ def test_files_have_documented_fields_and_sizes(written):
                 assert r["prompt"].endswith(" =>")
                 parse(r["prompt"])
     assert (written["tokenizer"] / "tokenizer.json").is_file()
-    tok = tasks.load_tokenizer(written["tokenizer"])
-    assert len(tok) == tasks.VOCAB_SIZE
+    tok = load_tokenizer(written["tokenizer"])  # the loader every stage uses
+    assert tok.vocab_size == tasks.VOCAB_SIZE
     manifest = json.loads(written["manifest"].read_text())
     assert manifest["vocab_size"] == tasks.VOCAB_SIZE
     assert manifest["max_prompt_tokens"] == tasks.MAX_PROMPT_TOKENS
@@ -44,11 +49,11 @@ def test_files_have_documented_fields_and_sizes(written):
 
 def test_lengths_within_documented_bounds(written):
     for name in ("demonstrations", "demonstrations_val"):
-        for r in tasks.read_jsonl(written[name]):
+        for r in _records(written[name]):
             assert len(r["prompt"].split()) <= tasks.MAX_PROMPT_TOKENS
             assert len(r["response"].split()) <= tasks.MAX_RESPONSE_TOKENS
     for name in ("pretrain", "pretrain_val"):
-        for r in tasks.read_jsonl(written[name]):
+        for r in _records(written[name]):
             assert 1 <= len(r["text"].split()) <= tasks.MAX_TEXT_TOKENS
 
 
@@ -77,7 +82,7 @@ def test_incomplete_directory_is_rewritten(written, tmp_path):
 
 def test_held_out_problems_appear_in_no_training_split(written):
     def problems(name, field="prompt"):
-        return {parse(r[field]).problem for r in tasks.read_jsonl(written[name])}
+        return {parse(r[field]).problem for r in _records(written[name])}
 
     held_out = problems("prompts_val") | problems("demonstrations_val") | problems("prompts_heldout")
     train = problems("demonstrations") | problems("prompts")
@@ -87,7 +92,7 @@ def test_held_out_problems_appear_in_no_training_split(written):
     assert not problems("prompts_val") & problems("demonstrations_val")
     pretrain_pairs = {parse(r["text"].split("=>")[0] + "=>").problem
                       for n in ("pretrain", "pretrain_val")
-                      for r in tasks.read_jsonl(written[n]) if "=>" in r["text"]}
+                      for r in _records(written[n]) if "=>" in r["text"]}
     assert len(pretrain_pairs) > 500
     assert not held_out & pretrain_pairs
     # the held-out family: only in pretraining text and prompts_heldout
