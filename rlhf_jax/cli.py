@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="label: address to bind (default 127.0.0.1); any other prints an access token")
     label.add_argument("--port", type=int, default=8765, help="label: port (0: any free one)")
     label.add_argument("--stats", action="store_true", help="label: print agreement statistics and exit")
+    label.add_argument("--merge", action="store_true",
+                       help="label: write every labeler's comparisons into labels/merged/comparisons.jsonl and exit")
     return parser
 
 
@@ -158,6 +160,9 @@ def _label(args: argparse.Namespace, cfg: Config) -> None:
     workdir = pathlib.Path(args.workdir)
     if args.stats:
         command.print_stats(workdir)
+        return
+    if args.merge:
+        command.merge_labels(workdir)
         return
     with hold_run_directory(labels_dir(workdir)):  # one labeling server per run directory
         items = command.prepare_items(cfg, workdir, args.prompts, args.policy, args.k, args.n_prompts, args.overlap)

@@ -538,3 +538,33 @@ def test_a_taken_port_is_a_clear_error(tmp_path, capsys):
         args = ["label", "--workdir", str(workdir), "--prompts", str(prompts), "--port", str(port)]
         assert cli.main(args) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_merge_writes_every_labelers_comparisons_for_the_rm(tmp_path, capsys):
+    from rlhf_jax.data import read_records
+
+    workdir = tmp_path / "run"
+    items = _items(workdir, n=3, overlap=3)
+    store = LabelStore(workdir / "labels")
+    client = Client(LabelApp(store, items))
+    for name, labels in (("ann", {"0": [0, 1, 2, 3], "1": [3, 2, 1, 0], "2": [0, 0, 1, 1]}),
+                         ("ben", {"0": [1, 0, 2, 3], "1": [0, 1, 2, 3]})):
+        for item_id, ranks in labels.items():
+            assert client.post("/api/label", json=_submission(name, item_id, ranks, None)).status_code == 200
+    assert cli.main(["label", "--merge", "--workdir", str(workdir)]) == 0
+    assert "5 comparisons from 2 labelers" in capsys.readouterr().out
+    merged = workdir / "labels" / "merged" / "comparisons.jsonl"
+    assert len(read_records(merged, "comparisons")) == 5  # the RM's own reader accepts it
+    records = [json.loads(line) for line in merged.read_text().splitlines()]  # whole, flags and all
+    assert [(r["labeler"], r["item_id"], r["ranks"]) for r in records] == [
+        ("ann", "0", [0, 1, 2, 3]), ("ann", "1", [3, 2, 1, 0]), ("ann", "2", [0, 0, 1, 1]),
+        ("ben", "0", [1, 0, 2, 3]), ("ben", "1", [0, 1, 2, 3])]
+    assert store.labelers() == ["ann", "ben"]  # the merged file is nobody's labels
+    # a damaged line in one labeler's file is named there, and the merged file is left as it was
+    ben = workdir / "labels" / "ben.jsonl"
+    lines = ben.read_text().splitlines()
+    ben.write_text(lines[0] + "\n" + '{"prompt": "x", "responses": ["a"], "ranks": [0, 1]}\n' + lines[1] + "\n")
+    before = merged.read_bytes()
+    assert cli.main(["label", "--merge", "--workdir", str(workdir)]) == 2
+    assert f"{ben}:2" in capsys.readouterr().err
+    assert merged.read_bytes() == before

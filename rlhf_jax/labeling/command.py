@@ -120,6 +120,34 @@ def serve(workdir: pathlib.Path, items: list[dict[str, Any]], host: str | None, 
         server.server_close()
 
 
+MERGED = pathlib.Path("merged") / "comparisons.jsonl"  # inside labels/: not a labeler's file
+
+
+def merge_labels(workdir: pathlib.Path) -> pathlib.Path:
+    """Writes every labeler's records into ``labels/merged/comparisons.jsonl`` (replaced
+    whole) for ``rlhf-jax rm``: the overlap items once per labeler who ranked them, as the
+    paper trained on every labeler's comparisons. Each file is validated as comparisons
+    first, so a bad line is named in its own file."""
+    from rlhf_jax.data import read_records
+
+    directory = labels_dir(workdir)
+    store = LabelStore(directory) if directory.is_dir() else None
+    labelers = store.labelers() if store else []
+    if not labelers:
+        raise ConfigError(f"label --merge: no labeler files in {directory}; nothing has been labeled in {workdir}")
+    for name in labelers:
+        read_records(store.path(name), "comparisons")  # validates, naming the file and line
+    records = [record for name in labelers for record in store.records(name)]  # whole, with flags
+    out = directory / MERGED
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out)
+    print(f"label --merge: {len(records)} comparisons from {len(labelers)} labelers ({', '.join(labelers)}) -> "
+          f"{out}; train on it with --rm.data.train_path=run:labels/{MERGED.as_posix()}")
+    return out
+
+
 def print_stats(workdir: pathlib.Path) -> dict[str, Any]:
     from rlhf_jax.labeling.stats import format_stats, label_stats
 
