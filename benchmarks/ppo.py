@@ -40,7 +40,8 @@ from rlhf_jax.default_config import default_config
 from rlhf_jax.evaluation import copy_params
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update, reward_model_score
+from rlhf_jax.policy import reward_model_score
+from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.steps import create_train_state
 from rlhf_jax.types import PPOState, TokenBatch

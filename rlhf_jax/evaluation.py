@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from rlhf_jax import losses
 from rlhf_jax.config import SamplingConfig
 from rlhf_jax.data import to_global
-from rlhf_jax.ppo_steps import RewardFn, response_logits, response_logprobs
+from rlhf_jax.policy import RewardFn, response_logits, response_logprobs
 from rlhf_jax.sampling import Samples, make_sampler
 from rlhf_jax.steps import jit_under_mesh, make_lm_eval_step
 

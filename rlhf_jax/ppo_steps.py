@@ -18,45 +18,10 @@ from jax.sharding import Mesh
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.policy import RewardFn, response_logits, response_logprobs, response_values, tempered
 from rlhf_jax.sampling import Samples
-from rlhf_jax.steps import _split_microbatches, apply_gradients, jit_under_mesh, last_token_scores
+from rlhf_jax.steps import apply_gradients, jit_under_mesh, split_microbatches
 from rlhf_jax.types import PPOState, Rollout, TokenBatch
-
-
-def response_logits(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
-    """``[B, N+1, V]``: logits from the last prompt position on (the last row is unused)."""
-    logits, _ = model.apply({"params": params}, tokens, positions, segment_ids, logits_from=prompt_len - 1)
-    return logits
-
-
-def tempered(logits, temperature: float):
-    """Logits of the sampling distribution at ``temperature`` (0, greedy: as they are)."""
-    return logits / (1.0 if temperature == 0.0 else temperature)
-
-
-def response_logprobs(logits, tokens, prompt_len: int, temperature: float):
-    """``[B, N]`` log-probs of the response tokens under the sampling distribution at
-    ``temperature``, from :func:`response_logits`' output."""
-    return losses.next_token_logprobs(tempered(logits, temperature), tokens[:, prompt_len - 1:])
-
-
-def response_values(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
-    """``[B, N]``: the value model's estimate before each response token."""
-    values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
-    return values[:, prompt_len - 1:-1]
-
-
-RewardFn = Callable[[Any, Samples], jax.Array]  # (reward params, samples) -> [B] f32 scores
-
-
-def reward_model_score(reward_model: nn.Module) -> RewardFn:
-    """The reward model's output at each episode's last real token (prompt + response)."""
-
-    def score(params, samples: Samples):
-        tokens, segments, positions = samples.full_sequences()
-        return last_token_scores(reward_model, params, tokens, segments, positions)
-
-    return score
 
 
 def takes_sampler_logprobs(cfg: PPOConfig) -> bool:
@@ -165,14 +130,14 @@ def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.
     def update(state: PPOState, rollout: Rollout, ptx: TokenBatch, observed_kl, rng):
         n_episodes = rollout.tokens.shape[0]
         n_minibatches = n_episodes // cfg.minibatch_size
-        ptx_per_epoch = _split_microbatches(ptx, cfg.epochs)
+        ptx_per_epoch = split_microbatches(ptx, cfg.epochs)
 
         def epoch(state, xs):
             epoch_rng, epoch_ptx = xs
             order = jax.random.permutation(epoch_rng, n_episodes)
             shuffled = jax.tree.map(lambda x: x[order], rollout)
-            minibatches = _split_microbatches(shuffled, n_minibatches)
-            return jax.lax.scan(minibatch_step, state, (minibatches, _split_microbatches(epoch_ptx, n_minibatches)))
+            minibatches = split_microbatches(shuffled, n_minibatches)
+            return jax.lax.scan(minibatch_step, state, (minibatches, split_microbatches(epoch_ptx, n_minibatches)))
 
         state, metrics = jax.lax.scan(epoch, state, (jax.random.split(rng, cfg.epochs), ptx_per_epoch))
         if cfg.adaptive_kl:

@@ -42,7 +42,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
     return sharding.sharded_create(create, mesh, params)
 
 
-def _split_microbatches(batch: Any, n: int) -> Any:
+def split_microbatches(batch: Any, n: int) -> Any:
     """``[B, ...]`` -> ``[n, B/n, ...]`` taking every n-th row, so each device's rows stay local."""
     def split(x):
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
@@ -59,7 +59,7 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any, n_micro: in
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if n_micro == 1:
         return grad_fn(params, batch, rng)
-    micro = _split_microbatches(batch, n_micro)
+    micro = split_microbatches(batch, n_micro)
 
     def body(carry, xs):
         index, mb = xs

@@ -54,7 +54,7 @@ def gold_of(generations: Generations) -> np.ndarray:
 
 
 def gold_reward(tokenizer) -> Callable:
-    """A :data:`~rlhf_jax.ppo_steps.RewardFn` that is the task's gold scorer: each episode's
+    """A :data:`~rlhf_jax.policy.RewardFn` that is the task's gold scorer: each episode's
     prompt and response are decoded on the host (``jax.pure_callback``) and scored. Rows
     with no prompt (batch padding) score 0. Single-process runs only: the callback sees
     the whole batch on one host."""
@@ -126,7 +126,7 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     ``{"greedy": rows, "sampled": rows}``, each row a prompt and every policy's response."""
     from rlhf_jax.data import PromptBatches, TextBatches
     from rlhf_jax.models import LanguageModel, ScalarModel
-    from rlhf_jax.ppo_steps import reward_model_score
+    from rlhf_jax.policy import reward_model_score
 
     env = common.make_env(cfg, workdir, "eval")
     ppo, pipe = cfg.ppo, cfg.pipeline

@@ -12,8 +12,8 @@ from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig, Sam
 from rlhf_jax.evaluation import PolicyEvaluator, copy_params
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.ppo_steps import (make_experience_fn, make_ppo_update, response_logits, reward_model_score,
-                                takes_sampler_logprobs)
+from rlhf_jax.policy import response_logits, reward_model_score
+from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update, takes_sampler_logprobs
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.steps import create_train_state
 from rlhf_jax.types import PPOState, TokenBatch

@@ -23,7 +23,8 @@ from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summa
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.ppo_steps import RewardFn, make_experience_fn, make_ppo_update, reward_model_score
+from rlhf_jax.policy import RewardFn, reward_model_score
+from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
 from rlhf_jax.stages.rm import initial_scalar_params

@@ -1,0 +1,55 @@
+"""Scoring a policy's episodes with a model: the logits and log-probs of the response tokens
+(at the sampling temperature), a value model's estimates, and a reward model's score. Used by
+PPO's experience and by the evaluator; pure functions of (model, params, arrays).
+
+Response positions: with prompts of length P, the logits at positions ``P-1 .. L-2``
+predict the response tokens at ``P .. L-1``; values are read at the same positions (the
+state before each response token).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from rlhf_jax import losses
+from rlhf_jax.sampling import Samples
+from rlhf_jax.steps import last_token_scores
+
+
+def response_logits(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
+    """``[B, N+1, V]``: logits from the last prompt position on (the last row is unused)."""
+    logits, _ = model.apply({"params": params}, tokens, positions, segment_ids, logits_from=prompt_len - 1)
+    return logits
+
+
+def tempered(logits, temperature: float):
+    """Logits of the sampling distribution at ``temperature`` (0, greedy: as they are)."""
+    return logits / (1.0 if temperature == 0.0 else temperature)
+
+
+def response_logprobs(logits, tokens, prompt_len: int, temperature: float):
+    """``[B, N]`` log-probs of the response tokens under the sampling distribution at
+    ``temperature``, from :func:`response_logits`' output."""
+    return losses.next_token_logprobs(tempered(logits, temperature), tokens[:, prompt_len - 1:])
+
+
+def response_values(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):
+    """``[B, N]``: the value model's estimate before each response token."""
+    values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    return values[:, prompt_len - 1:-1]
+
+
+RewardFn = Callable[[Any, Samples], jax.Array]  # (reward params, samples) -> [B] f32 scores
+
+
+def reward_model_score(reward_model: nn.Module) -> RewardFn:
+    """The reward model's output at each episode's last real token (prompt + response)."""
+
+    def score(params, samples: Samples):
+        tokens, segments, positions = samples.full_sequences()
+        return last_token_scores(reward_model, params, tokens, segments, positions)
+
+    return score
