@@ -132,15 +132,13 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
     ppo, pipe = cfg.ppo, cfg.pipeline
 
     def prompt_set(spec: str, field: str):
-        return PromptBatches(env.data_path(spec, field), env.tokenizer, dataclasses.replace(ppo.prompts, shuffle=False),
-                             seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+        return env.batches(PromptBatches, spec, field, dataclasses.replace(ppo.prompts, shuffle=False))
 
     prompt_sets = {"": prompt_set(ppo.prompts.val_path, "ppo.prompts.val_path")}
     if pipe.heldout_prompts:
         prompt_sets["heldout_"] = prompt_set(pipe.heldout_prompts, "pipeline.heldout_prompts")
-    texts = TextBatches(env.data_path(ppo.pretrain.val_path, "ppo.pretrain.val_path"), env.tokenizer,
-                        dataclasses.replace(ppo.pretrain, shuffle=False), seed=cfg.seed,
-                        cache_dir=env.cache_dir, **env.process)
+    texts = env.batches(TextBatches, ppo.pretrain.val_path, "ppo.pretrain.val_path",
+                        dataclasses.replace(ppo.pretrain, shuffle=False))
     policy, scalar = LanguageModel(cfg.model), ScalarModel(checkpoint.export_model_config(workdir / "rm" / "export"))
     load = lambda stage, model: checkpoint.load_export(  # noqa: E731
         workdir / stage / "export", common.abstract_params(model, env.mesh), model.cfg)

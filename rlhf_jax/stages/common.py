@@ -48,6 +48,13 @@ class StageEnv:
     def process(self) -> dict[str, int]:
         return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
+    def batches(self, batches_cls: type, spec: str, field: str, data_cfg: Any, **options: Any) -> Any:
+        """``batches_cls`` (a ``rlhf_jax.data`` batch source) over the file ``spec`` names
+        (see :meth:`data_path`; ``field`` names the config field in errors), with this run's
+        tokenizer, seed, cache directory and this process's share of every batch."""
+        return batches_cls(self.data_path(spec, field), self.tokenizer, data_cfg, seed=self.cfg.seed,
+                           cache_dir=self.cache_dir, **self.process, **options)
+
     def resolve(self, spec: str) -> pathlib.Path:
         """``run:<relative path>`` is inside the run directory; anything else is a path."""
         if spec.startswith(RUN_PREFIX):

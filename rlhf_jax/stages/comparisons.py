@@ -59,9 +59,9 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
         return _split_and_write(records, c.val_fraction, cfg.seed, out_dir)
     labeler = labeler or task_labeler(cfg)
 
-    prompts = PromptBatches(env.data_path(c.prompts.train_path, "comparisons.prompts.train_path"), env.tokenizer,
-                            dataclasses.replace(c.prompts, shuffle=True), seed=cfg.seed, cache_dir=env.cache_dir,
-                            **env.process).require_one_batch("comparisons.prompts.batch_size")
+    prompts = env.batches(PromptBatches, c.prompts.train_path, "comparisons.prompts.train_path",
+                          dataclasses.replace(c.prompts, shuffle=True),
+                          ).require_one_batch("comparisons.prompts.batch_size")
     model = LanguageModel(cfg.model)
     policies = []
     for spec in c.policies:

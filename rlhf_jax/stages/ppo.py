@@ -76,25 +76,20 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     ppo = ppo or cfg.ppo
     env = common.make_env(cfg, workdir, ppo.stage_name)
     updates_per_iteration = check_ppo_config(ppo, env.mesh)
-    prompts = PromptBatches(env.data_path(ppo.prompts.train_path, f"{ppo.stage_name}.prompts.train_path"),
-                            env.tokenizer, ppo.prompts, seed=cfg.seed, cache_dir=env.cache_dir, **env.process,
-                            ).require_one_batch(f"{ppo.stage_name}.prompts.batch_size")
+    prompts = env.batches(PromptBatches, ppo.prompts.train_path, f"{ppo.stage_name}.prompts.train_path",
+                          ppo.prompts).require_one_batch(f"{ppo.stage_name}.prompts.batch_size")
     val_prompts = None
     if ppo.prompts.val_path:
-        val_prompts = PromptBatches(env.data_path(ppo.prompts.val_path, f"{ppo.stage_name}.prompts.val_path"),
-                                    env.tokenizer, dataclasses.replace(ppo.prompts, shuffle=False), seed=cfg.seed,
-                                    cache_dir=env.cache_dir, **env.process)
+        val_prompts = env.batches(PromptBatches, ppo.prompts.val_path, f"{ppo.stage_name}.prompts.val_path",
+                                  dataclasses.replace(ppo.prompts, shuffle=False))
     ptx = None
     if ppo.ptx_coef:
-        ptx = TextBatches(env.data_path(ppo.pretrain.train_path, f"{ppo.stage_name}.pretrain.train_path"),
-                          env.tokenizer, dataclasses.replace(ppo.pretrain, batch_size=updates_per_iteration
-                                                             * ppo.pretrain.batch_size),
-                          seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+        ptx = env.batches(TextBatches, ppo.pretrain.train_path, f"{ppo.stage_name}.pretrain.train_path",
+                          dataclasses.replace(ppo.pretrain, batch_size=updates_per_iteration * ppo.pretrain.batch_size))
     pretrain_val = None
     if ppo.pretrain.val_path:
-        pretrain_val = TextBatches(env.data_path(ppo.pretrain.val_path, f"{ppo.stage_name}.pretrain.val_path"),
-                                   env.tokenizer, dataclasses.replace(ppo.pretrain, shuffle=False),
-                                   seed=cfg.seed, cache_dir=env.cache_dir, **env.process)
+        pretrain_val = env.batches(TextBatches, ppo.pretrain.val_path, f"{ppo.stage_name}.pretrain.val_path",
+                                   dataclasses.replace(ppo.pretrain, shuffle=False))
 
     policy = LanguageModel(cfg.model)
     sft_params, _ = _load(env, ppo.policy_init, policy, f"{ppo.stage_name}.policy_init")

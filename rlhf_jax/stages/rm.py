@@ -50,9 +50,8 @@ def evaluate_rm(eval_fn, params, batches, mesh) -> dict[str, float]:
 def demonstration_rewards(env: common.StageEnv, model: ScalarModel, params, param_shardings) -> np.ndarray:
     """The reward of every demonstration in ``rm.normalize_path`` (prompt + response + EOS)."""
     cfg = env.cfg.rm
-    demos = SFTBatches(env.data_path(cfg.normalize_path, "rm.normalize_path"), env.tokenizer,
-                       dataclasses.replace(cfg.data, shuffle=False, packing=False), seed=env.cfg.seed,
-                       cache_dir=env.cache_dir, **env.process)
+    demos = env.batches(SFTBatches, cfg.normalize_path, "rm.normalize_path",
+                        dataclasses.replace(cfg.data, shuffle=False, packing=False))
     score = steps.make_score_fn(model, env.mesh, param_shardings)
     rewards = []
     for local in demos.eval_batches():
@@ -70,14 +69,12 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     rm_cfg = cfg.rm
     env = common.make_env(cfg, workdir, "rm", rm_cfg.model)
     cfg = env.cfg  # its model is the RM's architecture
-    train = RankingBatches(env.data_path(rm_cfg.data.train_path, "rm.data.train_path"), env.tokenizer,
-                           rm_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, k_max=rm_cfg.k_max, **env.process,
-                           ).require_one_batch("rm.data.batch_size")
+    train = env.batches(RankingBatches, rm_cfg.data.train_path, "rm.data.train_path", rm_cfg.data,
+                        k_max=rm_cfg.k_max).require_one_batch("rm.data.batch_size")
     val = None
     if rm_cfg.data.val_path:
-        val = RankingBatches(env.data_path(rm_cfg.data.val_path, "rm.data.val_path"), env.tokenizer,
-                             dataclasses.replace(rm_cfg.data, shuffle=False), seed=cfg.seed,
-                             cache_dir=env.cache_dir, k_max=rm_cfg.k_max, **env.process)
+        val = env.batches(RankingBatches, rm_cfg.data.val_path, "rm.data.val_path",
+                          dataclasses.replace(rm_cfg.data, shuffle=False), k_max=rm_cfg.k_max)
     if rm_cfg.normalize_path:
         env.data_path(rm_cfg.normalize_path, "rm.normalize_path")  # fail now, not after training
     total_steps = rm_cfg.max_steps or rm_cfg.epochs * train.steps_per_epoch

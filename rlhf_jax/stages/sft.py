@@ -38,14 +38,12 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     cfg = env.cfg  # its model is the one this stage trains
     batches_cls = SFTBatches if data_kind == "demonstrations" else TextBatches
     data_field = f"{stage}.data"
-    train = batches_cls(env.data_path(stage_cfg.data.train_path, f"{data_field}.train_path"), env.tokenizer,
-                        stage_cfg.data, seed=cfg.seed, cache_dir=env.cache_dir, **env.process,
-                        ).require_one_batch(f"{data_field}.batch_size")
+    train = env.batches(batches_cls, stage_cfg.data.train_path, f"{data_field}.train_path",
+                        stage_cfg.data).require_one_batch(f"{data_field}.batch_size")
     val = None
     if stage_cfg.data.val_path:
-        val = batches_cls(env.data_path(stage_cfg.data.val_path, f"{data_field}.val_path"), env.tokenizer,
-                          dataclasses.replace(stage_cfg.data, shuffle=False), seed=cfg.seed,
-                          cache_dir=env.cache_dir, **env.process)
+        val = env.batches(batches_cls, stage_cfg.data.val_path, f"{data_field}.val_path",
+                          dataclasses.replace(stage_cfg.data, shuffle=False))
     total_steps = stage_cfg.max_steps or stage_cfg.epochs * train.steps_per_epoch
 
     model = LanguageModel(dataclasses.replace(cfg.model, dropout=stage_cfg.dropout))
