@@ -106,13 +106,19 @@ class PolicyEvaluator:
                                    for d in range(1, n + 1)])
 
     def pretrain_loss(self, params, text_batches) -> float:
-        """Mean next-token loss on every pretraining validation text (the alignment tax);
-        summed on the device, read once."""
-        total, count = jnp.zeros(()), jnp.zeros(())
-        for local in text_batches.eval_batches():
-            nll, n = self.lm_eval(params, to_global(local, self.mesh))
-            total, count = total + nll, count + n
-        return float(total / jnp.maximum(count, 1.0))
+        """Mean next-token loss on every pretraining validation text (the alignment tax)."""
+        return mean_lm_loss(self.lm_eval, params, text_batches, self.mesh)
+
+
+def mean_lm_loss(eval_fn: Callable, params: Any, batches: Any, mesh) -> float:
+    """Mean next-token loss over every example of ``batches`` (``eval_batches()``), with
+    ``eval_fn`` a :func:`rlhf_jax.steps.make_lm_eval_step`: exact (sums, then one divide),
+    summed on the device and read once."""
+    total, count = jnp.zeros(()), jnp.zeros(())
+    for local in batches.eval_batches():
+        nll, n = eval_fn(params, to_global(local, mesh))
+        total, count = total + nll, count + n
+    return float(total / jnp.maximum(count, 1.0))
 
 
 def summarize(generations: Generations, prefix: str, extra: Callable[[Generations], dict] | None = None) -> dict[str, float]:

@@ -12,7 +12,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint, sharding
@@ -277,13 +276,3 @@ def abstract_params(model, mesh) -> Any:
         boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
     shardings = sharding.logical_shardings(boxed, mesh)
     return checkpoint.abstract_like(sharding.strip_boxes(boxed), shardings)
-
-
-def evaluate_lm(eval_fn: Callable, params: Any, batches: Any, mesh) -> dict[str, float]:
-    """Mean next-token loss over every validation example (exact: sums then one divide)."""
-    total, count = 0.0, 0.0
-    for local in batches.eval_batches():
-        nll, n = eval_fn(params, to_global(local, mesh))
-        total, count = total + nll, count + n
-    return {"val/loss": float(total / jnp.maximum(count, 1.0))}
-

@@ -15,6 +15,7 @@ import jax
 from rlhf_jax import checkpoint, steps
 from rlhf_jax.config import Config, ModelConfig, SFTConfig
 from rlhf_jax.data import SFTBatches, TextBatches
+from rlhf_jax.evaluation import mean_lm_loss
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
@@ -59,7 +60,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     evaluate = None
     if val is not None:
         eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params)
-        evaluate = lambda s: common.evaluate_lm(eval_fn, s.params, val, env.mesh)  # noqa: E731
+        evaluate = lambda s: {"val/loss": mean_lm_loss(eval_fn, s.params, val, env.mesh)}  # noqa: E731
     logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
     if start == 0 and getattr(train, "num_truncated", 0):
         logger.log(0, {"data/truncated_examples": train.num_truncated})
