@@ -74,6 +74,10 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     workdir = pathlib.Path(workdir).absolute()
     if cfg.pipeline.best_of_n < 0:
         raise ConfigError(f"pipeline.best_of_n must be >= 0 (0 skips the diagnosis), got {cfg.pipeline.best_of_n}")
+    if cfg.ppo.ptx_coef != 0.0 or cfg.ppo.stage_name != "ppo":  # the pipeline sets both per PPO run
+        raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef}, ppo.stage_name={cfg.ppo.stage_name!r}: the pipeline "
+                          "runs ppo with ptx_coef 0 and ppo_ptx with pipeline.ptx_coef; set pipeline.ptx_coef "
+                          "(or pipeline.run_ppo_ptx) instead, or run `rlhf-jax ppo` for a single PPO stage")
     if cfg.pipeline.eval_samples < 1:
         raise ConfigError(f"pipeline.eval_samples must be >= 1, got {cfg.pipeline.eval_samples}")
     if cfg.pipeline.run_ppo_gold and jax.process_count() > 1:
