@@ -10,6 +10,8 @@
    fraction of the memory-bandwidth bound. On a CPU this section reports itself skipped
    (``--quick`` runs it on shrunk models).
 5. Compiles after warm-up for each of ours (must be 0).
+6. Opt-in (``--only compile``, ``benchmarks/compile_time.py``): compile seconds of the SFT
+   step and the sampler at 4 and 32 layers, unrolled vs ``model.scan_layers``.
 
 Each section runs in a fresh process (``--section``): run after the SFT section in the same
 process, our PPO iteration measured 0.56-0.69 s against 0.47 s alone, so a section's
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import common, decode, ppo, roofline, sft_step
+from benchmarks import common, compile_time, decode, ppo, roofline, sft_step
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.host import keep_freed_memory
 
@@ -45,6 +47,9 @@ QUICK_BF16 = dataclasses.replace(QUICK_MODEL, compute_dtype="bfloat16")
 QUICK_LLAMA_BF16 = ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                d_ff=384, max_len=64, tie_embeddings=False, compute_dtype="bfloat16")
 SECTIONS = ("sft", "decode", "ppo", "roofline")
+# Run only when named (--only compile): compile seconds vs depth, unrolled vs scan_layers.
+OPT_IN_SECTIONS = ("compile",)
+ALL_SECTIONS = SECTIONS + OPT_IN_SECTIONS
 
 # The issue's minimums (ours / peer, or ours' fraction of the matmul peak), judged on full-size runs only.
 TARGETS = {"sft_vs_torch": 1.0, "sft_vs_trl": 1.5, "sft_fraction_of_peak": 0.65,
@@ -104,7 +109,7 @@ def run(sections=SECTIONS, quick: bool = False, peers: bool = True) -> dict:
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "quick": quick, "peers": peers, "machine": {**machine, "omp_wait_policy": policy},
                "load_average_start": load}
-    for section in SECTIONS:
+    for section in ALL_SECTIONS:
         if section in sections:
             results[section] = run_in_fresh_process(section, quick, peers, section_env)
     results["load_average_end"] = os.getloadavg()
@@ -121,6 +126,9 @@ def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
         return decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
     if section == "roofline":
         return roofline.run(work["roofline"], log=log)
+    if section == "compile":
+        return compile_time.run(compile_time.CompileWorkload(depths=(2, 8)) if quick else compile_time.CompileWorkload(),
+                                log=log)
     return ppo.run(work["ppo"], peers=peers, log=log)
 
 
@@ -230,6 +238,8 @@ def table(results: dict) -> str:
                          f"{p['trl_ppo_trainer']['fraction_of_matmul_peak']:.0%} | | | |")
     if "roofline" in results:
         lines += roofline_rows(results["roofline"], quick)
+    if "compile" in results:
+        lines += compile_rows(results["compile"], quick)
     comp = results["compiles_after_warmup"]
     bad = {name: n for name, n in comp.items() if n}
     ours = f"0 in each of {len(comp)}" if not bad else ", ".join(f"{n} in {name}" for name, n in bad.items())
@@ -260,6 +270,23 @@ def roofline_rows(r: dict, quick: bool) -> list[str]:
     return lines
 
 
+def compile_rows(c: dict, quick: bool) -> list[str]:
+    """Compile seconds (lower + compile) of the SFT step and the sampler, by depth and layout."""
+    w, lines = c["workload"], []
+    lo, hi = min(w["depths"]), max(w["depths"])
+    for what, label in (("sft_step", "SFT step"), ("sampler", "sampler")):
+        secs = {(r["n_layers"], r["scan_layers"]): r[what]["total_s"] for r in c["rows"]}
+        for scan in (False, True):
+            layout = "scanned" if scan else "unrolled"
+            ratio = secs[(hi, scan)] / secs[(lo, scan)]
+            judge = ("(quick: not judged)" if quick else "met" if ratio <= c["target_ratio_scanned"]
+                     else "**missed**") if scan else ""
+            lines.append(f"| Compile seconds, {label}, gpt2 d{w['model']['d_model']} {layout}: {lo}L vs {hi}L | "
+                         f"{secs[(lo, scan)]:.2f} s / {secs[(hi, scan)]:.2f} s | | {hi}L/{lo}L {ratio:.2f}x | "
+                         f"{'<= ' + str(c['target_ratio_scanned']) + 'x' if scan else ''} | {judge} |")
+    return lines
+
+
 def _tokens_per_s(row: dict) -> str:
     return f"{row['tokens_per_s']:.0f}"
 
@@ -272,9 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shrink every workload (smoke test, ~1-2 min)")
     parser.add_argument("--ours-only", action="store_true", help="skip the peers (no torch/transformers/trl)")
-    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
+    parser.add_argument("--only", choices=ALL_SECTIONS, action="append",
+                        help=f"run only these sections ({', '.join(OPT_IN_SECTIONS)}: only when named)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON files and table.md")
-    parser.add_argument("--section", choices=SECTIONS,
+    parser.add_argument("--section", choices=ALL_SECTIONS,
                         help="internal: compute this one section here and write its JSON to --out (a file)")
     args = parser.parse_args(argv)
     # As the rlhf-jax CLI does; ours and the peers share a process, so both get it.
@@ -288,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["machine"]["malloc"] = MALLOC_KEPT if malloc_kept else "glibc defaults"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for section in SECTIONS:
+    for section in ALL_SECTIONS:
         if section in results:
             (out / f"{section}.json").write_text(json.dumps(results[section], indent=2) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax import models
 from rlhf_jax.config import CheckpointConfig, ModelConfig
 
 EXPORT_META = "export.json"
@@ -253,16 +254,47 @@ def load_export(directory: str | pathlib.Path, target_params: Any,
     architecture and names the fields that differ."""
     directory = pathlib.Path(directory).absolute()
     meta = read_export_meta(directory)
+    saved = meta["model"]
+    defaults = dataclasses.asdict(ModelConfig())
     if model_cfg is not None:
-        saved = meta["model"]
-        ignore = {"dropout", "remat", "compute_dtype", "attention_impl", "hf_path"}
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model_cfg).items()
-                if k not in ignore and saved.get(k) != v}
+        # scan_layers is a layout, not an architecture: converted below
+        ignore = {"dropout", "remat", "compute_dtype", "attention_impl", "hf_path", "scan_layers"}
+        diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in dataclasses.asdict(model_cfg).items()
+                if k not in ignore and saved.get(k, defaults.get(k)) != v}
         if diff:
             raise CheckpointError(f"{directory}: exported for a different model; (export, config) "
                                   f"differ in {diff}")
     target = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_params)
+    saved_stacked = bool(saved.get("scan_layers", False))
+    want_stacked = models.is_stacked(target)
+    if model_cfg is not None and want_stacked is not None and want_stacked != model_cfg.scan_layers:
+        raise CheckpointError(f"{directory}: target params are {'stacked' if want_stacked else 'unrolled'} "
+                              f"but model.scan_layers={model_cfg.scan_layers}")
+    if want_stacked is None or want_stacked == saved_stacked:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(directory / "params", target)
+    # the export's model.scan_layers differs from the target's layout: restore the export's
+    # layout (each leaf sharded as the target's, less or plus the unsharded layer axis), convert
+    n_layers = saved.get("n_layers", defaults["n_layers"])
+    if want_stacked:
+        as_saved = models.unstack_layers(target, n_layers, lambda leaf, i: jax.ShapeDtypeStruct(
+            leaf.shape[1:], leaf.dtype, sharding=_layer_axis_sharding(leaf.sharding, drop=True)))
+    else:
+        as_saved = models.stack_layers(target, lambda leaves: jax.ShapeDtypeStruct(
+            (len(leaves), *leaves[0].shape), leaves[0].dtype,
+            sharding=_layer_axis_sharding(leaves[0].sharding, drop=False)))
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(directory / "params", target)
+        restored = ckptr.restore(directory / "params", as_saved)
+    converted = models.stack_layers(restored) if want_stacked else models.unstack_layers(restored, n_layers)
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if t.sharding is not None else x,
+                        converted, target)
+
+
+def _layer_axis_sharding(s: Any, drop: bool) -> Any:
+    """``s`` (a stacked leaf's sharding) less its leading layer axis, or plus one (unsharded)."""
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return s
+    spec = tuple(s.spec)
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*(spec[1:] if drop else (None, *spec))))

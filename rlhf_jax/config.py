@@ -36,6 +36,12 @@ def _require_at_least(block: Any, where: str, minimum: int | float, *names: str,
             raise ConfigError(f"{where}.{name} must be >= {minimum}{allowed}, got {value}")
 
 
+# ModelConfig.remat -> jax.checkpoint_policies name (None: no remat)
+REMAT_POLICIES = {False: None, "none": None, True: "nothing_saveable", "full": "nothing_saveable",
+                  "dots_saveable": "dots_saveable",
+                  "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer. ``family`` picks the block layout:
@@ -61,10 +67,23 @@ class ModelConfig:
     dropout: float = 0.0  # residual and embedding dropout while training
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False  # recompute each block in the backward pass to save memory
+    # recompute each block in the backward pass to save memory: False/"none" (off),
+    # True/"full" (save nothing), "dots_saveable" (keep matmul outputs), as jax.checkpoint policies
+    remat: bool | Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = False
+    # run the blocks under flax.linen.scan, params stacked on a leading "layers" axis
+    # (backbone/layers/...): compile time flat in depth. Opt-in; see docs/scan_layers.md
+    scan_layers: bool = False
     # default: "chunked" on CPU (causal query chunks, upper blocks skipped), JAX's pick elsewhere
     attention_impl: Literal["xla", "cudnn", "chunked", "default"] = "default"
     hf_path: str | None = None  # a local HF checkpoint directory to start from
+
+    @property
+    def remat_policy(self) -> str | None:
+        """The ``jax.checkpoint_policies`` name ``remat`` picks, None when off."""
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES, key=str)}, "
+                              f"got {self.remat!r}")
+        return REMAT_POLICIES[self.remat]
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +109,9 @@ class ModelConfig:
             raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"{where}.remat must be one of {sorted(REMAT_POLICIES, key=str)}, "
+                              f"got {self.remat!r}")
 
 
 @dataclass(frozen=True)

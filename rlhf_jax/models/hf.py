@@ -377,12 +377,41 @@ def load_hf_params(directory: str | pathlib.Path, cfg: ModelConfig, target: Any)
         plan = []
         for key_path, leaf in leaves:
             path = _path_str(key_path)
+            layers = _per_layer_paths(path, cfg)
+            if layers is not None:  # scan_layers: one [L, ...] leaf from L per-layer tensors
+                if any(p not in table for p in layers) or not leaf.shape or leaf.shape[0] != cfg.n_layers:
+                    raise HFError(f"{path}: not a stacked parameter of a {cfg.family} causal LM with "
+                                  f"{cfg.n_layers} layers (model.scan_layers=True), shape {tuple(leaf.shape)}")
+                sources = [(table[p], ckpt.slice(table[p], p, tuple(leaf.shape[1:]))) for p in layers]
+                plan.append((_Stacked(sources), None, leaf))
+                continue
             if path not in table:
                 raise HFError(f"{path}: not a parameter of a {cfg.family} causal LM; a HF checkpoint "
                               "gives only the language model's params (e.g. params['backbone'])")
             plan.append((table[path], ckpt.slice(table[path], path, tuple(leaf.shape)), leaf))
         arrays = [_make_array(src, tensor, leaf) for src, tensor, leaf in plan]
     return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _per_layer_paths(path: str, cfg: ModelConfig) -> list[str] | None:
+    """For a scanned model's ``backbone/layers/<rest>``: the unrolled paths
+    ``backbone/layers_<i>/<rest>`` the table knows; None for any other path."""
+    parts = path.split("/")
+    if not cfg.scan_layers or "layers" not in parts:
+        return None
+    at = parts.index("layers")
+    return ["/".join(parts[:at] + [f"layers_{i}"] + parts[at + 1:]) for i in range(cfg.n_layers)]
+
+
+class _Stacked:
+    """A stacked ``[L, ...]`` parameter read layer by layer from L :class:`Source` s."""
+
+    def __init__(self, sources: list[tuple[Source, Any]]):
+        self.sources = sources
+
+    def read(self, _tensor, shape: tuple[int, ...], bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+        (start, stop), rest = bounds[0], bounds[1:]
+        return np.stack([src.read(tensor, shape[1:], rest) for src, tensor in self.sources[start:stop]])
 
 
 def _make_array(src: Source, tensor, leaf: jax.ShapeDtypeStruct) -> jax.Array:
@@ -414,6 +443,14 @@ def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our :class:`LanguageModel` params -> HF tensors by name (host numpy arrays)."""
     table = param_sources(cfg)
     flat = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if cfg.scan_layers:  # stacked [L, ...] leaves -> HF's per-layer tensors
+        for path in [p for p in flat if _per_layer_paths(p, cfg) is not None]:
+            stacked = _to_host(flat.pop(path))
+            if stacked.ndim == 0 or stacked.shape[0] != cfg.n_layers:
+                raise HFError(f"{path}: shape {stacked.shape} is not stacked over model.n_layers="
+                              f"{cfg.n_layers} (model.scan_layers=True)")
+            for i, layer_path in enumerate(_per_layer_paths(path, cfg)):
+                flat[layer_path] = stacked[i]
     if set(flat) != set(table):
         missing, unexpected = sorted(set(table) - set(flat)), sorted(set(flat) - set(table))
         raise HFError(f"params do not match a {cfg.family} causal LM: missing {missing[:5]}, "

@@ -201,8 +201,9 @@ class Attention(nn.Module):
     layer: int = 0  # this block's index into the cache's layer axis
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid):
+    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, layer=None):
         cfg = self.cfg
+        layer = self.layer if layer is None else layer  # traced under nn.scan
         bias = cfg.family == "gpt2" or cfg.qkv_bias
         h, k, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         q = _dense((h, d), ("embed",), ("heads", "kv"), cfg, "query", bias)(x)
@@ -229,13 +230,13 @@ class Attention(nn.Module):
             new_cache = None
         else:
             all_k, all_v = cache
-            at = (self.layer, 0, 0, cache_index, 0)  # [L, B, K, S, D]
+            at = (layer, 0, 0, cache_index, 0)  # [L, B, K, S, D]
             all_k = jax.lax.dynamic_update_slice(all_k, key.swapaxes(1, 2).astype(all_k.dtype)[None], at)
             all_v = jax.lax.dynamic_update_slice(all_v, value.swapaxes(1, 2).astype(all_v.dtype)[None], at)
             slots = jnp.arange(all_k.shape[3])
             query_slot = cache_index + jnp.arange(t)
             mask = cache_valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None])
-            out = cached_attention(q, all_k[self.layer], all_v[self.layer], mask)
+            out = cached_attention(q, all_k[layer], all_v[layer], mask)
             new_cache = (all_k, all_v)
         out = _dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out)
         return out, new_cache
@@ -265,11 +266,12 @@ class Block(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, deterministic):
+    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, deterministic,
+                 layer=None):
         cfg = self.cfg
         attn, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "norm_attn")(x).astype(x.dtype), positions, segment_ids,
-            cache, cache_index, cache_valid)
+            cache, cache_index, cache_valid, layer)
         x = x + nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
         mlp = MLP(cfg, name="mlp")(_norm(cfg, "norm_mlp")(x).astype(x.dtype))
         x = x + nn.Dropout(cfg.dropout)(mlp, deterministic=deterministic)
@@ -296,10 +298,14 @@ class Decoder(nn.Module):
                 cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=pdtype,
                 embedding_init=_init(nn.initializers.normal(0.01), ("positions", "embed")))
         block = Block
-        if cfg.remat:
-            block = nn.remat(Block, static_argnums=(7,),
-                             policy=jax.checkpoint_policies.nothing_saveable)
-        self.blocks = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        policy = cfg.remat_policy
+        if policy is not None:
+            block = nn.remat(Block, static_argnums=(7,), policy=getattr(jax.checkpoint_policies, policy),
+                             prevent_cse=not cfg.scan_layers)  # scan already prevents CSE
+        if cfg.scan_layers:  # one Block whose params are stacked [L, ...] (see _run_scanned)
+            self.layers = block(cfg, name="layers")
+        else:
+            self.blocks = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = _norm(cfg, "final_norm")
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -322,13 +328,32 @@ class Decoder(nn.Module):
             cache_valid = jax.lax.dynamic_update_slice_in_dim(
                 cache.valid, segment_ids > 0, cache.index, 1)
         kv = None if cache is None else (cache.keys, cache.values)
-        for block in self.blocks:
-            x, kv = block(x, positions, segment_ids, kv, None if cache is None else cache.index, cache_valid,
-                          deterministic)
+        cache_index = None if cache is None else cache.index
+        if self.cfg.scan_layers:
+            x, kv = self._run_scanned(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic)
+        else:
+            for block in self.blocks:
+                x, kv = block(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic)
         x = self.final_norm(x).astype(x.dtype)
         if cache is not None:
             cache = KVCache(keys=kv[0], values=kv[1], valid=cache_valid, index=cache.index + tokens.shape[1])
         return x, cache
+
+    def _run_scanned(self, x, positions, segment_ids, kv, cache_index, cache_valid, deterministic):
+        """The blocks as one ``nn.scan`` over ``self.layers``: params (and dropout rngs) get a
+        leading layer axis named ``layers``; the carry is the hidden state and the whole
+        ``[L, ...]`` cache, which each layer updates in place at its (traced) index."""
+
+        def body(block, carry, layer):
+            h, cache_kv = carry
+            h, cache_kv = block(h, positions, segment_ids, cache_kv, cache_index, cache_valid,
+                                deterministic, layer)
+            return (h, cache_kv), None
+
+        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       length=self.cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, kv), _ = scan(self.layers, (x, kv), jnp.arange(self.cfg.n_layers, dtype=jnp.int32))
+        return x, kv
 
     def attend(self, hidden):
         return self.embed.attend(hidden)
