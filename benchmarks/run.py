@@ -127,7 +127,7 @@ def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
     if section == "roofline":
         return roofline.run(work["roofline"], log=log)
     if section == "compile":
-        return compile_time.run(compile_time.CompileWorkload(depths=(2, 8)) if quick else compile_time.CompileWorkload(),
+        return compile_time.run(compile_time.CompileWorkload(depths=(2, 8), repeats=1) if quick else compile_time.CompileWorkload(),
                                 log=log)
     return ppo.run(work["ppo"], peers=peers, log=log)
 
