@@ -396,6 +396,12 @@ class Config:
         self.model.validate()
         for name in ("pretrain", "sft", "comparisons", "rm", "ppo"):
             getattr(self, name).validate(name)
+        reads_collected = any((path or "").startswith("run:comparisons/")
+                              for path in (self.rm.data.train_path, self.rm.data.val_path))
+        if reads_collected and self.comparisons.k_max > self.rm.k_max:  # else refused only after collecting
+            raise ConfigError(f"comparisons.k_max={self.comparisons.k_max} is larger than rm.k_max={self.rm.k_max}: "
+                              "the RM pads each prompt's responses to rm.k_max and refuses a comparison with more; "
+                              "raise rm.k_max or lower comparisons.k_max")
         return self
 
 

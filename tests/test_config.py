@@ -81,3 +81,14 @@ def test_corrupt_saved_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"seed": "one"}))
     with pytest.raises(ConfigError, match="seed"):
         load_config(tmp_path / "config.json")
+
+
+def test_collected_comparisons_with_more_responses_than_the_rm_pads_to_are_refused_up_front():
+    cfg = Config()
+    too_many = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, k_max=4))
+    with pytest.raises(ConfigError, match=r"comparisons.k_max=9 is larger than rm.k_max=4"):
+        too_many.validate()
+    # the RM reading a file of its own is checked against that file when it is read
+    own = dataclasses.replace(too_many.rm, data=dataclasses.replace(too_many.rm.data, train_path="mine.jsonl",
+                                                                     val_path=None))
+    dataclasses.replace(too_many, rm=own).validate()
