@@ -83,3 +83,45 @@ def rm_config(cfg: Config, train_path, val_path=None, *, steps=8, batch_size=8, 
         optim=OptimConfig(learning_rate=lr), checkpoint=CheckpointConfig(save_every=1000, keep=1),
         k_max=k_max, epochs=1000, max_steps=steps, log_every=5, eval_every=steps, init_from=init_from,
         normalize_path=str(normalize_path) if normalize_path else None, normalize_gain=normalize_gain))
+
+
+# ---- the CLI in a subprocess ---------------------------------------------------------------
+
+REPO = pathlib.Path(__file__).parents[1]
+_MULTIHOST_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def cli_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment (so the compilation cache conftest.py sets up is shared)
+    for a single-host CPU child on 8 devices, less the variables named in ``drop``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in _MULTIHOST_VARIABLES + drop}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    return env
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None):
+    """``python -m rlhf_jax.cli <args>`` in a fresh process; output to a file (not a pipe:
+    nobody reads while a test polls), read by :func:`finish_cli`."""
+    import subprocess
+    import sys
+    import tempfile
+
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *args], env=env or cli_env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    proc.log = log
+    return proc
+
+
+def finish_cli(proc, timeout: float = 600) -> tuple[int, str]:
+    """Waits for a :func:`start_cli` process (killing it past ``timeout``): (exit code, output)."""
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc.log.seek(0)
+    return proc.returncode, proc.log.read()

@@ -1,33 +1,23 @@
 """``compilation_cache_dir``: a rerun loads its compiled programs from disk instead of compiling
 them again. Runs the CLI in subprocesses without the suite's own JAX_COMPILATION_CACHE_DIR."""
 
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from rlhf_jax.stages import common
-from tests.helpers import tiny_config, write_demonstrations, write_experiment
+from tests.helpers import cli_env, finish_cli, start_cli, tiny_config, write_demonstrations, write_experiment
 
-REPO = pathlib.Path(__file__).parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                         "JAX_PROCESS_ID")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    return env
+# the suite's own cache (conftest.py), which would win over the field under test
+SUITE_CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def _sft(experiment: pathlib.Path, workdir: pathlib.Path, *overrides: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--config", str(experiment),
-                           "--workdir", str(workdir), *overrides], env=_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rc, out = finish_cli(start_cli("sft", "--config", str(experiment), "--workdir", str(workdir), *overrides,
+                                   env=cli_env(drop=SUITE_CACHE)))
+    assert rc == 0, out
 
 
 def _entries(cache: pathlib.Path) -> set[str]:

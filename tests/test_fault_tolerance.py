@@ -10,13 +10,10 @@ with the same 8 CPU devices as this process, so its results must equal a run her
 
 import dataclasses
 import hashlib
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -36,8 +33,8 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages.ppo import run_ppo
 from rlhf_jax.stages.rm import run_rm
 from rlhf_jax.stages.sft import run_sft
-from tests.helpers import (TINY_MODEL, rm_config, tiny_config, write_demonstrations, write_experiment,
-                           write_marker_comparisons)
+from tests.helpers import (TINY_MODEL, finish_cli, rm_config, start_cli, tiny_config, write_demonstrations,
+                           write_experiment, write_marker_comparisons)
 
 REPO = pathlib.Path(__file__).parents[1]
 SFT_STEPS, RM_STEPS, PPO_ITERATIONS = 40, 30, 12
@@ -134,29 +131,13 @@ def reference(data_dir, ppo_inputs, tmp_path_factory):
 
 
 def _start(cfg, stage: str, workdir: pathlib.Path) -> subprocess.Popen:
-    """``rlhf-jax <stage> --config <cfg> --workdir <workdir>`` in a fresh process, with this
-    process's environment (so the compilation cache conftest.py sets up is shared)."""
+    """``rlhf-jax <stage> --config <cfg> --workdir <workdir>`` in a fresh process."""
     experiment = write_experiment(cfg, workdir.parent / f"experiment_{stage}.py")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads while we poll
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", stage, "--config", str(experiment),
-                             "--workdir", str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO)
-    proc.log = log
-    return proc
+    return start_cli(stage, "--config", str(experiment), "--workdir", str(workdir))
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    proc.log.seek(0)
-    return proc.returncode, proc.log.read()
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    return finish_cli(proc, timeout=300)
 
 
 def _saved_steps(checkpoints: pathlib.Path) -> list[int]:

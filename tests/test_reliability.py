@@ -15,7 +15,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -25,9 +24,8 @@ from rlhf_jax.cli import main
 from rlhf_jax.config import save_config
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.stages import common
-from tests.helpers import rm_config, tiny_config, write_demonstrations, write_experiment
-
-REPO = pathlib.Path(__file__).parents[1]
+from tests.helpers import (REPO, cli_env, finish_cli, rm_config, start_cli, tiny_config, write_demonstrations,
+                           write_experiment)
 
 
 @pytest.fixture(scope="module")
@@ -49,33 +47,6 @@ def run(tmp_path, task_dir):
 def _digest(root: pathlib.Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    return env
-
-
-def _start(*args: str) -> subprocess.Popen:
-    """``python -m rlhf_jax.cli <args>`` in a fresh process; output to a file, read at the end."""
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *args], env=_env(), stdout=log,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    proc.log = log
-    return proc
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    proc.log.seek(0)
-    return proc.returncode, proc.log.read()
 
 
 def _logged_steps(path: pathlib.Path) -> list[int]:
@@ -100,21 +71,21 @@ def test_sigterm_in_the_pipeline_stops_after_the_stage_saves_and_a_rerun_finishe
     experiment = write_experiment(cfg, tmp_path / "experiment.py")
     workdir = tmp_path / "run"
     command = ("pipeline", "--config", str(experiment), "--workdir", str(workdir))
-    proc = _start(*command)
+    proc = start_cli(*command)
     deadline = time.monotonic() + 300
     while not any(s > 0 for s in _logged_steps(workdir / "pretrain" / "metrics.jsonl")):
-        assert proc.poll() is None, _finish(proc)[1][-3000:]
+        assert proc.poll() is None, finish_cli(proc)[1][-3000:]
         assert time.monotonic() < deadline, "no pretraining step logged"
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    rc, out = _finish(proc)
+    rc, out = finish_cli(proc)
     assert rc == 0, out[-3000:]
     (saved,) = checkpoint.finished_steps(workdir / "pretrain" / "checkpoints")  # the SIGTERM's save only
     assert 0 < saved < 300
     assert f"interrupted in stage pretrain at step {saved}; rerun the same command to resume" in out
     assert "error" not in out and not (workdir / "sft").exists()  # the next stage never started
 
-    rc, out = _finish(_start(*command))
+    rc, out = finish_cli(start_cli(*command))
     assert rc == 0, out[-3000:]
     assert "report:" in out and (workdir / "report.md").exists()
     assert json.loads((workdir / "pretrain" / "export" / "export.json").read_text())["steps"] == 300
@@ -186,7 +157,7 @@ def test_a_second_command_in_one_workdir_is_refused_and_a_dead_holders_lock_is_n
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from rlhf_jax.run_lock import hold_run_directory\n"
          "with hold_run_directory(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)", str(workdir)],
-        env=_env(), stdout=subprocess.PIPE, text=True, cwd=REPO)
+        env=cli_env(), stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
         before = _digest(workdir)
@@ -255,10 +226,10 @@ def test_a_truncated_jsonl_line_is_named_without_a_doubled_word(run, capsys):
 def test_a_refused_restore_prints_one_error_line_and_no_asyncio_noise(run):
     workdir, demos = run
     experiment = str(write_experiment(tiny_config(demos, steps=4, save_every=2), workdir.parent / "exp.py"))
-    rc, out = _finish(_start("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "2"))
+    rc, out = finish_cli(start_cli("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "2"))
     assert rc == 0, out[-3000:]
     proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir),
-                           "--model.d_model=64"], env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
+                           "--model.d_model=64"], env=cli_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]  # one line
     assert "sft/checkpoints/2: does not match this run's state" in proc.stderr
@@ -292,12 +263,12 @@ DAMAGE = {
 def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(run, damage):
     workdir, demos = run
     experiment = str(write_experiment(tiny_config(demos, steps=6, save_every=2), workdir.parent / "exp.py"))
-    rc, out = _finish(_start("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "4"))
+    rc, out = finish_cli(start_cli("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "4"))
     assert rc == 0, out[-3000:]
     ckpt_dir = workdir / "sft" / "checkpoints"
     assert checkpoint.finished_steps(ckpt_dir) == [2, 4]
     DAMAGE[damage](ckpt_dir / "4")
-    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir)], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir)], env=cli_env(),
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"warning: {ckpt_dir}/4 is damaged: " in proc.stderr, proc.stderr[-3000:]
@@ -310,12 +281,12 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
 def test_when_every_checkpoint_is_damaged_the_message_names_the_steps(run):
     workdir, demos = run
     experiment = str(write_experiment(tiny_config(demos, steps=6, save_every=2), workdir.parent / "exp.py"))
-    rc, out = _finish(_start("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "4"))
+    rc, out = finish_cli(start_cli("sft", "--config", experiment, "--workdir", str(workdir), "--stop-after-steps", "4"))
     assert rc == 0, out[-3000:]
     ckpt_dir = workdir / "sft" / "checkpoints"
     for step in (2, 4):
         _flip_bytes(ckpt_dir / str(step))
-    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir)], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "--workdir", str(workdir)], env=cli_env(),
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert f"rlhf-jax sft: error: {ckpt_dir}: every checkpoint is damaged (steps [4, 2]" in proc.stderr
