@@ -67,9 +67,10 @@ def _hf_model(directory):
     return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
 
 
-def _load(directory, mesh=None):
+def _load(directory, mesh=None, stacked=False):
+    """(config, params) of an HF directory; ``stacked``: with ``model.scan_layers``."""
     mesh = mesh or sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    cfg = hf.model_config_from_hf(directory)
+    cfg = dataclasses.replace(hf.model_config_from_hf(directory), scan_layers=stacked)
     return cfg, hf.load_hf_params(directory, cfg, abstract_params(LanguageModel(cfg), mesh))
 
 
@@ -99,6 +100,10 @@ def test_logits_match_transformers(checkpoint_dir, case):
     directory = checkpoint_dir(case)
     assert (directory / hf.INDEX_FILE).is_file() == (case in SHARDED)
     cfg, params = _load(directory)
+    _assert_logits_match_transformers(directory, cfg, params)
+
+
+def _assert_logits_match_transformers(directory, cfg, params):
     tokens, segments = _batch()
     ours, _ = jax.jit(LanguageModel(cfg).apply)({"params": params}, tokens, segment_ids=segments)
     theirs = _hf_logits(_hf_model(directory), tokens, segments)
@@ -106,17 +111,22 @@ def test_logits_match_transformers(checkpoint_dir, case):
     np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)
 
 
+def _assert_export_round_trips(directory, cfg, params, out):
+    """Our export of ``params`` holds the HF checkpoint's tensors exactly, and reloads equal."""
+    hf.export_hf(params, cfg, out)
+    original, exported = _hf_model(directory).state_dict(), _hf_model(out).state_dict()
+    assert original.keys() == exported.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, exported[name]), name
+    _, again = _load(out, stacked=cfg.scan_layers)
+    _assert_trees_equal(params, again)
+
+
 @pytest.mark.parametrize("case", ["gpt2-tied", "llama-gqa-untied", "qwen2-bias"])
 def test_export_loads_in_transformers_and_round_trips(checkpoint_dir, case, tmp_path):
     directory = checkpoint_dir(case)
     cfg, params = _load(directory)
-    hf.export_hf(params, cfg, tmp_path / "out")
-    original, exported = _hf_model(directory).state_dict(), _hf_model(tmp_path / "out").state_dict()
-    assert original.keys() == exported.keys()
-    for name, tensor in original.items():
-        assert torch.equal(tensor, exported[name]), name
-    _, again = _load(tmp_path / "out")
-    _assert_trees_equal(params, again)
+    _assert_export_round_trips(directory, cfg, params, tmp_path / "out")
 
 
 def _greedy(cfg, params, prompts, segments, steps):
@@ -291,43 +301,26 @@ def test_original_gpt2_names_and_buffers_load(checkpoint_dir, tmp_path):
     _assert_trees_equal(renamed, original)
 
 
-def _load_stacked(directory, mesh=None):
-    mesh = mesh or sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    cfg = dataclasses.replace(hf.model_config_from_hf(directory), scan_layers=True)
-    return cfg, hf.load_hf_params(directory, cfg, abstract_params(LanguageModel(cfg), mesh))
-
-
 @pytest.mark.parametrize("case", ["gpt2-tied", "llama-gqa-untied"])
 def test_stacked_model_loads_matches_transformers_and_round_trips(checkpoint_dir, case, tmp_path):
     """model.scan_layers=True: HF's per-layer tensors stacked on load, unstacked on export."""
     from rlhf_jax.models import stack_layers
 
     directory = checkpoint_dir(case)
-    cfg, params = _load_stacked(directory)
+    cfg, params = _load(directory, stacked=True)
     kernel = params["backbone"]["layers"]["attn"]["query"]["kernel"]
     assert kernel.shape[0] == cfg.n_layers
     _, unrolled = _load(directory)
     _assert_trees_equal(params, stack_layers(unrolled))
-    tokens, segments = _batch()
-    ours, _ = jax.jit(LanguageModel(cfg).apply)({"params": params}, tokens, segment_ids=segments)
-    theirs = _hf_logits(_hf_model(directory), tokens, segments)
-    valid = np.asarray(segments > 0)
-    np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4, rtol=0)
-
-    hf.export_hf(params, cfg, tmp_path / "out")
-    original, exported = _hf_model(directory).state_dict(), _hf_model(tmp_path / "out").state_dict()
-    assert original.keys() == exported.keys()
-    for name, tensor in original.items():
-        assert torch.equal(tensor, exported[name]), name
-    _, again = _load_stacked(tmp_path / "out")
-    _assert_trees_equal(params, again)
+    _assert_logits_match_transformers(directory, cfg, params)
+    _assert_export_round_trips(directory, cfg, params, tmp_path / "out")
 
 
 def test_stacked_model_loads_sharded_onto_a_2x2x2_mesh(checkpoint_dir, eight_devices):
     directory = checkpoint_dir("llama-gqa-untied")
     mesh = sharding.make_mesh(MeshConfig(2, 2, 2), eight_devices)
-    cfg, params = _load_stacked(directory, mesh)
+    cfg, params = _load(directory, mesh, stacked=True)
     kernel = params["backbone"]["layers"]["attn"]["query"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    _, single = _load_stacked(directory)
+    _, single = _load(directory, stacked=True)
     _assert_trees_equal(params, single)
