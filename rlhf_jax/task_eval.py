@@ -98,16 +98,15 @@ def label_agreement(comparisons_dir: pathlib.Path, seed: int, temperature: float
     on the same responses (``inter_labeler_agreement``, the paper's 72.6%) and with the gold
     order (``labels_gold_agreement``), over pairs both order strictly."""
     from rlhf_jax.data import read_records
-    from rlhf_jax.tasks import DEFAULT_TEMPERATURE, NoisyLabeler, pairwise_agreement, plackett_luce_ranks
+    from rlhf_jax.tasks import DEFAULT_TEMPERATURE, NoisyLabeler, gold_ranks, pairwise_agreement
 
     second = NoisyLabeler(DEFAULT_TEMPERATURE if temperature is None else temperature, seed=seed + 10_000)
-    exact = np.random.default_rng(0)  # unused by a temperature-0 ranking
     counts = np.zeros(4, np.int64)
     for name in ("train.jsonl", "val.jsonl"):
         for _, record in read_records(comparisons_dir / name, "comparisons"):
             prompt, responses, ranks = record["prompt"], record["responses"], record["ranks"]
             counts[:2] += pairwise_agreement(ranks, second.rank(prompt, responses))
-            counts[2:] += pairwise_agreement(ranks, plackett_luce_ranks(second.scores(prompt, responses), 0.0, exact))
+            counts[2:] += pairwise_agreement(ranks, gold_ranks(prompt, responses))
     return {"inter_labeler_agreement": float(counts[0] / max(counts[1], 1)),
             "labels_gold_agreement": float(counts[2] / max(counts[3], 1))}
 

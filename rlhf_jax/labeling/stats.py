@@ -16,23 +16,17 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.labeling.storage import FLAGS, LabelStore
+from rlhf_jax.tasks import pairwise_agreement
 
 
-def pairwise_agreement(ranks_a, ranks_b) -> tuple[int, int]:
-    from rlhf_jax.tasks import pairwise_agreement as agreement
-
-    return agreement(ranks_a, ranks_b)
-
-
-def gold_ranks(prompt: str, responses: list[str]) -> list[int] | None:
-    """Ranks by gold score (0 = best, equal scores tie); None if ``prompt`` is not a task prompt."""
-    from rlhf_jax.tasks import gold_scores, plackett_luce_ranks
+def _gold_ranks(prompt: str, responses: list[str]) -> list[int] | None:
+    """:func:`rlhf_jax.tasks.gold_ranks`, or None if ``prompt`` is not a task prompt."""
+    from rlhf_jax.tasks import gold_ranks
 
     try:
-        scores = gold_scores([prompt] * len(responses), responses)
+        return gold_ranks(prompt, responses)
     except ValueError:  # not one of the embedded task's prompts
         return None
-    return plackett_luce_ranks(scores, 0.0, np.random.default_rng(0))  # temperature 0: no noise
 
 
 def label_stats(store: LabelStore) -> dict[str, Any]:
@@ -60,7 +54,7 @@ def label_stats(store: LabelStore) -> dict[str, Any]:
             if gold is None:
                 continue
             if item_id not in gold_cache:
-                gold_cache[item_id] = gold_ranks(record["prompt"], record["responses"])
+                gold_cache[item_id] = _gold_ranks(record["prompt"], record["responses"])
             if gold_cache[item_id] is None:
                 gold = None  # not the embedded task: no gold scorer to compare with
                 continue

@@ -30,7 +30,7 @@ from rlhf_jax.tasks.files import SPLITS, task_info, write_task_files
 from rlhf_jax.tasks.gold import FLAWS, WEIGHTS, Assessment, assess, flaw_rates, gold_score, gold_scores
 from rlhf_jax.tasks.instructions import FAMILIES, Instance
 from rlhf_jax.tasks.internet import INTERNET, FlawRates, flawed_response, sample_responses
-from rlhf_jax.tasks.labeler import (DEFAULT_TEMPERATURE, NoisyLabeler, labeler_agreement,
+from rlhf_jax.tasks.labeler import (DEFAULT_TEMPERATURE, NoisyLabeler, gold_ranks, labeler_agreement,
                                     labeler_gold_accuracy, pairwise_agreement,
                                     plackett_luce_ranks)
 from rlhf_jax.tasks.prompts import (MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, Constraint, Request,
@@ -43,7 +43,7 @@ __all__ = [
     "Assessment", "Constraint", "FlawRates", "Instance", "MAX_PROMPT_TOKENS", "MAX_RESPONSE_TOKENS",
     "MAX_TEXT_TOKENS", "NoisyLabeler", "PAD", "Request", "SEPARATOR", "SPLITS", "VOCAB", "VOCAB_SIZE",
     "assess", "build_tokenizer", "family_of", "flaw_rates", "flawed_response", "generate_prompt",
-    "gold_score", "gold_scores", "labeler_agreement", "labeler_gold_accuracy",
+    "gold_ranks", "gold_score", "gold_scores", "labeler_agreement", "labeler_gold_accuracy",
     "make_splits", "pairwise_agreement", "parse", "plackett_luce_ranks",
     "sample_responses", "save_tokenizer", "solve", "task_info", "write_task_files",
 ]

@@ -87,6 +87,13 @@ class NoisyLabeler:
         return f"NoisyLabeler(temperature={self.temperature}, seed={self.seed})"
 
 
+def gold_ranks(prompt: str, responses: Sequence[str]) -> list[int]:
+    """The gold scorer's own ranking (0 = best, equal scores tie): a labeler without noise.
+    Raises ``ValueError`` when ``prompt`` is not one of the embedded task's."""
+    # a temperature-0 Plackett-Luce draw is the sorted order; its generator is never used
+    return plackett_luce_ranks([gold_score(prompt, r) for r in responses], 0.0, np.random.default_rng(0))
+
+
 def pairwise_agreement(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> tuple[int, int]:
     """``(agreeing, compared)`` over the pairs both rankings order strictly.
 
@@ -137,7 +144,6 @@ def labeler_gold_accuracy(temperature: float = DEFAULT_TEMPERATURE, n_prompts: i
     labeler = NoisyLabeler(temperature, seed=seed + 1)
     agree = total = 0
     for prompt, responses in _calibration_sets(n_prompts, k, seed):
-        gold = plackett_luce_ranks(labeler.scores(prompt, responses), 0.0, np.random.default_rng(0))
-        n_agree, n = pairwise_agreement(labeler.rank(prompt, responses), gold)
+        n_agree, n = pairwise_agreement(labeler.rank(prompt, responses), gold_ranks(prompt, responses))
         agree, total = agree + n_agree, total + n
     return agree / max(total, 1)
