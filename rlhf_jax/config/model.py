@@ -1,0 +1,121 @@
+"""What a run runs on: the model's architecture, the device mesh, multi-host JAX and the
+tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf_jax.config.checks import ConfigError, check_dropout
+
+
+# ModelConfig.remat -> jax.checkpoint_policies name (None: no remat)
+REMAT_POLICIES = {False: None, "none": None, True: "nothing_saveable", "full": "nothing_saveable",
+                  "dots_saveable": "dots_saveable",
+                  "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. ``family`` picks the block layout:
+
+    - ``gpt2``: learned positions, LayerNorm, GELU MLP, biases everywhere, tied embeddings.
+    - ``llama``: RoPE, RMSNorm, SwiGLU MLP, no biases (``qkv_bias`` for Qwen2), grouped-query
+      attention through ``n_kv_heads``, usually an untied head.
+    """
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 256
+    max_len: int = 256  # learned position table size (gpt2); cache bound for decoding
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # llama family only (Qwen2 sets it); gpt2 always has biases
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # residual and embedding dropout while training
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # recompute each block in the backward pass to save memory: False/"none" (off),
+    # True/"full" (save nothing), "dots_saveable" (keep matmul outputs), as jax.checkpoint policies
+    remat: bool | Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = False
+    # run the blocks under flax.linen.scan, params stacked on a leading "layers" axis
+    # (backbone/layers/...): compile time flat in depth. Opt-in; see docs/scan_layers.md
+    scan_layers: bool = False
+    # default: "chunked" on CPU (causal query chunks, upper blocks skipped), JAX's pick elsewhere
+    attention_impl: Literal["xla", "cudnn", "chunked", "default"] = "default"
+    hf_path: str | None = None  # a local HF checkpoint directory to start from
+
+    @property
+    def remat_policy(self) -> str | None:
+        """The ``jax.checkpoint_policies`` name ``remat`` picks, None when off."""
+        self._check_remat("model")
+        return REMAT_POLICIES[self.remat]
+
+    def _check_remat(self, where: str) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"{where}.remat must be one of {sorted(REMAT_POLICIES, key=str)}, "
+                              f"got {self.remat!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def validate(self, where: str = "model") -> None:
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"{where}.d_model={self.d_model} is not divisible by {where}.n_heads={self.n_heads}; "
+                f"set {where}.head_dim explicitly")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"{where}.n_heads={self.n_heads} is not a multiple of {where}.n_kv_heads={self.kv_heads}")
+        if self.family == "gpt2" and self.kv_heads != self.n_heads:
+            raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
+        check_dropout(self.dropout, f"{where}.dropout")
+        self._check_remat(where)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over ``('data', 'fsdp', 'tensor')``; one axis may be -1 (fill)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host JAX. ``auto``: call ``jax.distributed.initialize()`` when the environment
+    says this is one process of several (TPU VM pod, or JAX/SLURM coordinator variables);
+    ``on``: always, with the fields below when given; ``off``: never."""
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: str | None = None  # comma-separated, e.g. "0,1,2,3"
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """``task``: the embedded task's tokenizer; ``hf``: ``AutoTokenizer`` from local ``path``."""
+
+    kind: Literal["task", "hf"] = "task"
+    path: str | None = None

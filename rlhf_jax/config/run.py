@@ -1,0 +1,119 @@
+"""A whole run's :class:`Config`, and how configs are written, read and overridden."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import dacite
+
+from rlhf_jax.config.checks import ConfigError
+from rlhf_jax.config.model import DistributedConfig, MeshConfig, ModelConfig, TokenizerConfig
+from rlhf_jax.config.stages import (ComparisonsConfig, DataConfig, PipelineConfig, PPOConfig, RMConfig,
+                                    SFTConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: the model, the mesh and each stage's settings."""
+
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(
+        data=DataConfig(train_path="task:pretrain", val_path="task:pretrain_val", batch_size=64, max_len=32)))
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # A persistent XLA compilation cache, so a rerun or a resumed stage loads its programs
+    # instead of compiling them again: a directory, or run:<path> inside the run directory
+    # (e.g. run:xla_cache). None: JAX's own setting (off unless JAX_COMPILATION_CACHE_DIR
+    # is set, which then wins). One per process: the first stage's directory is kept.
+    compilation_cache_dir: str | None = None
+
+    def validate(self) -> "Config":
+        """Checks every block, so a bad field is refused before a stage writes anything."""
+        self.model.validate()
+        for name in ("pretrain", "sft", "comparisons", "rm", "ppo"):
+            getattr(self, name).validate(name)
+        reads_collected = any((path or "").startswith("run:comparisons/")
+                              for path in (self.rm.data.train_path, self.rm.data.val_path))
+        if reads_collected and self.comparisons.k_max > self.rm.k_max:  # else refused only after collecting
+            raise ConfigError(f"comparisons.k_max={self.comparisons.k_max} is larger than rm.k_max={self.rm.k_max}: "
+                              "the RM pads each prompt's responses to rm.k_max and refuses a comparison with more; "
+                              "raise rm.k_max or lower comparisons.k_max")
+        return self
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Builds a :class:`Config` from a dict, rejecting unknown and ill-typed fields."""
+    try:
+        cfg = dacite.from_dict(Config, data, config=dacite.Config(strict=True, cast=[tuple]))
+    except dacite.DaciteError as err:
+        raise ConfigError(f"{source}: invalid config: {err}") from err
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | pathlib.Path) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    return config_from_dict(data, source=str(path))
+
+
+def load_experiment(path: str | pathlib.Path) -> Config:
+    """Imports an experiment file and returns its ``get_config()``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no experiment file at {path}")
+    spec = importlib.util.spec_from_file_location(f"rlhf_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: an experiment file must define get_config() -> Config")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
+    return cfg
+
+
+def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
+    """Applies ``--dotted.field=value`` overrides; unknown or ill-typed fields exit with an error."""
+    import tyro
+
+    if not args:
+        return cfg.validate()
+    # HelptextFromCommentsOff: tyro would otherwise ast-parse this module for field comments
+    # while reporting an error, which CPython 3.11.7 can fail with "AST constructor recursion
+    # depth mismatch" (a SystemError instead of the error message) when called deep in a stack.
+    try:
+        new = tyro.cli(Config, default=cfg, args=list(args),
+                       config=(tyro.conf.FlagConversionOff, tyro.conf.HelptextFromCommentsOff), prog="rlhf-jax")
+    except SystemError as err:  # the CPython bug above: report the value error tyro was rendering
+        print(f"rlhf-jax: error: invalid override in {list(args)}: {err.__context__ or err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    return new.validate()
