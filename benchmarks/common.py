@@ -22,7 +22,8 @@ import numpy as np
 
 from rlhf_jax import sharding
 from rlhf_jax.config import MeshConfig, ModelConfig
-from rlhf_jax.models.hf import export_hf, hf_config, hf_tensors
+from rlhf_jax.models.hf import export_hf, hf_tensors
+from rlhf_jax.models.hf_config import hf_config
 
 NOT_INSTALLED = "not installed (pip install -e '.[bench]')"
 

@@ -28,7 +28,7 @@ def get_config() -> Config:
     model_dir = pathlib.Path(os.environ.get("RLHF_JAX_MODEL_DIR", "~/models/llama")).expanduser()
     data = pathlib.Path(os.environ.get("RLHF_JAX_DATA_DIR", "~/data/instruct")).expanduser()
     if (model_dir / "config.json").exists():
-        from rlhf_jax.models.hf import model_config_from_hf
+        from rlhf_jax.models.hf_config import model_config_from_hf
 
         model = model_config_from_hf(model_dir)
     else:

@@ -45,9 +45,10 @@ def from_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, mesh) -> pathli
     """HF checkpoint -> export. The export stands alone, so it does not point back at
     ``hf_dir`` (``hf_path`` is cleared)."""
     from rlhf_jax.models import LanguageModel, hf
+    from rlhf_jax.models.hf_config import model_config_from_hf
     from rlhf_jax.stages.common import abstract_params
 
-    cfg = hf.model_config_from_hf(hf_dir)
+    cfg = model_config_from_hf(hf_dir)
     params = hf.load_hf_params(hf_dir, cfg, abstract_params(LanguageModel(cfg), mesh))
     return checkpoint.export_params(out, params, dataclasses.replace(cfg, hf_path=None))
 

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from rlhf_jax import checkpoint, convert, sharding  # noqa: E402
 from rlhf_jax.config import MeshConfig  # noqa: E402
 from rlhf_jax.models import KVCache, LanguageModel, hf, positions_from_segments  # noqa: E402
+from rlhf_jax.models.hf_config import model_config_from_hf  # noqa: E402
 from rlhf_jax.stages.common import abstract_params  # noqa: E402
 
 VOCAB = 64  # divisible by the tensor axis of the 2x2x2 mesh
@@ -70,7 +71,7 @@ def _hf_model(directory):
 def _load(directory, mesh=None, stacked=False):
     """(config, params) of an HF directory; ``stacked``: with ``model.scan_layers``."""
     mesh = mesh or sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    cfg = dataclasses.replace(hf.model_config_from_hf(directory), scan_layers=stacked)
+    cfg = dataclasses.replace(model_config_from_hf(directory), scan_layers=stacked)
     return cfg, hf.load_hf_params(directory, cfg, abstract_params(LanguageModel(cfg), mesh))
 
 
@@ -166,7 +167,7 @@ def test_greedy_kv_cache_decoding_matches_generate(checkpoint_dir, case):
 def test_loads_sharded_onto_a_2x2x2_mesh(checkpoint_dir, case, eight_devices):
     directory = checkpoint_dir(case)
     mesh = sharding.make_mesh(MeshConfig(2, 2, 2), eight_devices)
-    cfg = hf.model_config_from_hf(directory)
+    cfg = model_config_from_hf(directory)
     target = abstract_params(LanguageModel(cfg), mesh)
     params = hf.load_hf_params(directory, cfg, target)
     for (path, p), t in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(target)):
@@ -191,7 +192,7 @@ def test_reward_model_backbone_loads_from_a_causal_lm(checkpoint_dir):
 
     directory = checkpoint_dir("llama-gqa-untied")
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    cfg = hf.model_config_from_hf(directory)
+    cfg = model_config_from_hf(directory)
     target = abstract_params(ScalarModel(cfg), mesh)
     backbone = hf.load_hf_params(directory, cfg, {"backbone": target["backbone"]})
     _, lm = _load(directory)
@@ -250,19 +251,19 @@ def _config_dir(tmp_path, hf_config, **edits):
 ], ids=["model_type", "activation", "out-bias", "rope-scaling", "old-rope-scaling"])
 def test_unsupported_llama_configs_name_the_field(tmp_path, edit, message):
     with pytest.raises(hf.HFError, match=message):
-        hf.model_config_from_hf(_config_dir(tmp_path, transformers.LlamaConfig(**LLAMA), **edit))
+        model_config_from_hf(_config_dir(tmp_path, transformers.LlamaConfig(**LLAMA), **edit))
 
 
 def test_unsupported_gpt2_activation_and_active_sliding_window(tmp_path):
     gpt2 = transformers.GPT2Config(activation_function="relu", **NO_SPECIAL)
     with pytest.raises(hf.HFError, match="activation_function='relu'"):
-        hf.model_config_from_hf(_config_dir(tmp_path, gpt2))
+        model_config_from_hf(_config_dir(tmp_path, gpt2))
     mistral = transformers.MistralConfig(num_key_value_heads=2, sliding_window=16, **LLAMA)
     with pytest.raises(hf.HFError, match="sliding_window=16 is active"):
-        hf.model_config_from_hf(_config_dir(tmp_path, mistral))
+        model_config_from_hf(_config_dir(tmp_path, mistral))
     # a window as long as the context masks nothing
     wide = transformers.MistralConfig(num_key_value_heads=2, sliding_window=64, **LLAMA)
-    assert hf.model_config_from_hf(_config_dir(tmp_path, wide)).max_len == 64
+    assert model_config_from_hf(_config_dir(tmp_path, wide)).max_len == 64
 
 
 def test_missing_or_misshapen_tensor_is_a_clear_error(checkpoint_dir, tmp_path):
@@ -276,7 +277,7 @@ def test_missing_or_misshapen_tensor_is_a_clear_error(checkpoint_dir, tmp_path):
     with pytest.raises(hf.HFError, match=rf"model.safetensors: tensor {name} \(for our "
                                          r"backbone/layers_1/attn/key/kernel\) is missing"):
         _load(tmp_path)
-    cfg = dataclasses.replace(hf.model_config_from_hf(source), d_ff=40)
+    cfg = dataclasses.replace(model_config_from_hf(source), d_ff=40)
     target = abstract_params(LanguageModel(cfg), sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
     with pytest.raises(hf.HFError, match=r"mlp.down_proj.weight has shape \(32, 48\), expected \(32, 40\)"):
         hf.load_hf_params(source, cfg, target)
