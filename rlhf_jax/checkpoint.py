@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import models
+from rlhf_jax.atomic import write_text
 from rlhf_jax.config import CheckpointConfig, ModelConfig
 
 EXPORT_META = "export.json"
@@ -74,9 +75,7 @@ class StageCheckpoints:
             for step in self._unsealed:
                 step_dir = self.directory / str(step)
                 if step_dir.is_dir():  # not yet pruned by ``keep``
-                    tmp = step_dir / (CHECKSUMS + ".tmp")
-                    tmp.write_text(json.dumps(_file_sums(step_dir), indent=0, sort_keys=True))
-                    tmp.replace(step_dir / CHECKSUMS)
+                    write_text(step_dir / CHECKSUMS, json.dumps(_file_sums(step_dir), indent=0, sort_keys=True))
         self._unsealed = []
 
     def damage(self, step: int) -> str | None:

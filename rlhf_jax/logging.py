@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from rlhf_jax.atomic import write_jsonl
+
 
 def _to_float(value: Any) -> float:
     return float(np.asarray(value))
@@ -31,7 +33,7 @@ def _encode(record: Mapping[str, Any]) -> str:
         if isinstance(v, float) and not math.isfinite(v):
             return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
         return v
-    return json.dumps({k: number(v) for k, v in record.items()}, allow_nan=False) + "\n"
+    return json.dumps({k: number(v) for k, v in record.items()}, allow_nan=False)
 
 
 def _decode(record: dict[str, Any]) -> dict[str, Any]:
@@ -65,12 +67,6 @@ def _read(path: pathlib.Path) -> tuple[list[dict[str, Any]], bool]:
     return records, torn
 
 
-def _write_atomically(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(_encode(r) for r in records))
-    tmp.replace(path)
-
-
 class MetricsLogger:
     """Appends ``{"step": n, **metrics}`` lines to ``<stage_dir>/metrics.jsonl``.
 
@@ -96,7 +92,7 @@ class MetricsLogger:
             records, torn = _read(self.path)
             kept = [r for r in records if r.get("step", 0) <= resume_step]
             if torn or len(kept) < len(records):
-                _write_atomically(self.path, kept)
+                write_jsonl(self.path, kept, _encode)
             self._earlier = {_key(r): i for i, r in enumerate(kept)}
         from tensorboardX import SummaryWriter
 
@@ -118,13 +114,13 @@ class MetricsLogger:
         if index is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, _encode(record).encode())
+                os.write(fd, (_encode(record) + "\n").encode())
             finally:
                 os.close(fd)
         else:  # logged by the run being resumed: replace that line (rare, so rewrite the file)
             records, _ = _read(self.path)
             records[index] = record
-            _write_atomically(self.path, records)
+            write_jsonl(self.path, records, _encode)
         for key, value in values.items():
             self._tb.add_scalar(key, value, step)
         return values

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 
 from rlhf_jax import checkpoint
+from rlhf_jax.atomic import write_text
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.report import write_report
 from rlhf_jax.stages import common
@@ -39,8 +40,8 @@ def _read_timings(workdir: pathlib.Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _add_seconds(workdir: pathlib.Path, name: str, seconds: float) -> dict[str, float]:
-    """Adds ``seconds`` to stage ``name`` in ``<workdir>/timings.json``; returns all timings.
+def _add_seconds(workdir: pathlib.Path, name: str, seconds: float) -> None:
+    """Adds ``seconds`` to stage ``name`` in ``<workdir>/timings.json``.
 
     A resumed pipeline skips finished stages, so its own clock would report only what it
     ran; the report's ``wall_seconds`` is the sum over stages instead (a kill -9 loses the
@@ -49,10 +50,7 @@ def _add_seconds(workdir: pathlib.Path, name: str, seconds: float) -> dict[str, 
     timings = _read_timings(workdir)
     timings[name] = timings.get(name, 0.0) + seconds
     if jax.process_index() == 0:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(timings, indent=1))
-        tmp.replace(path)
-    return timings
+        write_text(path, json.dumps(timings, indent=1))
 
 
 def ppo_stages(cfg: Config) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import dacite
 
+from rlhf_jax.atomic import write_text
 from rlhf_jax.config.checks import ConfigError
 from rlhf_jax.config.model import DistributedConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.config.stages import (ComparisonsConfig, DataConfig, PipelineConfig, PPOConfig, RMConfig,
@@ -71,9 +72,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 def save_config(cfg: Config, path: str | pathlib.Path) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True))
 
 
 def load_config(path: str | pathlib.Path) -> Config:

@@ -8,6 +8,7 @@ import pathlib
 import secrets
 from typing import Any
 
+from rlhf_jax.atomic import write_jsonl
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.labeling.storage import LabelStore, labels_dir, make_items, read_items, write_items
 
@@ -140,9 +141,7 @@ def merge_labels(workdir: pathlib.Path) -> pathlib.Path:
     records = [record for name in labelers for record in store.records(name)]  # whole, with flags
     out = directory / MERGED
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out)
+    write_jsonl(out, records)
     print(f"label --merge: {len(records)} comparisons from {len(labelers)} labelers ({', '.join(labelers)}) -> "
           f"{out}; train on it with --rm.data.train_path=run:labels/{MERGED.as_posix()}")
     return out

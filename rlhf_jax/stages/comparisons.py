@@ -10,7 +10,6 @@ which is validated and used as it is.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Protocol, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint
+from rlhf_jax.atomic import write_jsonl
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, read_records, to_global
 from rlhf_jax.models import LanguageModel
@@ -35,12 +35,6 @@ def task_labeler(cfg: Config) -> Labeler:
 
     temperature = cfg.comparisons.labeler_temperature
     return NoisyLabeler(DEFAULT_TEMPERATURE if temperature is None else temperature, seed=cfg.seed)
-
-
-def _write(path: pathlib.Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
 
 
 def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler | None = None,
@@ -101,8 +95,8 @@ def _split_and_write(records: list[dict], val_fraction: float, seed: int, out_di
     order = np.random.default_rng(seed).permutation(len(records))
     n_val = max(1, int(round(val_fraction * len(records))))
     if jax.process_index() == 0:
-        _write(out_dir / "val.jsonl", [records[i] for i in order[:n_val]])
-        _write(out_dir / "train.jsonl", [records[i] for i in order[n_val:]])
+        write_jsonl(out_dir / "val.jsonl", [records[i] for i in order[:n_val]])
+        write_jsonl(out_dir / "train.jsonl", [records[i] for i in order[n_val:]])
     if jax.process_count() > 1:  # no process goes on to read them before they exist
         multihost_utils.sync_global_devices("rlhf_jax comparisons written")
     return out_dir

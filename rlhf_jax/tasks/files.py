@@ -16,6 +16,7 @@ import pathlib
 import tempfile
 from typing import Sequence
 
+from rlhf_jax.atomic import write_jsonl, write_text
 from rlhf_jax.tasks import vocab as V
 from rlhf_jax.tasks.corpus import HELD_OUT_FAMILIES, MAX_TEXT_TOKENS, make_splits
 from rlhf_jax.tasks.instructions import FAMILIES
@@ -46,18 +47,6 @@ def _paths(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     paths["tokenizer"] = out_dir / "tokenizer"
     paths["manifest"] = out_dir / MANIFEST
     return paths
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_tokenizer(target: pathlib.Path) -> None:
@@ -121,7 +110,7 @@ def write_task_files(out_dir: str | pathlib.Path, seed: int = 0, n_demonstration
     out_dir.mkdir(parents=True, exist_ok=True)
     paths["manifest"].unlink(missing_ok=True)  # incomplete until the last rename below
     for name in SPLITS:
-        _atomic_write(paths[name], "".join(json.dumps(r) + "\n" for r in splits[name]))
+        write_jsonl(paths[name], splits[name])
     _write_tokenizer(paths["tokenizer"])
-    _atomic_write(paths["manifest"], json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text(paths["manifest"], json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return paths
