@@ -27,8 +27,10 @@ from rlhf_jax.stages import common
 
 
 def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
-    if stage == "comparisons":  # its files, written whole when it finishes (as run_comparisons checks)
-        return all((workdir / stage / f"{split}.jsonl").exists() for split in ("train", "val"))
+    if stage == "comparisons":  # no export: its files
+        from rlhf_jax.stages.comparisons import collected
+
+        return collected(workdir / stage)
     return (workdir / stage / "export" / checkpoint.EXPORT_META).exists()
 
 

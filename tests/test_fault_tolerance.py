@@ -140,13 +140,6 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return finish_cli(proc, timeout=300)
 
 
-def _saved_steps(checkpoints: pathlib.Path) -> list[int]:
-    """Finished checkpoints: Orbax writes into a temporary name and renames to the step."""
-    if not checkpoints.is_dir():
-        return []
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-
-
 def _wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -192,11 +185,11 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(tmp_path, data_dir, refer
     workdir = _new_workdir(tmp_path / "run", stage, ppo_inputs)
     ckpt_dir = workdir / stage / "checkpoints"
     proc = _start(cfg, stage, workdir)
-    _wait_until(proc, lambda: _saved_steps(ckpt_dir), "a checkpoint")
+    _wait_until(proc, lambda: checkpoint.finished_steps(ckpt_dir), "a checkpoint")
     proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was half written stays
     rc, out = _finish(proc)
     assert rc == -signal.SIGKILL, out[-3000:]
-    killed_at = _saved_steps(ckpt_dir)[-1]
+    killed_at = checkpoint.finished_steps(ckpt_dir)[-1]
     assert killed_at < _total(stage) and not (workdir / stage / "export").exists(), "killed too late to test"
 
     rc, out = _finish(_start(cfg, stage, workdir))  # the same command again
@@ -219,7 +212,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_rerun_is_exact(tmp_path, dat
     rc, out = _finish(proc)
     assert rc == 0, out[-3000:]
     assert "stopped early; rerun to resume" in out
-    (stopped_at,) = _saved_steps(workdir / stage / "checkpoints")
+    (stopped_at,) = checkpoint.finished_steps(workdir / stage / "checkpoints")
     assert 0 < stopped_at < _total(stage)
     assert max(_logged_steps(workdir, stage)) == stopped_at  # the step it stopped at was logged and saved
 

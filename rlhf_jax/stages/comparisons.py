@@ -37,13 +37,18 @@ def task_labeler(cfg: Config) -> Labeler:
     return NoisyLabeler(DEFAULT_TEMPERATURE if temperature is None else temperature, seed=cfg.seed)
 
 
+def collected(stage_dir: pathlib.Path) -> bool:
+    """Whether the comparisons in ``stage_dir`` are written (both files go in at the end)."""
+    return (stage_dir / "train.jsonl").exists() and (stage_dir / "val.jsonl").exists()
+
+
 def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler | None = None,
                     show_progress: bool = True) -> pathlib.Path:
     """Writes ``<workdir>/comparisons/{train,val}.jsonl``; returns that directory."""
     c = cfg.comparisons
     env = common.make_env(cfg, workdir, "comparisons")
     out_dir = env.stage_dir
-    if (out_dir / "train.jsonl").exists() and (out_dir / "val.jsonl").exists():
+    if collected(out_dir):
         return out_dir  # collected by an earlier run of the same command
     if not 2 <= c.k_min <= c.k_max <= 9:
         raise ConfigError(f"comparisons.k_min={c.k_min}, k_max={c.k_max}: need 2 <= k_min <= k_max <= 9")
