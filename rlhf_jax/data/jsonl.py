@@ -5,6 +5,8 @@ One record per line; empty lines are skipped. Schemas (``kind``):
 - ``demonstrations``: ``{"prompt": str, "response": str}``
 - ``text``: ``{"text": str}`` (pretraining text)
 - ``prompts``: ``{"prompt": str}``
+- ``responses``: ``{"prompt": str, "responses": [str, ...]}`` with 2 <= K <= 9: responses to
+  be ranked (the labeling page's input)
 - ``comparisons``: ``{"prompt": str, "responses": [str, ...], "ranks": [int, ...]}`` with
   2 <= K <= 9 responses, 0 = best, equal ranks = tie; or pairwise
   ``{"prompt": str, "chosen": str, "rejected": str}``, read as K=2 with ranks ``[0, 1]``.
@@ -22,8 +24,8 @@ import json
 import pathlib
 from typing import Any, Callable, Iterator, Literal
 
-Kind = Literal["demonstrations", "text", "prompts", "comparisons"]
-KINDS: tuple[str, ...] = ("demonstrations", "text", "prompts", "comparisons")
+Kind = Literal["demonstrations", "text", "prompts", "responses", "comparisons"]
+KINDS: tuple[str, ...] = ("demonstrations", "text", "prompts", "responses", "comparisons")
 MIN_RESPONSES, MAX_RESPONSES = 2, 9  # the paper's labelers rank 4..9; pairwise data has 2
 
 
@@ -71,24 +73,29 @@ def _prompt(obj: dict) -> dict[str, Any]:
     return {"prompt": _string(obj, "prompt")}
 
 
+def _responses(obj: dict) -> dict[str, Any]:
+    responses = _list(obj, "responses")
+    if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
+        raise _RecordError(f'field "responses" has {len(responses)} entries; a comparison needs '
+                           f"{MIN_RESPONSES} to {MAX_RESPONSES}")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise _RecordError(f'field "responses"[{i}] must be a string, '
+                               f"got {type(response).__name__}")
+    return {"prompt": _string(obj, "prompt", allow_empty=True), "responses": list(responses)}
+
+
 def _comparison(obj: dict) -> dict[str, Any]:
     prompt = _string(obj, "prompt", allow_empty=True)
     if "responses" not in obj and ("chosen" in obj or "rejected" in obj):
         return {"prompt": prompt, "ranks": [0, 1],
                 "responses": [_string(obj, "chosen", allow_empty=True),
                               _string(obj, "rejected", allow_empty=True)]}
-    responses = _list(obj, "responses")
+    responses = _responses(obj)["responses"]
     ranks = _list(obj, "ranks")
-    if not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
-        raise _RecordError(f'field "responses" has {len(responses)} entries; a comparison needs '
-                           f"{MIN_RESPONSES} to {MAX_RESPONSES}")
     if len(ranks) != len(responses):
         raise _RecordError(f'field "ranks" has {len(ranks)} entries but "responses" has '
                            f"{len(responses)}")
-    for i, response in enumerate(responses):
-        if not isinstance(response, str):
-            raise _RecordError(f'field "responses"[{i}] must be a string, '
-                               f"got {type(response).__name__}")
     for i, rank in enumerate(ranks):
         # bool is an int subclass; true/false in a ranks list is a labeling-tool bug.
         if not isinstance(rank, int) or isinstance(rank, bool):
@@ -102,6 +109,7 @@ _VALIDATORS: dict[str, Callable[[dict], dict[str, Any]]] = {
     "demonstrations": _demonstration,
     "text": _text,
     "prompts": _prompt,
+    "responses": _responses,
     "comparisons": _comparison,
 }
 

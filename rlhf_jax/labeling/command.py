@@ -20,25 +20,17 @@ def items_from_file(path: pathlib.Path) -> list[tuple[str, list[str]]] | list[st
     fields such as ``ranks`` are ignored), or bare prompts from ``{"prompt"}`` records.
     Errors name the file and line."""
     from rlhf_jax.data import DataError, read_records
-    from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES
 
     rows = read_records(path, "prompts")  # every line a JSON object with a non-empty prompt
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     with_responses = ["responses" in obj for obj in lines]
     if not any(with_responses):
         return [record["prompt"] for _, record in rows]
-    pairs = []
-    for (number, record), obj, has in zip(rows, lines, with_responses):
-        responses = obj.get("responses")
-        if not has:
-            raise DataError(f"{path}:{number}: no \"responses\" where other records have them; give either "
-                            "prompts with responses to label, or bare prompts with --policy")
-        if not (isinstance(responses, list) and MIN_RESPONSES <= len(responses) <= MAX_RESPONSES
-                and all(isinstance(r, str) for r in responses)):
-            raise DataError(f"{path}:{number}: \"responses\" must be a list of {MIN_RESPONSES} to "
-                            f"{MAX_RESPONSES} strings")
-        pairs.append((record["prompt"], responses))
-    return pairs
+    if not all(with_responses):
+        number = rows[with_responses.index(False)][0]
+        raise DataError(f"{path}:{number}: no \"responses\" where other records have them; give either "
+                        "prompts with responses to label, or bare prompts with --policy")
+    return [(record["prompt"], record["responses"]) for _, record in read_records(path, "responses")]
 
 
 def sample_items(cfg: Config, workdir: pathlib.Path, policy: str, prompts: list[str],

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES, DataError
+from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES, DataError, read_records
 
 ITEMS_NAME = "items.jsonl"
 # The paper's per-response metadata (Ouyang et al. 2022, Table 3 / Fig. 4).
@@ -76,28 +76,15 @@ def read_items(directory: pathlib.Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no items to label yet; run `rlhf-jax label` with --prompts FILE "
                         "(prompts with responses) or --policy EXPORT to create them")
+    records = read_records(path, "responses")  # validated, errors naming file and line
+    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]  # for id, overlap
     items, seen = [], set()
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON: {err.msg}") from None
-        prompt, responses, item_id = obj.get("prompt"), obj.get("responses"), obj.get("id")
-        if not isinstance(prompt, str):
-            raise DataError(f'{path}:{number}: "prompt" must be a string')
-        if not (isinstance(responses, list) and MIN_RESPONSES <= len(responses) <= MAX_RESPONSES
-                and all(isinstance(r, str) for r in responses)):
-            raise DataError(f'{path}:{number}: "responses" must be a list of {MIN_RESPONSES} to '
-                            f"{MAX_RESPONSES} strings")
+    for (number, record), obj in zip(records, raw, strict=True):
+        item_id = obj.get("id")
         if not isinstance(item_id, str) or item_id in seen:
             raise DataError(f'{path}:{number}: "id" must be a string unique in the file, got {item_id!r}')
         seen.add(item_id)
-        items.append({"id": item_id, "prompt": prompt, "responses": responses,
-                      "overlap": bool(obj.get("overlap", False))})
-    if not items:
-        raise DataError(f"{path}: no items (the file is empty)")
+        items.append({"id": item_id, **record, "overlap": bool(obj.get("overlap", False))})
     return items
 
 
