@@ -16,7 +16,8 @@ from rlhf_jax.config import SamplingConfig
 from rlhf_jax.data import to_global
 from rlhf_jax.policy import RewardFn, response_logits, response_logprobs
 from rlhf_jax.sampling import Samples, make_sampler
-from rlhf_jax.steps import jit_under_mesh, make_lm_eval_step
+from rlhf_jax.sharding import jit_under_mesh
+from rlhf_jax.steps import make_lm_eval_step
 
 
 @dataclasses.dataclass

@@ -20,7 +20,8 @@ from rlhf_jax import losses, sharding
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.policy import RewardFn, response_logits, response_logprobs, response_values, tempered
 from rlhf_jax.sampling import Samples
-from rlhf_jax.steps import apply_gradients, jit_under_mesh, split_microbatches
+from rlhf_jax.sharding import jit_under_mesh
+from rlhf_jax.steps import apply_gradients, split_microbatches
 from rlhf_jax.types import PPOState, Rollout, TokenBatch
 
 

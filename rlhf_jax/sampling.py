@@ -134,12 +134,11 @@ def make_sampler(model: nn.Module, cfg: SamplingConfig, mesh: Mesh, param_shardi
                  eos_id: int, pad_id: int) -> Callable[[Any, Array, Array, Array], Samples]:
     """``sampler(params, prompt_tokens [B, P], prompt_segments [B, P], rng) -> Samples``,
     jitted with params in their shardings and the batch split over (data, fsdp)."""
-    from rlhf_jax.steps import jit_under_mesh
 
     batch = sharding.batch_sharding(mesh, 1)
 
     def run(params, prompt_tokens, prompt_segments, rng):
         return sample(model, params, prompt_tokens, prompt_segments, rng, cfg, eos_id, pad_id)
 
-    return jit_under_mesh(run, mesh, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)),
+    return sharding.jit_under_mesh(run, mesh, in_shardings=(param_shardings, batch, batch, sharding.replicated(mesh)),
                           out_shardings=batch)

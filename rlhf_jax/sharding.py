@@ -90,11 +90,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def tree_batch_sharding(mesh: Mesh, tree: Any) -> Any:
-    """A batch sharding for every array leaf of ``tree`` (by its rank)."""
-    return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)) if np.ndim(x) else replicated(mesh), tree)
-
-
 def strip_boxes(tree: Any) -> Any:
     """The values inside ``nn.Partitioned`` boxes, with no sharding constraint applied."""
     return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
@@ -181,3 +176,16 @@ def init_params(model: nn.Module, mesh: Mesh, rng: jax.Array) -> tuple[Any, Any]
     with activate(mesh):
         check_all_partitioned(jax.eval_shape(create, rng))
     return sharded_create(create, mesh, rng)
+
+
+def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
+    """``jax.jit(fn, **jit_kwargs)``, traced and run with the mesh and axis rules in scope
+    (so the model's logical constraints apply). ``.jitted`` is the underlying jit object."""
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    def run(*args):
+        with activate(mesh):
+            return jitted(*args)
+
+    run.jitted = jitted
+    return run

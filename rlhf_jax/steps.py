@@ -159,7 +159,7 @@ def make_rm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Cal
         return {"loss_sum": loss * prompts, "prompts": prompts,
                 "correct": metrics["rm/accuracy"] * metrics["rm/pairs"], "pairs": metrics["rm/pairs"]}
 
-    return jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, RankingBatch)),
+    return sharding.jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, RankingBatch)),
                           out_shardings=sharding.replicated(mesh))
 
 
@@ -178,7 +178,7 @@ def make_score_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callabl
         return last_token_scores(model, params, tokens, segment_ids, positions)
 
     batch = sharding.batch_sharding(mesh, 1)
-    return jit_under_mesh(score, mesh, in_shardings=(param_shardings, batch, batch, batch), out_shardings=batch)
+    return sharding.jit_under_mesh(score, mesh, in_shardings=(param_shardings, batch, batch, batch), out_shardings=batch)
 
 
 def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
@@ -190,7 +190,7 @@ def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Cal
         nll = -losses.next_token_logprobs(logits, batch.tokens)
         return losses.masked_sum(nll, target_mask), jnp.sum(target_mask)
 
-    return jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, TokenBatch)),
+    return sharding.jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, TokenBatch)),
                           out_shardings=sharding.replicated(mesh))
 
 
@@ -200,20 +200,7 @@ def _batch_shardings(mesh: Mesh, batch_cls):
     return batch_cls(**fields)
 
 
-def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
-    """``jax.jit(fn, **jit_kwargs)``, traced and run with the mesh and axis rules in scope
-    (so the model's logical constraints apply). ``.jitted`` is the underlying jit object."""
-    jitted = jax.jit(fn, **jit_kwargs)
-
-    def run(*args):
-        with sharding.activate(mesh):
-            return jitted(*args)
-
-    run.jitted = jitted
-    return run
-
-
 def _jit_step(step: Callable, mesh: Mesh, state_shardings: Any, batch_cls=TokenBatch) -> Callable:
     """A train step jitted with explicit shardings and the state donated."""
-    return jit_under_mesh(step, mesh, in_shardings=(state_shardings, _batch_shardings(mesh, batch_cls)),
+    return sharding.jit_under_mesh(step, mesh, in_shardings=(state_shardings, _batch_shardings(mesh, batch_cls)),
                           out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models.transformer import Decoder, KVCache, _dense
+from rlhf_jax.models.transformer import Decoder, KVCache, dense
 
 
 class LanguageModel(nn.Module):
@@ -27,7 +27,7 @@ class LanguageModel(nn.Module):
     def setup(self):
         self.backbone = Decoder(self.cfg)
         if not self.cfg.tie_embeddings:
-            self.lm_head = _dense(self.cfg.vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
+            self.lm_head = dense(self.cfg.vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                  deterministic: bool = True, logits_from: int = 0):

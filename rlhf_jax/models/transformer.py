@@ -101,7 +101,8 @@ class Dense(nn.Module):
         return y
 
 
-def _dense(features, in_axes, out_axes, cfg, name, use_bias):
+def dense(features, in_axes, out_axes, cfg, name, use_bias):
+    """A :class:`Dense` with logical ``in_axes`` -> ``out_axes`` in ``cfg``'s dtypes."""
     features = (features,) if isinstance(features, int) else tuple(features)
     return Dense(features, tuple(in_axes), tuple(out_axes), use_bias,
                  jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype), name=name)
@@ -206,9 +207,9 @@ class Attention(nn.Module):
         layer = self.layer if layer is None else layer  # traced under nn.scan
         bias = cfg.family == "gpt2" or cfg.qkv_bias
         h, k, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-        q = _dense((h, d), ("embed",), ("heads", "kv"), cfg, "query", bias)(x)
-        key = _dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "key", bias)(x)
-        value = _dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "value", bias)(x)
+        q = dense((h, d), ("embed",), ("heads", "kv"), cfg, "query", bias)(x)
+        key = dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "key", bias)(x)
+        value = dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "value", bias)(x)
         if cfg.family == "llama":
             q = rotary(q, positions, cfg.rope_theta)
             key = rotary(key, positions, cfg.rope_theta)
@@ -238,7 +239,7 @@ class Attention(nn.Module):
             mask = cache_valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None])
             out = cached_attention(q, all_k[layer], all_v[layer], mask)
             new_cache = (all_k, all_v)
-        out = _dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out)
+        out = dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out)
         return out, new_cache
 
 
@@ -249,14 +250,14 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         if cfg.family == "gpt2":
-            hidden = _dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "fc_in", True)(x)
+            hidden = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "fc_in", True)(x)
             hidden = nn.gelu(hidden, approximate=True)  # GPT-2's "gelu_new"
         else:
-            gate = _dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "gate", False)(x)
-            up = _dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "up", False)(x)
+            gate = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "gate", False)(x)
+            up = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "up", False)(x)
             hidden = nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return _dense(cfg.d_model, ("mlp",), ("embed",), cfg, "fc_out", cfg.family == "gpt2")(hidden)
+        return dense(cfg.d_model, ("mlp",), ("embed",), cfg, "fc_out", cfg.family == "gpt2")(hidden)
 
 
 class Block(nn.Module):
