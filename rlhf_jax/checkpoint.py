@@ -239,7 +239,7 @@ def read_export_meta(directory: str | pathlib.Path) -> dict[str, Any]:
 
 def export_model_config(directory: str | pathlib.Path) -> ModelConfig:
     """The architecture an export was written for (its ``export.json``)."""
-    saved = read_export_meta(directory)["model"]
+    saved = {k: v for k, v in read_export_meta(directory)["model"].items() if k != "dropout"}  # older exports carry it
     try:
         return ModelConfig(**saved)
     except TypeError as err:
@@ -257,7 +257,7 @@ def load_export(directory: str | pathlib.Path, target_params: Any,
     defaults = dataclasses.asdict(ModelConfig())
     if model_cfg is not None:
         # scan_layers is a layout, not an architecture: converted below
-        ignore = {"dropout", "remat", "compute_dtype", "attention_impl", "hf_path", "scan_layers"}
+        ignore = {"remat", "compute_dtype", "attention_impl", "hf_path", "scan_layers"}
         diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in dataclasses.asdict(model_cfg).items()
                 if k not in ignore and saved.get(k, defaults.get(k)) != v}
         if diff:

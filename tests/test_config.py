@@ -47,12 +47,26 @@ def test_config_from_dict_rejects_unknown_and_ill_typed_fields():
         config_from_dict(data)
 
 
+def test_removed_model_dropout_is_refused_with_where_it_went():
+    data = to_dict(default_config())
+    data["model"]["dropout"] = 0.1
+    with pytest.raises(ConfigError, match=r"model.dropout was removed; .*sft.dropout"):
+        config_from_dict(data, "run/config.json")
+    with pytest.raises(ConfigError, match=r"override: model.dropout was removed"):
+        apply_overrides(default_config(), ["--model.dropout=0.1"])
+
+
+@pytest.mark.parametrize("field", ["pretrain", "sft", "rm"])
+def test_stage_dropout_out_of_range_names_the_field(field):
+    with pytest.raises(ConfigError, match=rf"{field}.dropout must be in \[0, 1\)"):
+        apply_overrides(default_config(), [f"--{field}.dropout=1.5"])
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(d_model=100, n_heads=3), "model.d_model=100 is not divisible by model.n_heads=3"),
     (dict(n_heads=4, n_kv_heads=3), "model.n_heads=4 is not a multiple of model.n_kv_heads=3"),
     (dict(family="gpt2", n_kv_heads=2), "gpt2 family has no grouped-query attention"),
     (dict(n_layers=0), "model.n_layers must be positive"),
-    (dict(dropout=1.5), r"model.dropout must be in \[0, 1\)"),
 ])
 def test_invalid_model_config_names_the_field(change, message):
     with pytest.raises(ConfigError, match=message):

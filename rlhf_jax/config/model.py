@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_jax.config.checks import ConfigError, check_dropout
+from rlhf_jax.config.checks import ConfigError
 
 
 # ModelConfig.remat -> jax.checkpoint_policies name (None: no remat)
@@ -37,7 +37,6 @@ class ModelConfig:
     qkv_bias: bool = False  # llama family only (Qwen2 sets it); gpt2 always has biases
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    dropout: float = 0.0  # residual and embedding dropout while training
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # recompute each block in the backward pass to save memory: False/"none" (off),
@@ -83,7 +82,6 @@ class ModelConfig:
                 f"{where}.n_heads={self.n_heads} is not a multiple of {where}.n_kv_heads={self.kv_heads}")
         if self.family == "gpt2" and self.kv_heads != self.n_heads:
             raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
-        check_dropout(self.dropout, f"{where}.dropout")
         self._check_remat(where)
 
 

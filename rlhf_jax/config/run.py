@@ -56,12 +56,28 @@ class Config:
         return self
 
 
+# Fields that were removed, and where their meaning went: a config that still sets one is
+# refused with this hint rather than a bare "unknown field".
+REMOVED_FIELDS = {
+    "model.dropout": "dropout is a stage setting, not architecture: set pretrain.dropout, sft.dropout or "
+                     "rm.dropout (each stage always overwrote model.dropout with its own)",
+}
+
+
+def _refuse_removed(fields: Sequence[str], source: str) -> None:
+    for name in fields:
+        if name in REMOVED_FIELDS:
+            raise ConfigError(f"{source}: {name} was removed; {REMOVED_FIELDS[name]}")
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a :class:`Config` from a dict, rejecting unknown and ill-typed fields."""
+    _refuse_removed([f"{block}.{name}" for block, fields in data.items() if isinstance(fields, dict)
+                     for name in fields], source)
     try:
         cfg = dacite.from_dict(Config, data, config=dacite.Config(strict=True, cast=[tuple]))
     except dacite.DaciteError as err:
@@ -106,6 +122,7 @@ def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
 
     if not args:
         return cfg.validate()
+    _refuse_removed([arg.split("=", 1)[0].removeprefix("--").replace("-", "_") for arg in args], "override")
     # HelptextFromCommentsOff: tyro would otherwise ast-parse this module for field comments
     # while reporting an error, which CPython 3.11.7 can fail with "AST constructor recursion
     # depth mismatch" (a SystemError instead of the error message) when called deep in a stack.

@@ -23,9 +23,10 @@ class LanguageModel(nn.Module):
     """
 
     cfg: ModelConfig
+    dropout_rate: float = 0.0  # while training: each stage sets its own (e.g. sft.dropout)
 
     def setup(self):
-        self.backbone = Decoder(self.cfg)
+        self.backbone = Decoder(self.cfg, self.dropout_rate)
         if not self.cfg.tie_embeddings:
             self.lm_head = dense(self.cfg.vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
 
@@ -49,9 +50,10 @@ class ScalarModel(nn.Module):
     """
 
     cfg: ModelConfig
+    dropout_rate: float = 0.0  # while training: each stage sets its own (e.g. rm.dropout)
 
     def setup(self):
-        self.backbone = Decoder(self.cfg)
+        self.backbone = Decoder(self.cfg, self.dropout_rate)
         self.head = nn.Dense(
             1, dtype=jnp.float32, param_dtype=jnp.dtype(self.cfg.param_dtype),
             kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "scalar")),

@@ -265,6 +265,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     layer: int = 0
+    dropout_rate: float = 0.0  # residual dropout while training (a stage setting, not architecture)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, deterministic,
@@ -273,9 +274,9 @@ class Block(nn.Module):
         attn, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "norm_attn")(x).astype(x.dtype), positions, segment_ids,
             cache, cache_index, cache_valid, layer)
-        x = x + nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
+        x = x + nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
         mlp = MLP(cfg, name="mlp")(_norm(cfg, "norm_mlp")(x).astype(x.dtype))
-        x = x + nn.Dropout(cfg.dropout)(mlp, deterministic=deterministic)
+        x = x + nn.Dropout(self.dropout_rate)(mlp, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, new_cache
 
@@ -288,6 +289,7 @@ class Decoder(nn.Module):
     """
 
     cfg: ModelConfig
+    dropout_rate: float = 0.0  # embedding and residual dropout while training
 
     def setup(self):
         cfg = self.cfg
@@ -304,11 +306,11 @@ class Decoder(nn.Module):
             block = nn.remat(Block, static_argnums=(7,), policy=getattr(jax.checkpoint_policies, policy),
                              prevent_cse=not cfg.scan_layers)  # scan already prevents CSE
         if cfg.scan_layers:  # one Block whose params are stacked [L, ...] (see _run_scanned)
-            self.layers = block(cfg, name="layers")
+            self.layers = block(cfg, dropout_rate=self.dropout_rate, name="layers")
         else:
-            self.blocks = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
+            self.blocks = [block(cfg, i, self.dropout_rate, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = _norm(cfg, "final_norm")
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(self.dropout_rate)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                  deterministic: bool = True):

@@ -79,7 +79,7 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
         env.data_path(rm_cfg.normalize_path, "rm.normalize_path")  # fail now, not after training
     total_steps = rm_cfg.max_steps or rm_cfg.epochs * train.steps_per_epoch
 
-    model = ScalarModel(dataclasses.replace(cfg.model, dropout=rm_cfg.dropout))
+    model = ScalarModel(cfg.model, dropout_rate=rm_cfg.dropout)
     tx = make_optimizer(rm_cfg.optim, total_steps)
     params = initial_scalar_params(env, model, rm_cfg.init_from)
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed), params)

@@ -47,7 +47,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
                           dataclasses.replace(stage_cfg.data, shuffle=False))
     total_steps = stage_cfg.max_steps or stage_cfg.epochs * train.steps_per_epoch
 
-    model = LanguageModel(dataclasses.replace(cfg.model, dropout=stage_cfg.dropout))
+    model = LanguageModel(cfg.model, dropout_rate=stage_cfg.dropout)
     tx = make_optimizer(stage_cfg.optim, total_steps)
     init_params = common.initial_lm_params(env, model, stage_cfg.init_from, f"{stage}.init_from")
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed),

@@ -3,6 +3,7 @@ compute what the unrolled blocks compute, on every path (forward, gradients, KV-
 decoding, sampler, scalar heads, sharded meshes, exports)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,7 @@ def test_stacked_gradients_equal_unrolled(remat):
 
 
 def test_stacked_dropout_trains_with_different_masks_per_layer():
-    cfg = _scanned(LLAMA, dropout=0.5)
-    model, params = _init(cfg)
+    model, params = _init(_scanned(LLAMA), functools.partial(LanguageModel, dropout_rate=0.5))
     tokens = _tokens()
     a, _ = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})
     b, _ = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})

@@ -1,6 +1,7 @@
 """The decoder: KV-cache decoding equals the full pass, masks, parameter counts."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +183,7 @@ def test_remat_gives_the_same_gradients():
 
 
 def test_dropout_is_active_only_when_training():
-    cfg = dataclasses.replace(GPT2, dropout=0.5)
-    model, params = _init(cfg)
+    model, params = _init(GPT2, functools.partial(LanguageModel, dropout_rate=0.5))
     tokens = jnp.ones((2, 6), jnp.int32)
     eval_a, _ = model.apply({"params": params}, tokens)
     eval_b, _ = model.apply({"params": params}, tokens)
