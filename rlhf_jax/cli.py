@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
                         help="run at most this many steps now, checkpoint and exit 0; rerun to continue")
+    parser.add_argument("--stage", default="ppo",
+                        help="ppo: the stage's directory inside the run directory (default ppo)")
     parser.add_argument("--export", help="sample: the policy export directory to generate from")
     parser.add_argument("--prompt", action="append", default=[],
                         help="sample: a prompt (repeatable); default: the first held-out prompts")
@@ -139,8 +141,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
     elif args.command == "ppo":
         from rlhf_jax.stages.ppo import run_ppo
 
-        export = run_ppo(cfg, args.workdir, stop_after=args.stop_after_steps)
-        print(f"{cfg.ppo.stage_name} export: {export}" if export else "ppo: stopped early; rerun to resume")
+        export = run_ppo(cfg, args.workdir, stage=args.stage, stop_after=args.stop_after_steps)
+        print(f"{args.stage} export: {export}" if export else f"{args.stage}: stopped early; rerun to resume")
     elif args.command == "sample":
         from rlhf_jax.generate import generate_from_export
 

@@ -56,12 +56,12 @@ def _add_seconds(workdir: pathlib.Path, name: str, seconds: float) -> None:
 
 
 def ppo_stages(cfg: Config) -> dict[str, Any]:
-    """The PPO runs of the pipeline: name -> PPOConfig."""
-    runs = {"ppo": dataclasses.replace(cfg.ppo, stage_name="ppo", ptx_coef=0.0)}
+    """The PPO runs of the pipeline: stage directory -> PPOConfig."""
+    runs = {"ppo": dataclasses.replace(cfg.ppo, ptx_coef=0.0)}
     if cfg.pipeline.run_ppo_ptx:
-        runs["ppo_ptx"] = dataclasses.replace(cfg.ppo, stage_name="ppo_ptx", ptx_coef=cfg.pipeline.ptx_coef)
+        runs["ppo_ptx"] = dataclasses.replace(cfg.ppo, ptx_coef=cfg.pipeline.ptx_coef)
     if cfg.pipeline.run_ppo_gold:
-        runs["ppo_gold"] = dataclasses.replace(cfg.ppo, stage_name="ppo_gold", ptx_coef=0.0)
+        runs["ppo_gold"] = dataclasses.replace(cfg.ppo, ptx_coef=0.0)
     return runs
 
 
@@ -74,8 +74,8 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     workdir = pathlib.Path(workdir).absolute()
     if cfg.pipeline.best_of_n < 0:
         raise ConfigError(f"pipeline.best_of_n must be >= 0 (0 skips the diagnosis), got {cfg.pipeline.best_of_n}")
-    if cfg.ppo.ptx_coef != 0.0 or cfg.ppo.stage_name != "ppo":  # the pipeline sets both per PPO run
-        raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef}, ppo.stage_name={cfg.ppo.stage_name!r}: the pipeline "
+    if cfg.ppo.ptx_coef != 0.0:  # the pipeline sets it per PPO run
+        raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef}: the pipeline "
                           "runs ppo with ptx_coef 0 and ppo_ptx with pipeline.ptx_coef; set pipeline.ptx_coef "
                           "(or pipeline.run_ppo_ptx) instead, or run `rlhf-jax ppo` for a single PPO stage")
     if cfg.pipeline.eval_samples < 1:
@@ -121,8 +121,8 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
     for name, ppo in runs.items():
         def run(name: str = name, ppo: Any = ppo) -> pathlib.Path | None:
             reward_fn = gold_reward(common.make_env(cfg, workdir, name).tokenizer) if name == "ppo_gold" else None
-            return run_ppo(cfg, workdir, ppo=ppo, show_progress=show_progress, generation_metrics=task_metrics,
-                           reward_fn=reward_fn)
+            return run_ppo(cfg, workdir, ppo=ppo, stage=name, show_progress=show_progress,
+                           generation_metrics=task_metrics, reward_fn=reward_fn)
         stage(name, run)
     if preemption.signalled:
         raise common.Interrupted("before the evaluation (every stage finished)")

@@ -56,6 +56,18 @@ def test_removed_model_dropout_is_refused_with_where_it_went():
         apply_overrides(default_config(), ["--model.dropout=0.1"])
 
 
+def test_removed_fields_at_their_old_default_are_dropped_from_saved_configs():
+    """Every run directory written before the removal saved model.dropout 0.0 and
+    ppo.stage_name 'ppo'; such a config.json still loads (a rerun resumes)."""
+    data = to_dict(default_config())
+    data["model"]["dropout"] = 0.0
+    data["ppo"]["stage_name"] = "ppo"
+    assert config_from_dict(data) == default_config()
+    data["ppo"]["stage_name"] = "mine"
+    with pytest.raises(ConfigError, match=r"ppo.stage_name was removed; .*--stage NAME"):
+        config_from_dict(data, "run/config.json")
+
+
 @pytest.mark.parametrize("field", ["pretrain", "sft", "rm"])
 def test_stage_dropout_out_of_range_names_the_field(field):
     with pytest.raises(ConfigError, match=rf"{field}.dropout must be in \[0, 1\)"):

@@ -58,16 +58,32 @@ class Config:
 
 # Fields that were removed, and where their meaning went: a config that still sets one is
 # refused with this hint rather than a bare "unknown field".
-REMOVED_FIELDS = {
-    "model.dropout": "dropout is a stage setting, not architecture: set pretrain.dropout, sft.dropout or "
-                     "rm.dropout (each stage always overwrote model.dropout with its own)",
+# A saved config.json that holds one at its old default (every run directory written before
+# the removal) is read without it.
+REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
+    "model.dropout": (0.0, "dropout is a stage setting, not architecture: set pretrain.dropout, sft.dropout "
+                           "or rm.dropout (each stage always overwrote model.dropout with its own)"),
+    "ppo.stage_name": ("ppo", "the stage's directory is not a hyperparameter: `rlhf-jax ppo --stage NAME` "
+                              "(or run_ppo(..., stage=NAME)) names it"),
 }
 
 
 def _refuse_removed(fields: Sequence[str], source: str) -> None:
     for name in fields:
         if name in REMOVED_FIELDS:
-            raise ConfigError(f"{source}: {name} was removed; {REMOVED_FIELDS[name]}")
+            raise ConfigError(f"{source}: {name} was removed; {REMOVED_FIELDS[name][1]}")
+
+
+def _without_removed_defaults(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` less the removed fields that hold their old default; any other value is refused."""
+    data = {block: dict(fields) if isinstance(fields, dict) else fields for block, fields in data.items()}
+    for name, (default, _) in REMOVED_FIELDS.items():
+        block, field_name = name.split(".")
+        if isinstance(data.get(block), dict) and field_name in data[block]:
+            if data[block][field_name] != default:
+                _refuse_removed([name], source)
+            del data[block][field_name]
+    return data
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -76,8 +92,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a :class:`Config` from a dict, rejecting unknown and ill-typed fields."""
-    _refuse_removed([f"{block}.{name}" for block, fields in data.items() if isinstance(fields, dict)
-                     for name in fields], source)
+    data = _without_removed_defaults(data, source)
     try:
         cfg = dacite.from_dict(Config, data, config=dacite.Config(strict=True, cast=[tuple]))
     except dacite.DaciteError as err:

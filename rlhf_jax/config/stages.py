@@ -137,7 +137,6 @@ class PPOConfig:
     gamma_ptx 27.8 with 8 pretraining sequences per episode.
     """
 
-    stage_name: str = "ppo"  # the run sub-directory; the pipeline uses ppo and ppo_ptx
     prompts: DataConfig = field(default_factory=lambda: DataConfig(
         train_path="task:prompts", val_path="task:prompts_val", batch_size=64, max_len=24))
     pretrain: DataConfig = field(default_factory=lambda: DataConfig(

@@ -36,7 +36,7 @@ GenerationMetrics = Callable[[Generations], dict[str, float]]
 
 def check_ppo_config(ppo: PPOConfig, mesh) -> int:
     """Returns optimiser steps per iteration; errors name the field."""
-    field = f"{ppo.stage_name}"
+    field = "ppo"
     if ppo.prompts.batch_size % ppo.minibatch_size:
         raise ConfigError(f"{field}: prompts.batch_size={ppo.prompts.batch_size} is not a multiple of "
                           f"minibatch_size={ppo.minibatch_size}")
@@ -63,47 +63,49 @@ def _load(env: common.StageEnv, spec: str, model, field: str):
     return params, checkpoint.read_export_meta(path)
 
 
-def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None = None, show_progress: bool = True,
-            stop_after: int | None = None, generation_metrics: GenerationMetrics | None = None,
+def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None = None, stage: str = "ppo",
+            show_progress: bool = True, stop_after: int | None = None, generation_metrics: GenerationMetrics | None = None,
             reward_fn: RewardFn | None = None) -> pathlib.Path | None:
     """Runs PPO (PPO-ptx when ``ppo.ptx_coef`` > 0); returns the policy export (EMA weights).
 
     ``generation_metrics(generations) -> {name: value}`` adds task metrics (such as a gold
     score) to each held-out evaluation. ``reward_fn(None, samples) -> [B]`` replaces the
     reward model by a programmatic, jittable reward; the value model then starts from
-    ``value_init`` or, if None, the policy's backbone with a fresh head.
+    ``value_init`` or, if None, the policy's backbone with a fresh head. ``ppo``: this run's
+    block (default ``cfg.ppo``; the pipeline sets ``ptx_coef`` per run); ``stage``: its
+    directory under ``workdir`` (the pipeline's are ppo, ppo_ptx and ppo_gold).
     """
     ppo = ppo or cfg.ppo
-    env = common.make_env(cfg, workdir, ppo.stage_name)
+    env = common.make_env(cfg, workdir, stage)
     updates_per_iteration = check_ppo_config(ppo, env.mesh)
-    prompts = env.batches(PromptBatches, ppo.prompts.train_path, f"{ppo.stage_name}.prompts.train_path",
-                          ppo.prompts).require_one_batch(f"{ppo.stage_name}.prompts.batch_size")
+    prompts = env.batches(PromptBatches, ppo.prompts.train_path, "ppo.prompts.train_path",
+                          ppo.prompts).require_one_batch("ppo.prompts.batch_size")
     val_prompts = None
     if ppo.prompts.val_path:
-        val_prompts = env.batches(PromptBatches, ppo.prompts.val_path, f"{ppo.stage_name}.prompts.val_path",
+        val_prompts = env.batches(PromptBatches, ppo.prompts.val_path, "ppo.prompts.val_path",
                                   dataclasses.replace(ppo.prompts, shuffle=False))
     ptx = None
     if ppo.ptx_coef:
-        ptx = env.batches(TextBatches, ppo.pretrain.train_path, f"{ppo.stage_name}.pretrain.train_path",
+        ptx = env.batches(TextBatches, ppo.pretrain.train_path, "ppo.pretrain.train_path",
                           dataclasses.replace(ppo.pretrain, batch_size=updates_per_iteration * ppo.pretrain.batch_size))
     pretrain_val = None
     if ppo.pretrain.val_path:
-        pretrain_val = env.batches(TextBatches, ppo.pretrain.val_path, f"{ppo.stage_name}.pretrain.val_path",
+        pretrain_val = env.batches(TextBatches, ppo.pretrain.val_path, "ppo.pretrain.val_path",
                                    dataclasses.replace(ppo.pretrain, shuffle=False))
 
     policy = LanguageModel(cfg.model)
-    sft_params, _ = _load(env, ppo.policy_init, policy, f"{ppo.stage_name}.policy_init")
+    sft_params, _ = _load(env, ppo.policy_init, policy, "ppo.policy_init")
     reward_params, reward_meta = None, {}
     if reward_fn is None:
         # the RM may be larger than the policy (rm.model): its export says what it is
-        reward_path = _export_path(env, ppo.reward_init, f"{ppo.stage_name}.reward_init")
+        reward_path = _export_path(env, ppo.reward_init, "ppo.reward_init")
         reward_model = ScalarModel(checkpoint.export_model_config(reward_path))
-        reward_params, reward_meta = _load(env, ppo.reward_init, reward_model, f"{ppo.stage_name}.reward_init")
+        reward_params, reward_meta = _load(env, ppo.reward_init, reward_model, "ppo.reward_init")
         reward_fn = reward_model_score(reward_model)
     value_init = ppo.value_init or (ppo.reward_init if reward_params is not None else ppo.policy_init)
     # InstructGPT starts the value function from the RM, so it has the RM's architecture
     scalar = ScalarModel(checkpoint.export_model_config(
-        _export_path(env, value_init, f"{ppo.stage_name}.value_init")))
+        _export_path(env, value_init, "ppo.value_init")))
     value_params = initial_scalar_params(env, scalar, value_init)
     policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
     value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)
@@ -140,7 +142,7 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
             metrics["eval/pretrain_loss"] = evaluator.pretrain_loss(params, pretrain_val)
         return metrics
 
-    logger = MetricsLogger(env.stage_dir, start, ppo.iterations, ppo.stage_name, show_progress)
+    logger = MetricsLogger(env.stage_dir, start, ppo.iterations, stage, show_progress)
     if start == 0 and prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
         logger.log(0, {"data/truncated_prompts": prompts.num_truncated})
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
@@ -183,5 +185,5 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         return None
     final = state.ema_params if ppo.ema_decay else state.policy.params
     return checkpoint.export_params(env.stage_dir / "export", final, cfg.model,
-                                    {"stage": ppo.stage_name, "iterations": ppo.iterations,
+                                    {"stage": stage, "iterations": ppo.iterations,
                                      "ptx_coef": ppo.ptx_coef, "kl_coef_final": float(state.kl_coef)})

@@ -52,9 +52,10 @@ def test_ppo_ptx_runs_and_its_coefficient_shows(tmp_path):
     demos = write_demonstrations(tmp_path / "demos.jsonl", 16)
     cfg = _ppo_cfg(demos, iterations=2, ptx_coef=27.8)
     run_sft(cfg, tmp_path / "run", show_progress=False)
-    export = run_ppo(cfg, tmp_path / "run", show_progress=False, reward_fn=count_target)
-    assert export is not None and (export / "export.json").exists()
-    metrics = [m for m in read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl") if "ptx/loss" in m]
+    export = run_ppo(cfg, tmp_path / "run", stage="ppo_ptx", show_progress=False, reward_fn=count_target)
+    assert export == tmp_path / "run" / "ppo_ptx" / "export" and (export / "export.json").exists()
+    assert not (tmp_path / "run" / "ppo").exists()  # ``stage`` names the directory
+    metrics = [m for m in read_metrics(tmp_path / "run" / "ppo_ptx" / "metrics.jsonl") if "ptx/loss" in m]
     assert len(metrics) == 2
     np.testing.assert_allclose(metrics[0]["ppo/objective/ptx"], 27.8 * metrics[0]["ptx/loss"], rtol=1e-5)
     assert {"time/rollout_s", "time/scoring_s", "time/update_s", "ppo/clipfrac", "ppo/approx_kl",
