@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax.config import MeshConfig
+from rlhf_jax.models.vocab import vocab_axis
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits parameters
@@ -134,9 +135,13 @@ def check_divisible(abstract: Any, shardings: Any) -> None:
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
             parts = math.prod(mesh_shape[a] for a in axes)
             if leaf.shape[dim] % parts:
+                hint = ""
+                if vocab_axis(key_path) == dim:
+                    hint = (f"; set model.vocab_pad_multiple to a multiple of {parts} (e.g. 128) to pad "
+                            "the vocabulary inside the model (padded ids are masked out)")
                 raise ShardingError(
                     f"{_path(key_path)}: dim {dim} of shape {tuple(leaf.shape)} is {leaf.shape[dim]}, "
-                    f"not divisible by mesh axes {axes} of total size {parts}")
+                    f"not divisible by mesh axes {axes} of total size {parts}{hint}")
 
 
 def logical_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:

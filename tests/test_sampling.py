@@ -1,4 +1,7 @@
-"""The sampler: greedy == full-forward argmax, log-probs == recomputed, EOS, filters, no recompiles."""
+"""The sampler: greedy == full-forward argmax, log-probs == recomputed, EOS, filters, no recompiles,
+padded vocabulary ids never drawn."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import pytest
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import MeshConfig, ModelConfig
-from rlhf_jax.models import LanguageModel
+from rlhf_jax.models import LanguageModel, vocab
 from rlhf_jax import sampling
 from rlhf_jax.config import SamplingConfig
 from rlhf_jax.sampling import filter_logits, make_sampler
@@ -158,3 +161,36 @@ def test_zero_new_tokens_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="sampling.max_new_tokens must be >= 1, got 0"):
         sample(model, params, tokens, segments, jax.random.key(1), SamplingConfig(max_new_tokens=0), eos_id=EOS,
                pad_id=PAD)
+
+
+def test_padded_vocabulary_ids_are_never_sampled_and_have_zero_probability():
+    """model.vocab_pad_multiple: 37 real ids padded to 40. The padded columns of the head are
+    made huge, so unmasked they would take nearly all the probability; masked, they get
+    exactly 0 and are never drawn, whatever the temperature or filter."""
+    cfg = dataclasses.replace(CFG, vocab_size=37, vocab_pad_multiple=8)
+    model = LanguageModel(cfg)
+    params = sharding.strip_boxes(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    assert params["lm_head"]["kernel"].shape == (32, 40)
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 37:].set(50.0)
+    tokens, segments = _prompts()
+    tokens, segments = jnp.tile(tokens, (16, 1)), jnp.tile(segments, (16, 1))  # 32 rows
+    for sampling_cfg in (SamplingConfig(max_new_tokens=8, temperature=0.0),
+                         SamplingConfig(max_new_tokens=8, temperature=3.0),
+                         SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=39, top_p=0.999)):
+        out = sample(model, params, tokens, segments, jax.random.key(5), sampling_cfg, eos_id=-1, pad_id=PAD)
+        assert int(out.tokens.max()) < 37, sampling_cfg
+        assert np.isfinite(np.asarray(out.logprobs)).all()
+
+    full, segs, pos = out.full_sequences()
+    logits, _ = model.apply({"params": params}, full, pos, segs)
+    assert logits.shape[-1] == 40
+    probs = jax.nn.softmax(logits / 0.7, axis=-1)
+    assert (probs[..., 37:] == 0).all()
+    np.testing.assert_allclose(probs[..., :37].sum(-1), 1.0, atol=1e-5)
+    # entropy (over the full, padded width, at a temperature) equals that of the real ids
+    mask = jnp.ones(logits.shape[:2])
+    padded_entropy, _ = losses.entropy(logits / 0.7, mask)
+    real_entropy, _ = losses.entropy(logits[..., :37] / 0.7, mask)
+    assert np.isfinite(float(padded_entropy))
+    np.testing.assert_allclose(padded_entropy, real_entropy, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(logits[..., 37:]), vocab.MASKED_LOGIT)

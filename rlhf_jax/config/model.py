@@ -26,6 +26,13 @@ class ModelConfig:
 
     family: Literal["gpt2", "llama"] = "gpt2"
     vocab_size: int = 256
+    # The embedding (and an untied lm_head) get padded_vocab_size rows: vocab_size rounded up
+    # to this multiple, so that the mesh's tensor axis, which splits the vocabulary, divides
+    # it (GPT-2's 50257 is divisible by no axis size). The padded ids' logits are masked out
+    # (models.vocab.MASKED_LOGIT), so nothing samples or scores them, and exports keep
+    # vocab_size rows. 1: no padding. Set it to a multiple of mesh.tensor (128 suits any
+    # power-of-two tensor axis up to 128, and GPU matmuls); it is a layout, not architecture.
+    vocab_pad_multiple: int = 1
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -61,6 +68,11 @@ class ModelConfig:
                               f"got {self.remat!r}")
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding: ``vocab_size`` rounded up to ``vocab_pad_multiple``."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
@@ -69,7 +81,7 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def validate(self, where: str = "model") -> None:
-        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len")
+        positive = ("vocab_size", "vocab_pad_multiple", "d_model", "n_layers", "n_heads", "d_ff", "max_len")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")

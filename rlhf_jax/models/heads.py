@@ -11,10 +11,13 @@ import jax.numpy as jnp
 
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models.transformer import Decoder, KVCache, dense
+from rlhf_jax.models.vocab import mask_padded_logits
 
 
 class LanguageModel(nn.Module):
-    """Returns (logits ``[B, T - logits_from, V] f32``, cache).
+    """Returns (logits ``[B, T - logits_from, Vp] f32``, cache). ``Vp`` is
+    ``cfg.padded_vocab_size``; the logits of ids ``>= cfg.vocab_size`` are
+    ``models.vocab.MASKED_LOGIT`` (probability 0).
 
     ``logits_from`` (a static int, default 0) is the first position whose logits are
     computed: PPO's passes need only the response's and the sampler's prefill only the last
@@ -28,7 +31,7 @@ class LanguageModel(nn.Module):
     def setup(self):
         self.backbone = Decoder(self.cfg, self.dropout_rate)
         if not self.cfg.tie_embeddings:
-            self.lm_head = dense(self.cfg.vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
+            self.lm_head = dense(self.cfg.padded_vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                  deterministic: bool = True, logits_from: int = 0):
@@ -39,7 +42,8 @@ class LanguageModel(nn.Module):
         else:
             logits = self.lm_head(hidden)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32), cache
+        # padded ids (model.vocab_pad_multiple) get probability 0; a no-op without padding
+        return mask_padded_logits(logits.astype(jnp.float32), self.cfg.vocab_size), cache
 
 
 class ScalarModel(nn.Module):

@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from rlhf_jax import sharding
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.models import vocab
 from rlhf_jax.models.hf_config import HFError, hf_config
 
 SINGLE_FILE = "model.safetensors"
@@ -227,17 +228,19 @@ def _path_str(key_path) -> str:
 def load_hf_params(directory: str | pathlib.Path, cfg: ModelConfig, target: Any) -> Any:
     """Reads a HF causal-LM checkpoint into our params, each leaf shaped, typed and sharded
     like ``target``'s (ShapeDtypeStructs with NamedShardings, e.g. from
-    ``stages.common.abstract_params(LanguageModel(cfg), mesh)``).
+    ``parameters.abstract(LanguageModel(cfg), mesh)``).
 
     ``target`` may be any sub-tree of a :class:`LanguageModel`'s params, e.g.
     ``{"backbone": abstract["backbone"]}`` to start a reward or value model. Every leaf is
     checked (tensor present, shape, divisible by its mesh axes) before anything is read.
+    A target with a padded vocabulary (``model.vocab_pad_multiple``) gets the checkpoint's
+    ``cfg.vocab_size`` rows and zeros past them.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     for key_path, leaf in leaves:
         if not isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
             raise HFError(f"target {_path_str(key_path)}: needs a NamedSharding (use "
-                          "stages.common.abstract_params(model, mesh))")
+                          "rlhf_jax.parameters.abstract(model, mesh))")
     sharding.check_divisible(target, jax.tree.map(lambda leaf: leaf.sharding, target))
     with _Checkpoint(pathlib.Path(directory)) as ckpt:
         table = param_sources(cfg, "transformer." if "transformer.wte.weight" in ckpt.files else "")
@@ -256,7 +259,12 @@ def load_hf_params(directory: str | pathlib.Path, cfg: ModelConfig, target: Any)
             if path not in table:
                 raise HFError(f"{path}: not a parameter of a {cfg.family} causal LM; a HF checkpoint "
                               "gives only the language model's params (e.g. params['backbone'])")
-            plan.append((table[path], ckpt.slice(table[path], path, tuple(leaf.shape)), leaf))
+            src, axis = table[path], vocab.vocab_axis(key_path)
+            real_shape = tuple(leaf.shape)
+            if axis is not None and leaf.shape[axis] > cfg.vocab_size:  # model.vocab_pad_multiple
+                real_shape = tuple(cfg.vocab_size if i == axis else n for i, n in enumerate(leaf.shape))
+                src = _PaddedVocab(src, real_shape, axis)
+            plan.append((src, ckpt.slice(table[path], path, real_shape), leaf))
         arrays = [_make_array(src, tensor, leaf) for src, tensor, leaf in plan]
     return jax.tree_util.tree_unflatten(treedef, arrays)
 
@@ -280,6 +288,26 @@ class _Stacked:
     def read(self, _tensor, shape: tuple[int, ...], bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
         (start, stop), rest = bounds[0], bounds[1:]
         return np.stack([src.read(tensor, shape[1:], rest) for src, tensor in self.sources[start:stop]])
+
+
+class _PaddedVocab:
+    """A vocabulary parameter padded past the checkpoint's ``real_shape`` on ``axis``: each
+    shard reads the real rows it covers and is zero past them (the padded ids' rows)."""
+
+    def __init__(self, src: Source, real_shape: tuple[int, ...], axis: int):
+        self.src, self.real_shape, self.axis = src, real_shape, axis
+
+    def read(self, tensor, shape: tuple[int, ...], bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+        start, stop = bounds[self.axis]
+        real = min(stop, self.real_shape[self.axis])
+        out_shape = [b - a for a, b in bounds]
+        if start >= real:  # a shard of padded rows only
+            return np.zeros(out_shape, np.float32)
+        inside = tuple((start, real) if i == self.axis else b for i, b in enumerate(bounds))
+        block = self.src.read(tensor, self.real_shape, inside)
+        widths = [(0, 0)] * len(bounds)
+        widths[self.axis] = (0, stop - real)
+        return np.pad(block, widths)
 
 
 def _make_array(src: Source, tensor, leaf: jax.ShapeDtypeStruct) -> jax.Array:
@@ -308,8 +336,10 @@ def _to_host(x: Any) -> np.ndarray:
 
 
 def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our :class:`LanguageModel` params -> HF tensors by name (host numpy arrays)."""
+    """Our :class:`LanguageModel` params -> HF tensors by name (host numpy arrays). A padded
+    vocabulary (``model.vocab_pad_multiple``) is cut to ``cfg.vocab_size`` rows, as HF has."""
     table = param_sources(cfg)
+    params = vocab.unpad_vocab(params, cfg)
     flat = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     if cfg.scan_layers:  # stacked [L, ...] leaves -> HF's per-layer tensors
         for path in [p for p in flat if _per_layer_paths(p, cfg) is not None]:

@@ -294,7 +294,8 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+        # padded_vocab_size rows (models.vocab): the tensor axis must divide the vocab axis
+        self.embed = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
                               embedding_init=_init(nn.initializers.normal(0.02), ("vocab", "embed")))
         if cfg.family == "gpt2":
             self.position_embed = nn.Embed(
