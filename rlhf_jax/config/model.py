@@ -52,7 +52,13 @@ class ModelConfig:
     # run the blocks under flax.linen.scan, params stacked on a leading "layers" axis
     # (backbone/layers/...): compile time flat in depth. Opt-in; see docs/scan_layers.md
     scan_layers: bool = False
-    # default: "chunked" on CPU (causal query chunks, upper blocks skipped), JAX's pick elsewhere
+    # The attention core of a forward pass without a KV cache (models.attention.choose_attention,
+    # docs/attention.md). "default": "chunked" on CPU (causal query chunks, upper blocks
+    # skipped); on a GPU cuDNN flash attention for batches the caller declares right-padded
+    # (right_padded=True: one segment a row, then padding) in bfloat16, else XLA's masked path;
+    # on TPU XLA's path. "cudnn": as default on a GPU, refused on CPU/TPU and with float32
+    # compute; packed or left-padded batches still take the mask. "xla"/"chunked": always that.
+    # Decoding with a KV cache always uses the mask.
     attention_impl: Literal["xla", "cudnn", "chunked", "default"] = "default"
     hf_path: str | None = None  # a local HF checkpoint directory to start from
 
@@ -94,6 +100,12 @@ class ModelConfig:
                 f"{where}.n_heads={self.n_heads} is not a multiple of {where}.n_kv_heads={self.kv_heads}")
         if self.family == "gpt2" and self.kv_heads != self.n_heads:
             raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
+        if self.attention_impl == "cudnn":  # refused here on any machine, not at the first step
+            from rlhf_jax.models.attention import cudnn_refusal  # models import this module
+
+            why = cudnn_refusal(self.compute_dtype, self.dim_per_head, where)
+            if why:
+                raise ConfigError(f"{where}.attention_impl='cudnn': {why}")
         self._check_remat(where)
 
 

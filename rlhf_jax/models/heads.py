@@ -22,7 +22,8 @@ class LanguageModel(nn.Module):
     ``logits_from`` (a static int, default 0) is the first position whose logits are
     computed: PPO's passes need only the response's and the sampler's prefill only the last
     prompt position's, and at a real vocabulary the unembedding of every prompt position is
-    a large share of a forward pass.
+    a large share of a forward pass. ``right_padded`` (static, default False): see
+    :meth:`~rlhf_jax.models.Decoder.__call__`.
     """
 
     cfg: ModelConfig
@@ -34,8 +35,8 @@ class LanguageModel(nn.Module):
             self.lm_head = dense(self.cfg.padded_vocab_size, ("embed",), ("vocab",), self.cfg, None, False)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 deterministic: bool = True, logits_from: int = 0):
-        hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic)
+                 deterministic: bool = True, logits_from: int = 0, right_padded: bool = False):
+        hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic, right_padded)
         hidden = hidden[:, logits_from:]
         if self.cfg.tie_embeddings:
             logits = self.backbone.attend(hidden)
@@ -64,8 +65,8 @@ class ScalarModel(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("scalar",)))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 deterministic: bool = True):
-        hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic)
+                 deterministic: bool = True, right_padded: bool = False):
+        hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic, right_padded)
         return self.head(hidden.astype(jnp.float32))[..., 0], cache
 
 

@@ -2,8 +2,8 @@
 
 Parameters and activations carry logical axis names only (``batch, length, embed,
 act_embed, mlp, heads, kv_heads, kv, vocab, norm, positions, layers``); ``rlhf_jax.sharding`` maps them to the mesh.
-Attention goes through ``jax.nn.dot_product_attention`` on accelerators, so they get fused
-kernels, and through :func:`causal_chunked_attention` on CPU, where that is 2x faster.
+The attention core is picked by ``rlhf_jax.models.attention.choose_attention`` (chunked on
+CPU, XLA's path or cuDNN flash attention on accelerators; docs/attention.md).
 
 Masking: ``segment_ids`` ``[B, T] int32`` marks which example each token belongs to
 (0 = padding). A token attends to earlier tokens of its own segment, which covers padding
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.models.attention import cached_attention, choose_attention, self_attention
 
 Array = jax.Array
 
@@ -127,82 +128,18 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return out.astype(x.dtype)
 
 
-# Query chunk of the chunked attention path: 64 measured fastest on CPU at T = 256
-# (32: 51 ms, 64: 50 ms, 128: 56 ms, forward + backward, B 8, 8 heads of 64).
-ATTENTION_CHUNK = 64
-
-
-def resolve_attention_impl(impl: str) -> str | None:
-    """The attention path for ``ModelConfig.attention_impl``: ``default`` is ``chunked`` on
-    CPU and ``jax.nn.dot_product_attention``'s own choice (None) on accelerators, where
-    fused kernels win."""
-    if impl == "default":
-        return "chunked" if jax.default_backend() == "cpu" else None
-    return impl
-
-
-def _attend(grouped_q: Array, keys: Array, values: Array, mask: Array) -> Array:
-    """The attention core, heads-major: grouped_q ``[B, K, G, T, D]``; keys, values
-    ``[B, K, S, D]``; mask ``[B, T, S] bool``. Returns ``[B, K, G, T, D]``. Softmax in f32;
-    a query with no visible slot (padding) averages the S slots it was given (as
-    ``jax.nn.dot_product_attention`` averages all); its output is unused. The matmuls return
-    the compute dtype (as that function's XLA path does): the CPU backend has no
-    bf16 x bf16 -> f32 dot, and accelerators accumulate bf16 dots in f32 anyway."""
-    d = grouped_q.shape[-1]
-    dtype = grouped_q.dtype
-    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped_q, keys.astype(dtype)).astype(jnp.float32) * d ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, values.astype(dtype))
-
-
-def _heads_major(q: Array, kv_heads: int) -> Array:
-    """``[B, T, H, D]`` -> ``[B, K, G, T, D]`` (H = K * G query heads per kv head)."""
-    b, t, h, d = q.shape
-    return q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
-
-
-def _tokens_major(out: Array) -> Array:
-    """``[B, K, G, T, D]`` -> ``[B, T, H, D]``."""
-    b, k, g, t, d = out.shape
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, d)
-
-
-def cached_attention(q: Array, keys: Array, values: Array, mask: Array) -> Array:
-    """Attention of new tokens to a cache layer: q ``[B, T, H, D]``; keys, values
-    ``[B, K, S, D]`` (H = K * groups); mask ``[B, T, S] bool``. Returns ``[B, T, H, D]``."""
-    return _tokens_major(_attend(_heads_major(q, keys.shape[1]), keys, values, mask))
-
-
-def causal_chunked_attention(q: Array, key: Array, value: Array, mask: Array, chunk: int) -> Array:
-    """Causal self-attention by query chunks: q ``[B, T, H, D]``; key, value ``[B, T, K, D]``;
-    mask ``[B, T, T] bool``, which must be causal. Returns ``[B, T, H, D]``.
-
-    Queries ``[i, i + chunk)`` only see keys ``[0, i + chunk)``, so the blocks above the
-    diagonal are never computed: at T = 256 and chunk 64 that is 5/8 of the score matrix.
-    Measured on a 2-core CPU (B 8, T 256, 8 heads of 64, f32, forward + backward): 46 ms
-    against 94 ms for ``jax.nn.dot_product_attention``'s XLA path, which builds all T x T
-    scores in a ``[B, T, H, D]`` layout that its batched matmuls must transpose."""
-    t = q.shape[1]
-    grouped = _heads_major(q, key.shape[2])
-    keys, values = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    outs = []
-    for start in range(0, t, chunk):
-        end = min(start + chunk, t)
-        outs.append(_attend(grouped[:, :, :, start:end], keys[:, :, :end], values[:, :, :end],
-                            mask[:, start:end, :end]))
-    return _tokens_major(jnp.concatenate(outs, axis=3))
-
-
 class Attention(nn.Module):
     """Self-attention. With a cache, ``cache`` is ``(keys, values)`` of ALL layers
-    (``[L, B, K, S, D]``): this layer writes its slots in place and returns both arrays."""
+    (``[L, B, K, S, D]``): this layer writes its slots in place and returns both arrays.
+    ``right_padded`` (static): the caller declares every row one segment then padding,
+    which lets :func:`~rlhf_jax.models.attention.choose_attention` pick cuDNN on a GPU."""
 
     cfg: ModelConfig
     layer: int = 0  # this block's index into the cache's layer axis
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, layer=None):
+    def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, layer=None,
+                 right_padded=False):
         cfg = self.cfg
         layer = self.layer if layer is None else layer  # traced under nn.scan
         bias = cfg.family == "gpt2" or cfg.qkv_bias
@@ -217,19 +154,13 @@ class Attention(nn.Module):
 
         t = x.shape[1]
         if cache is None:
-            same = segment_ids[:, :, None] == segment_ids[:, None, :]
-            causal = jnp.tril(jnp.ones((t, t), bool))[None]
-            mask = same & causal & (segment_ids[:, None, :] > 0)
             key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
             value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
-            impl = resolve_attention_impl(cfg.attention_impl)
-            if impl == "chunked":
-                out = causal_chunked_attention(q, key, value, mask, ATTENTION_CHUNK)
-            else:
-                out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype),
-                                                   mask=mask[:, None], implementation=impl)
+            path = choose_attention(cfg.attention_impl, jax.default_backend(), cfg.compute_dtype,
+                                    cfg.dim_per_head, right_padded)
+            out = self_attention(path, q, key, value, segment_ids)
             new_cache = None
-        else:
+        else:  # prefill and decode: always the mask (a left-padded prompt is not lengths)
             all_k, all_v = cache
             at = (layer, 0, 0, cache_index, 0)  # [L, B, K, S, D]
             all_k = jax.lax.dynamic_update_slice(all_k, key.swapaxes(1, 2).astype(all_k.dtype)[None], at)
@@ -269,11 +200,11 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, deterministic,
-                 layer=None):
+                 right_padded=False, layer=None):
         cfg = self.cfg
         attn, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "norm_attn")(x).astype(x.dtype), positions, segment_ids,
-            cache, cache_index, cache_valid, layer)
+            cache, cache_index, cache_valid, layer, right_padded)
         x = x + nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
         mlp = MLP(cfg, name="mlp")(_norm(cfg, "norm_mlp")(x).astype(x.dtype))
         x = x + nn.Dropout(self.dropout_rate)(mlp, deterministic=deterministic)
@@ -304,7 +235,8 @@ class Decoder(nn.Module):
         block = Block
         policy = cfg.remat_policy
         if policy is not None:
-            block = nn.remat(Block, static_argnums=(7,), policy=getattr(jax.checkpoint_policies, policy),
+            # deterministic (7) and right_padded (8) are Python bools that pick code paths
+            block = nn.remat(Block, static_argnums=(7, 8), policy=getattr(jax.checkpoint_policies, policy),
                              prevent_cse=not cfg.scan_layers)  # scan already prevents CSE
         if cfg.scan_layers:  # one Block whose params are stacked [L, ...] (see _run_scanned)
             self.layers = block(cfg, dropout_rate=self.dropout_rate, name="layers")
@@ -314,9 +246,14 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, right_padded: bool = False):
         """tokens ``[B, T] int32``; positions ``[B, T] int32`` (default: from segments);
-        segment_ids ``[B, T] int32`` (default: all 1). Returns (hidden ``[B, T, E]``, cache)."""
+        segment_ids ``[B, T] int32`` (default: all 1). Returns (hidden ``[B, T, E]``, cache).
+
+        right_padded (static): the caller declares that every row is one segment from
+        position 0 followed only by padding (no packing, no left padding), so attention may
+        use lengths instead of a mask (cuDNN on GPUs, see ``models.attention``). A wrong
+        declaration gives a wrong mask on that path; False is always correct."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
@@ -334,16 +271,17 @@ class Decoder(nn.Module):
         kv = None if cache is None else (cache.keys, cache.values)
         cache_index = None if cache is None else cache.index
         if self.cfg.scan_layers:
-            x, kv = self._run_scanned(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic)
+            x, kv = self._run_scanned(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic,
+                                      right_padded)
         else:
             for block in self.blocks:
-                x, kv = block(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic)
+                x, kv = block(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic, right_padded)
         x = self.final_norm(x).astype(x.dtype)
         if cache is not None:
             cache = KVCache(keys=kv[0], values=kv[1], valid=cache_valid, index=cache.index + tokens.shape[1])
         return x, cache
 
-    def _run_scanned(self, x, positions, segment_ids, kv, cache_index, cache_valid, deterministic):
+    def _run_scanned(self, x, positions, segment_ids, kv, cache_index, cache_valid, deterministic, right_padded):
         """The blocks as one ``nn.scan`` over ``self.layers``: params (and dropout rngs) get a
         leading layer axis named ``layers``; the carry is the hidden state and the whole
         ``[L, ...]`` cache, which each layer updates in place at its (traced) index."""
@@ -351,7 +289,7 @@ class Decoder(nn.Module):
         def body(block, carry, layer):
             h, cache_kv = carry
             h, cache_kv = block(h, positions, segment_ids, cache_kv, cache_index, cache_valid,
-                                deterministic, layer)
+                                deterministic, right_padded, layer)
             return (h, cache_kv), None
 
         scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},

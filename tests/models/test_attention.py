@@ -1,0 +1,148 @@
+"""Attention dispatch: every (impl, backend, dtype, batch layout) choice and refusal, and the
+paths' numbers on CPU: lengths + is_causal (what cuDNN is asked) == the mask == the chunks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.config import ConfigError, ModelConfig
+from rlhf_jax.models import LanguageModel, attention
+
+HEAD_DIM = 32
+
+# (impl, backend, compute_dtype, right_padded) -> path. Written out rather than derived, so
+# the test states the table docs/attention.md gives.
+TABLE = [
+    ("default", "cpu", "float32", False, "chunked"),
+    ("default", "cpu", "float32", True, "chunked"),
+    ("default", "cpu", "bfloat16", False, "chunked"),
+    ("default", "cpu", "bfloat16", True, "chunked"),
+    ("default", "gpu", "float32", False, "xla"),
+    ("default", "gpu", "float32", True, "xla"),  # cuDNN takes no float32: fall back
+    ("default", "gpu", "bfloat16", False, "xla"),  # packed / left-padded: the mask
+    ("default", "gpu", "bfloat16", True, "cudnn"),
+    ("default", "cuda", "bfloat16", True, "cudnn"),
+    ("default", "tpu", "float32", False, "xla"),
+    ("default", "tpu", "bfloat16", True, "xla"),
+    ("cudnn", "gpu", "bfloat16", True, "cudnn"),
+    ("cudnn", "gpu", "float16", True, "cudnn"),
+    ("cudnn", "gpu", "bfloat16", False, "xla"),  # never a wrong mask: packed rows keep it
+    ("xla", "cpu", "float32", False, "xla"),
+    ("xla", "gpu", "bfloat16", True, "xla"),
+    ("xla", "tpu", "bfloat16", True, "xla"),
+    ("chunked", "cpu", "float32", True, "chunked"),
+    ("chunked", "gpu", "bfloat16", True, "chunked"),
+    ("chunked", "tpu", "float32", False, "chunked"),
+]
+
+
+@pytest.mark.parametrize("impl, backend, dtype, right_padded, path", TABLE)
+def test_choose_attention_table(impl, backend, dtype, right_padded, path):
+    assert attention.choose_attention(impl, backend, dtype, HEAD_DIM, right_padded) == path
+
+
+@pytest.mark.parametrize("backend, dtype, head_dim, message", [
+    ("cpu", "bfloat16", 32, r"model.attention_impl='cudnn' needs a CUDA GPU, but JAX's backend is 'cpu'"),
+    ("tpu", "bfloat16", 32, r"needs a CUDA GPU, but JAX's backend is 'tpu'"),
+    ("gpu", "float32", 32, r"model.attention_impl='cudnn': .*model.compute_dtype in \['bfloat16', 'float16'\], "
+                           r"got 'float32'"),
+    ("gpu", "bfloat16", 12, r"model.attention_impl='cudnn': .*multiple of 8 and at most 256, got 12"),
+    ("gpu", "bfloat16", 512, r"at most 256, got 512"),
+], ids=["cpu", "tpu", "float32", "head-dim-12", "head-dim-512"])
+def test_explicit_cudnn_is_refused_where_it_cannot_run(backend, dtype, head_dim, message):
+    for right_padded in (True, False):  # refused whatever the batch: it could never run
+        with pytest.raises(ConfigError, match=message):
+            attention.choose_attention("cudnn", backend, dtype, head_dim, right_padded)
+
+
+def test_default_falls_back_on_a_head_dim_cudnn_does_not_take():
+    assert attention.choose_attention("default", "gpu", "bfloat16", 12, True) == "xla"
+    assert attention.choose_attention("default", "gpu", "bfloat16", 128, True) == "cudnn"
+
+
+def test_unknown_impl_and_float32_cudnn_config_are_refused_naming_the_fields():
+    with pytest.raises(ConfigError, match=r"model.attention_impl must be one of .*got 'flash'"):
+        attention.choose_attention("flash", "gpu", "bfloat16", HEAD_DIM, True)
+    with pytest.raises(ConfigError, match=r"rm.model.attention_impl='cudnn': .*rm.model.compute_dtype"):
+        ModelConfig(attention_impl="cudnn").validate("rm.model")  # float32 compute by default
+    ModelConfig(attention_impl="cudnn", compute_dtype="bfloat16").validate()
+
+
+def _right_padded_qkv(t=150, kv_heads=2, heads=4):
+    """q [3, t, heads, D], k/v [3, t, kv_heads, D]; rows of t, 97 and 40 tokens, then padding."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (3, t, heads, 16))
+    k = jax.random.normal(keys[1], (3, t, kv_heads, 16))
+    v = jax.random.normal(keys[2], (3, t, kv_heads, 16))
+    segments = (jnp.arange(t)[None, :] < jnp.array([[t], [97], [40]])).astype(jnp.int32)
+    return q, k, v, segments
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_lengths_path_equals_the_mask_paths_on_right_padded_rows(kv_heads):
+    """What the cuDNN path asks (is_causal + per-row lengths) computed by XLA on CPU equals
+    the mask path and the chunked path, outputs and gradients, across chunk boundaries."""
+    q, k, v, segments = _right_padded_qkv(kv_heads=kv_heads)
+    real = (segments > 0)[:, :, None, None]
+
+    def run(fn):
+        def loss(q, k, v):
+            out = fn(q, k, v)
+            return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        assert np.isfinite(np.asarray(out)).all()  # padding rows too: they reach the losses
+        return np.where(real, out, 0.0), grads
+
+    mask = attention.segment_mask(segments)
+    lengths_out, lengths_grads = run(lambda q, k, v: attention.length_attention(q, k, v, segments, "xla"))
+    for path in ("xla", "chunked"):
+        out, grads = run(lambda q, k, v, path=path: attention.self_attention(path, q, k, v, segments))
+        np.testing.assert_allclose(out, lengths_out, atol=2e-5, rtol=1e-5, err_msg=path)
+        for name, a, b in zip("qkv", grads, lengths_grads):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=f"{path} d{name}")
+    np.testing.assert_allclose(np.where(real, attention.masked_attention(q, k, v, mask), 0.0), lengths_out,
+                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(attention.right_padded_lengths(segments), [150, 97, 40])
+
+
+def test_lengths_path_is_wrong_for_packed_rows_which_is_why_it_is_never_guessed():
+    """Two packed segments in a row: lengths would let the second attend to the first."""
+    q, k, v, _ = _right_padded_qkv(t=12)
+    packed = jnp.array([[1] * 5 + [2] * 7] * 3, jnp.int32)
+    by_mask = attention.self_attention("xla", q, k, v, packed)
+    by_lengths = attention.length_attention(q, k, v, packed, "xla")
+    assert not np.allclose(by_mask[:, 5:], by_lengths[:, 5:], atol=1e-3)
+    np.testing.assert_allclose(by_mask[:, :5], by_lengths[:, :5], atol=2e-6)
+
+
+CFG = ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=32,
+                  compute_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(scan_layers=True, remat=True)], ids=["unrolled", "scanned-remat"])
+def test_the_model_takes_the_lengths_path_only_when_the_caller_declares_right_padding(monkeypatch, layout):
+    """On a (pretended) GPU in bfloat16, ``right_padded=True`` routes every layer through
+    ``length_attention`` (run by XLA here, as cuDNN is not on a CPU) and gives the mask path's
+    logits; without the declaration no layer goes there."""
+    cfg = dataclasses.replace(CFG, **layout)
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (3, 20), 1, 61)
+    segments = (jnp.arange(20)[None, :] < jnp.array([[20], [13], [6]])).astype(jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    calls, lengths_attention = [], attention.length_attention
+
+    def xla_lengths(q, k, v, segment_ids, implementation="cudnn"):
+        calls.append(implementation)
+        return lengths_attention(q, k, v, segment_ids, "xla")
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "length_attention", xla_lengths)
+    by_mask = model.apply({"params": params}, tokens, segment_ids=segments)[0]
+    assert calls == []
+    by_lengths = model.apply({"params": params}, tokens, segment_ids=segments, right_padded=True)[0]
+    assert calls and set(calls) == {"cudnn"}  # what the real path would have asked for
+    valid = np.asarray(segments > 0)
+    np.testing.assert_allclose(np.asarray(by_lengths)[valid], np.asarray(by_mask)[valid], atol=1e-6)
