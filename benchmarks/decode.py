@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from rlhf_jax import sharding
+from rlhf_jax import parameters, sharding
 from rlhf_jax.config import ModelConfig, SamplingConfig
 from rlhf_jax.default_config import default_config
 from rlhf_jax.models import LanguageModel
@@ -94,7 +94,7 @@ def run(work: DecodeWorkload = DecodeWorkload(), models: dict[str, ModelConfig] 
     missing = common.missing_peers("torch", "transformers") if peers else []
     results = {"workload": dataclasses.asdict(work), "greedy": True, "eos_stop": False, "rows": []}
     for name, cfg in models.items():
-        params, shardings = sharding.init_params(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
+        params, shardings = parameters.create(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = common.export_lm(params, cfg, pathlib.Path(tmp) / name) if peers and not missing else None
             for batch in work.batches:

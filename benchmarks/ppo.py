@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, sft_step
-from rlhf_jax import sharding
+from rlhf_jax import parameters, sharding
 from rlhf_jax.config import OptimConfig, PPOConfig, SamplingConfig
 from rlhf_jax.default_config import default_config
 from rlhf_jax.evaluation import copy_params
@@ -88,10 +88,10 @@ def prompts(work: PPOWorkload, vocab: int) -> np.ndarray:
 def models(mesh):
     """(policy params, value params, reward params): random, scalar heads random (bias 0)."""
     cfg = model_config()
-    policy, _ = sharding.init_params(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
+    policy, _ = parameters.create(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
     scalars = []
     for seed in (1, 2):
-        params, _ = sharding.init_params(ScalarModel(cfg), mesh, jax.random.PRNGKey(seed))
+        params, _ = parameters.create(ScalarModel(cfg), mesh, jax.random.PRNGKey(seed))
         kernel = params["head"]["kernel"]
         params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(10 + seed), kernel.shape) * 0.1
         scalars.append(params)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, decode, sft_step
-from rlhf_jax import sharding
+from rlhf_jax import parameters
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models import LanguageModel
 
@@ -153,7 +153,7 @@ def decode_bound(name: str, cfg: ModelConfig, work: RooflineWorkload, peak: dict
     cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16",
                               max_len=max(cfg.max_len, work.prompt_len + work.new_tokens))
     mesh = common.single_device_mesh()
-    params, shardings = sharding.init_params(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
+    params, shardings = parameters.create(LanguageModel(cfg), mesh, jax.random.PRNGKey(0))
     rows = []
     for batch in work.batches:
         tokens = decode.prompts(cfg, batch, work.prompt_len)

@@ -17,7 +17,7 @@ import pathlib
 import shutil
 import sys
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from rlhf_jax import models
 from rlhf_jax.atomic import write_text
 from rlhf_jax.config import CheckpointConfig, ModelConfig
+from rlhf_jax.config.model import architecture_differences, model_config_from_dict
 
 EXPORT_META = "export.json"
 
@@ -79,36 +80,18 @@ class StageCheckpoints:
         self._unsealed = []
 
     def damage(self, step: int) -> str | None:
-        """What is wrong with finished checkpoint ``step`` on disk, or None: a file missing
-        or changed since its checksums were written, or Orbax's metadata unreadable."""
-        step_dir = self.directory / str(step)
-        sums_path = step_dir / CHECKSUMS
-        if sums_path.is_file():  # absent only if the run died between a save and its seal
-            try:
-                saved = json.loads(sums_path.read_text())
-            except ValueError:
-                return f"its {CHECKSUMS} is not valid JSON"
-            now = _file_sums(step_dir)
-            for name in sorted(saved):
-                if name not in now:
-                    return f"{name} is missing"
-                if now[name] != saved[name]:
-                    return f"{name} changed since it was written (checksum mismatch)"
-        try:
-            if self.manager.item_metadata(step)["state"] is None:
-                return "Orbax finds no state metadata in it"
-        except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage
-            return f"Orbax cannot read its metadata ({type(err).__name__}: {str(err)[:300]})"
-        return None
+        """What is wrong with finished checkpoint ``step`` on disk (see :func:`step_damage`)."""
+        return step_damage(self.directory / str(step))
 
-    def restore_newest_intact(self, target_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    def restore_newest_intact(self, target_state: Any, check_meta: Callable[[int, dict[str, Any]], None] | None = None,
+                              ) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest checkpoint that is not damaged (None: there is none yet).
         A damaged newer one is named in a warning and moved to ``<stage>/damaged_checkpoints``
         (nothing is deleted); if every checkpoint is damaged, stops naming them."""
         damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return self.restore(target_state, step)
+                return self.restore(target_state, step, check_meta)
             except DamagedCheckpointError as err:
                 damaged.append(step)
                 print(f"rlhf-jax: warning: {err}; moved to {self._set_aside(step)}, trying an older step",
@@ -130,9 +113,11 @@ class StageCheckpoints:
         self.manager.reload()
         return aside
 
-    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(self, target_state: Any, step: int | None = None,
+                check_meta: Callable[[int, dict[str, Any]], None] | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores ``step`` (default: latest) shaped and sharded like ``target_state``
-        (arrays or ShapeDtypeStructs with shardings)."""
+        (arrays or ShapeDtypeStructs with shardings). ``check_meta(step, meta)`` may refuse
+        the step from its saved metadata before any array is compared or read."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
@@ -142,9 +127,11 @@ class StageCheckpoints:
         why = self.damage(step)
         if why:
             raise DamagedCheckpointError(f"{self.directory}/{step} is damaged: {why}")
+        if check_meta is not None:
+            check_meta(step, read_step_meta(self.directory / str(step)))
         # A restore that fails midway leaves Orbax's reads running past its closed event loop
         # (pages of "Event loop is closed"): compare shapes from the metadata first.
-        differ = _differences(self.manager.item_metadata(step)["state"], target)
+        differ = differences(self.manager.item_metadata(step)["state"], target)
         if differ:
             raise CheckpointError(
                 f"{self.directory}/{step}: does not match this run's state (was it written by a "
@@ -166,6 +153,53 @@ class StageCheckpoints:
         self.manager.close()
 
 
+def step_damage(step_dir: pathlib.Path) -> str | None:
+    """What is wrong with the finished checkpoint ``step_dir`` on disk, or None: a file
+    missing or changed since its checksums were written, or Orbax's metadata unreadable."""
+    sums_path = step_dir / CHECKSUMS
+    if sums_path.is_file():  # absent only if the run died between a save and its seal
+        try:
+            saved = json.loads(sums_path.read_text())
+        except ValueError:
+            return f"its {CHECKSUMS} is not valid JSON"
+        now = _file_sums(step_dir)
+        for name in sorted(saved):
+            if name not in now:
+                return f"{name} is missing"
+            if now[name] != saved[name]:
+                return f"{name} changed since it was written (checksum mismatch)"
+    try:
+        read_step_state_metadata(step_dir)
+    except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage
+        return f"Orbax cannot read its metadata ({type(err).__name__}: {str(err)[:300]})"
+    return None
+
+
+def read_step_state_metadata(step_dir: pathlib.Path) -> dict[str, Any]:
+    """The saved TrainState's tree of array metadata (shapes, dtypes) in checkpoint ``step_dir``."""
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.metadata(step_dir / "state").item_metadata
+    if tree is None:
+        raise CheckpointError(f"{step_dir}: Orbax finds no state metadata in it")
+    return tree.tree
+
+
+def read_step_meta(step_dir: pathlib.Path) -> dict[str, Any]:
+    """The JSON saved beside the state in checkpoint ``step_dir`` (step, resolved config)."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(step_dir / "meta")
+
+
+def check_same_model(saved: ModelConfig, current: ModelConfig, where: str, include_layout: bool = False) -> None:
+    """Refuses params written for another architecture, naming each field that differs
+    (``config.architecture_differences`` is the rule)."""
+    diff = architecture_differences(saved, current, include_layout)
+    if diff:
+        listed = "; ".join(f"model.{k}: saved {a!r}, this run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"{where}: written for a different model ({listed}); use the original model "
+                              "config, or a new --workdir")
+
+
 def _file_sums(step_dir: pathlib.Path) -> dict[str, int]:
     """CRC32 of every file under ``step_dir`` (but the checksums themselves), by relative path."""
     sums = {}
@@ -179,7 +213,7 @@ def _file_sums(step_dir: pathlib.Path) -> dict[str, int]:
     return sums
 
 
-def _differences(saved: Any, target: Any) -> list[str]:
+def differences(saved: Any, target: Any) -> list[str]:
     """``name: stored shape, this run shape`` for each array that differs (params first)."""
     stored = ocp.tree.to_flat_dict(saved, sep=".")
     wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(target, keep_empty_nodes=True), sep=".")
@@ -238,12 +272,11 @@ def read_export_meta(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 def export_model_config(directory: str | pathlib.Path) -> ModelConfig:
-    """The architecture an export was written for (its ``export.json``)."""
-    saved = {k: v for k, v in read_export_meta(directory)["model"].items() if k != "dropout"}  # older exports carry it
+    """The architecture an export was written for (its ``export.json``, read strictly)."""
     try:
-        return ModelConfig(**saved)
-    except TypeError as err:
-        raise CheckpointError(f"{directory}: the model config in {EXPORT_META} is not valid: {err}") from err
+        return model_config_from_dict(read_export_meta(directory)["model"], f"{directory}/{EXPORT_META}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def load_export(directory: str | pathlib.Path, target_params: Any,
@@ -252,21 +285,13 @@ def load_export(directory: str | pathlib.Path, target_params: Any,
     ShapeDtypeStructs). With ``model_cfg``, first checks the export was made for the same
     architecture and names the fields that differ."""
     directory = pathlib.Path(directory).absolute()
-    meta = read_export_meta(directory)
-    saved = meta["model"]
-    defaults = dataclasses.asdict(ModelConfig())
-    if model_cfg is not None:
-        # scan_layers is a layout, not an architecture: converted below
-        ignore = {"remat", "compute_dtype", "attention_impl", "hf_path", "scan_layers"}
-        diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in dataclasses.asdict(model_cfg).items()
-                if k not in ignore and saved.get(k, defaults.get(k)) != v}
-        if diff:
-            raise CheckpointError(f"{directory}: exported for a different model; (export, config) "
-                                  f"differ in {diff}")
+    saved_cfg = export_model_config(directory)
+    if model_cfg is not None:  # scan_layers is a layout, not architecture: converted below
+        check_same_model(saved_cfg, model_cfg, f"{directory} (export)")
     target = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_params)
-    saved_stacked = bool(saved.get("scan_layers", False))
+    saved_stacked = saved_cfg.scan_layers
     want_stacked = models.is_stacked(target)
     if model_cfg is not None and want_stacked is not None and want_stacked != model_cfg.scan_layers:
         raise CheckpointError(f"{directory}: target params are {'stacked' if want_stacked else 'unrolled'} "
@@ -276,7 +301,7 @@ def load_export(directory: str | pathlib.Path, target_params: Any,
             return ckptr.restore(directory / "params", target)
     # the export's model.scan_layers differs from the target's layout: restore the export's
     # layout (each leaf sharded as the target's, less or plus the unsharded layer axis), convert
-    n_layers = saved.get("n_layers", defaults["n_layers"])
+    n_layers = saved_cfg.n_layers
     if want_stacked:
         as_saved = models.unstack_layers(target, n_layers, lambda leaf, i: jax.ShapeDtypeStruct(
             leaf.shape[1:], leaf.dtype, sharding=_layer_axis_sharding(leaf.sharding, drop=True)))

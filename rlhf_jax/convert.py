@@ -16,7 +16,7 @@ import dataclasses
 import pathlib
 import sys
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import ConfigError, MeshConfig
 
 
@@ -44,25 +44,28 @@ def _mesh(spec: str):
 def from_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, mesh) -> pathlib.Path:
     """HF checkpoint -> export. The export stands alone, so it does not point back at
     ``hf_dir`` (``hf_path`` is cleared)."""
-    from rlhf_jax.models import LanguageModel, hf
+    from rlhf_jax.models import LanguageModel
     from rlhf_jax.models.hf_config import model_config_from_hf
-    from rlhf_jax.stages.common import abstract_params
 
     cfg = model_config_from_hf(hf_dir)
-    params = hf.load_hf_params(hf_dir, cfg, abstract_params(LanguageModel(cfg), mesh))
+    params, _ = parameters.load(str(hf_dir), LanguageModel(cfg), mesh, "--from-hf")
     return checkpoint.export_params(out, params, dataclasses.replace(cfg, hf_path=None))
 
 
 def to_hf(export_dir: str | pathlib.Path, out: str | pathlib.Path, mesh,
           tokenizer_dir: str | None = None) -> pathlib.Path:
-    """Export of a language model (SFT or PPO policy) -> HF checkpoint."""
+    """A language model's export (SFT or PPO policy) or stage checkpoints -> HF checkpoint."""
     from rlhf_jax.models import LanguageModel, hf
-    from rlhf_jax.stages.common import abstract_params
 
-    cfg = checkpoint.export_model_config(export_dir)
-    target = abstract_params(LanguageModel(cfg), mesh)
+    src = parameters.source(str(export_dir), "--to-hf")
+    if src.kind == "hf":
+        raise ConfigError(f"--to-hf {export_dir}: already a HF checkpoint")
+    if src.is_reward_model:
+        raise checkpoint.CheckpointError(f"{export_dir}: not a language-model export (a reward model's "
+                                         "export has no LM head)")
+    cfg = src.model
     try:
-        params = checkpoint.load_export(export_dir, target, cfg)
+        params, _ = parameters.load(str(export_dir), LanguageModel(cfg), mesh, "--to-hf")
     except (ValueError, KeyError) as err:  # Orbax names the tree mismatch
         raise checkpoint.CheckpointError(f"{export_dir}: not a language-model export (a reward or value "
                                          f"model has no LM head): {err}") from err

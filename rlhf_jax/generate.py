@@ -9,7 +9,7 @@ import tempfile
 import jax
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint
+from rlhf_jax import parameters
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, to_global
 from rlhf_jax.models import LanguageModel
@@ -22,12 +22,10 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str,
     """(prompt, response) for each prompt (default: the held-out prompts of ``cfg.ppo``),
     sampled with ``cfg.ppo.sampling`` from the params in ``export``."""
     env = common.make_env(cfg, workdir, "sample")
-    export_path = env.resolve(export)
-    meta = checkpoint.read_export_meta(export_path)
-    if meta.get("stage") == "rm":
+    if parameters.source(export, "--export", env.workdir).is_reward_model:
         raise ConfigError(f"--export {export}: a reward-model export, not a policy")
     model = LanguageModel(cfg.model)
-    params = checkpoint.load_export(export_path, common.abstract_params(model, env.mesh), cfg.model)
+    params, _ = env.load_params(export, model, "--export")
     ppo = cfg.ppo
     with tempfile.TemporaryDirectory() as tmp:
         if prompts:

@@ -171,18 +171,6 @@ def sample_tokens(mesh: Mesh) -> jax.Array:
     return jax.numpy.zeros((rows, 1), jax.numpy.int32)
 
 
-def init_params(model: nn.Module, mesh: Mesh, rng: jax.Array) -> tuple[Any, Any]:
-    """Model parameters created directly in their shards. Returns (params, shardings)."""
-    tokens = sample_tokens(mesh)
-
-    def create(key):
-        return model.init(key, tokens)["params"]
-
-    with activate(mesh):
-        check_all_partitioned(jax.eval_shape(create, rng))
-    return sharded_create(create, mesh, rng)
-
-
 def jit_under_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
     """``jax.jit(fn, **jit_kwargs)``, traced and run with the mesh and axis rules in scope
     (so the model's logical constraints apply). ``.jitted`` is the underlying jit object."""

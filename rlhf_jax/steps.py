@@ -15,30 +15,31 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import losses, parameters, sharding
 from rlhf_jax.types import RankingBatch, TokenBatch, TrainState
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                        rng: jax.Array, params: Any = None) -> tuple[TrainState, Any]:
-    """A sharded TrainState. ``params`` (already placed, e.g. restored) skips random init.
+    """A sharded TrainState around ``params`` (placed, e.g. from :mod:`rlhf_jax.parameters`);
+    None draws fresh ones (``parameters.create``) from ``rng``'s first half.
 
     Returns (state, state_shardings).
     """
-    tokens = sharding.sample_tokens(mesh)
     init_rng, state_rng = jax.random.split(rng)
+    if params is None:
+        params, _ = parameters.create(model, mesh, init_rng)
+    tokens = sharding.sample_tokens(mesh)
 
     def create(given_params):
+        # The logical-axis boxes carry the shardings (and the optimiser state's): keep them,
+        # swap in the values. Under jit, the unused random init is dead code.
         boxed = model.init(init_rng, tokens)["params"]
-        if given_params is not None:
-            # Keep the logical-axis boxes (they carry the shardings), swap in the values.
-            boxed = jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, given_params,
-                                 is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        boxed = jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, given_params,
+                             is_leaf=lambda x: isinstance(x, nn.Partitioned))
         return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
                           rng=state_rng)
 
-    with sharding.activate(mesh):
-        sharding.check_all_partitioned(jax.eval_shape(lambda: model.init(init_rng, tokens)["params"]))
     return sharding.sharded_create(create, mesh, params)
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, losses
+from rlhf_jax import losses, parameters
 from rlhf_jax.config import Config
 from rlhf_jax.evaluation import Generations, PolicyEvaluator
 from rlhf_jax.logging import read_metrics
@@ -138,9 +138,9 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
         prompt_sets["heldout_"] = prompt_set(pipe.heldout_prompts, "pipeline.heldout_prompts")
     texts = env.batches(TextBatches, ppo.pretrain.val_path, "ppo.pretrain.val_path",
                         dataclasses.replace(ppo.pretrain, shuffle=False))
-    policy, scalar = LanguageModel(cfg.model), ScalarModel(checkpoint.export_model_config(workdir / "rm" / "export"))
-    load = lambda stage, model: checkpoint.load_export(  # noqa: E731
-        workdir / stage / "export", common.abstract_params(model, env.mesh), model.cfg)
+    policy = LanguageModel(cfg.model)
+    scalar = ScalarModel(parameters.source("run:rm/export", "rm export", workdir).model)
+    load = lambda stage, model: env.load_params(f"run:{stage}/export", model, f"{stage} export")[0]  # noqa: E731
     reward, sft = load("rm", scalar), load("sft", policy)
     decodings = {"greedy": dataclasses.replace(ppo.sampling, temperature=0.0), "sampled": ppo.sampling}
 

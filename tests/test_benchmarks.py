@@ -63,13 +63,13 @@ def test_decode_bytes_count_every_weight_once_and_the_valid_cache_prefix():
     import jax
 
     from benchmarks import common, roofline
-    from rlhf_jax import sharding
+    from rlhf_jax import parameters
     from rlhf_jax.config import ModelConfig
     from rlhf_jax.models import LanguageModel
 
     llama = ModelConfig(family="llama", vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
                         max_len=32, tie_embeddings=False, param_dtype="bfloat16", compute_dtype="bfloat16")
-    params, _ = sharding.init_params(LanguageModel(llama), common.single_device_mesh(), jax.random.PRNGKey(0))
+    params, _ = parameters.create(LanguageModel(llama), common.single_device_mesh(), jax.random.PRNGKey(0))
     counted = roofline.decode_bytes_per_step(llama, params, batch=2, prompt_len=8, new_tokens=8)
     # q 8x8 + k 8x4 + v 8x4 + out 8x8 + gate, up 8x16 + fc_out 16x8 + 3 norms of 8 + lm_head 8x16
     # = 64 + 32 + 32 + 64 + 128 + 128 + 128 + 24 + 128 = 728 params, 2 bytes each; of the
@@ -81,7 +81,7 @@ def test_decode_bytes_count_every_weight_once_and_the_valid_cache_prefix():
     assert counted["total"] == counted["weights"] + counted["kv_cache_mean"]
 
     gpt2 = dataclasses.replace(llama, family="gpt2", tie_embeddings=True)
-    params, _ = sharding.init_params(LanguageModel(gpt2), common.single_device_mesh(), jax.random.PRNGKey(0))
+    params, _ = parameters.create(LanguageModel(gpt2), common.single_device_mesh(), jax.random.PRNGKey(0))
     everything = sum(leaf.size for leaf in jax.tree.leaves(params)) * 2
     # tied: the token table is read whole as the unembedding; the position table (32 x 8) by rows
     assert roofline.decode_bytes_per_step(gpt2, params, 2, 8, 8)["weights"] == everything - 32 * 8 * 2 + 2 * 8 * 2

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, sharding, steps
+from rlhf_jax import checkpoint, parameters, sharding, steps
 from rlhf_jax.config import Config, ConfigError, DistributedConfig, MeshConfig, OptimConfig, apply_overrides
 from rlhf_jax.distributed import detect, initialize_kwargs, maybe_initialize
 from rlhf_jax.logging import read_metrics
@@ -199,7 +199,7 @@ def _with_task_files(tmp_path: pathlib.Path, *workdirs: pathlib.Path) -> None:
 
 def _params(export_dir, model):
     mesh = sharding.make_mesh(MeshConfig(data=-1))
-    return checkpoint.load_export(export_dir, common.abstract_params(model, mesh))
+    return checkpoint.load_export(export_dir, parameters.abstract(model, mesh))
 
 
 def _assert_same_params(a_tree, b_tree):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, sharding, steps
+from rlhf_jax import checkpoint, parameters, sharding, steps
 from rlhf_jax.checkpoint import CheckpointError
 from rlhf_jax.config import (CheckpointConfig, DataConfig, MeshConfig, OptimConfig, PPOConfig, SamplingConfig,
                              apply_overrides)
@@ -165,7 +165,7 @@ def _model(stage: str):
 
 def _assert_same_export(a: pathlib.Path, b: pathlib.Path, stage: str) -> None:
     mesh = sharding.make_mesh(MeshConfig(data=-1))
-    target = sharding.init_params(_model(stage), mesh, jax.random.PRNGKey(0))[0]
+    target = parameters.create(_model(stage), mesh, jax.random.PRNGKey(0))[0]
     leaves = [jax.tree.leaves(checkpoint.load_export(d, target)) for d in (a, b)]
     assert len(leaves[0]) == len(leaves[1]) > 0
     for x, y in zip(*leaves):
@@ -365,10 +365,12 @@ def test_checkpoint_of_another_model_is_refused_and_left_as_it_was(copy_of_start
     cfg, workdir, demos = copy_of_started
     before = _tree_digest(workdir, demos)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=64))
-    with pytest.raises(CheckpointError, match=r"sft/checkpoints/2: does not match this run's state"):
+    with pytest.raises(CheckpointError, match=r"sft/checkpoints/2: written for a different model "
+                                              r"\(model.d_model: saved 32, this run 64\)"):
         run_sft(wider, workdir, show_progress=False)
     deeper = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=3))
-    with pytest.raises(CheckpointError, match=r"sft/checkpoints/2: does not match this run's state"):
+    with pytest.raises(CheckpointError, match=r"sft/checkpoints/2: written for a different model "
+                                              r"\(model.n_layers: saved 2, this run 3\)"):
         run_sft(deeper, workdir, show_progress=False)
     assert _tree_digest(workdir, demos) == before
     # and the original command still resumes from it

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import sharding
+from rlhf_jax import parameters, sharding
 from rlhf_jax.config import MeshConfig, ModelConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_jax.evaluation import PolicyEvaluator, copy_params
 from rlhf_jax.models import LanguageModel, ScalarModel
@@ -25,8 +25,8 @@ MODEL = ModelConfig(family="llama", vocab_size=37, d_model=32, n_layers=2, n_hea
 def _setup():
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
     policy, scalar = LanguageModel(MODEL), ScalarModel(MODEL)
-    policy_params, policy_sh = sharding.init_params(policy, mesh, jax.random.key(0))
-    value_params, value_sh = sharding.init_params(scalar, mesh, jax.random.key(1))
+    policy_params, policy_sh = parameters.create(policy, mesh, jax.random.key(0))
+    value_params, value_sh = parameters.create(scalar, mesh, jax.random.key(1))
     value_params["head"]["kernel"] = jax.random.normal(jax.random.key(2), value_params["head"]["kernel"].shape)
     prompts = jax.random.randint(jax.random.key(3), (8, 6), 3, MODEL.vocab_size)
     segments = jnp.ones_like(prompts).at[:2, :2].set(0)
@@ -37,7 +37,7 @@ def _experience(sampling: SamplingConfig, old_logprobs: str, ref_key=None):
     """(sampler log-probs, rollout, metrics) of one batch of 8 prompts (2 left-padded); the
     reference policy is the policy itself, or fresh params from ``ref_key``."""
     mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup()
-    ref_params = policy_params if ref_key is None else sharding.init_params(policy, mesh, ref_key)[0]
+    ref_params = policy_params if ref_key is None else parameters.create(policy, mesh, ref_key)[0]
     cfg = PPOConfig(sampling=sampling, old_logprobs=old_logprobs)
     sampler = make_sampler(policy, sampling, mesh, policy_sh, eos_id=1, pad_id=0)
     samples = sampler(policy_params, prompts, segments, jax.random.key(4))
@@ -122,7 +122,7 @@ def test_evaluator_kl_is_the_training_estimate_on_sampled_responses():
     (k1 and k3); greedy responses get no KL at all (their log-ratio estimates nothing)."""
     sampling = SamplingConfig(max_new_tokens=8, temperature=0.7)
     mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup()
-    ref_params = sharding.init_params(policy, mesh, jax.random.key(9))[0]
+    ref_params = parameters.create(policy, mesh, jax.random.key(9))[0]
     batch = TokenBatch(tokens=prompts, loss_mask=jnp.zeros_like(prompts), segment_ids=segments,
                        positions=jnp.zeros_like(prompts))
     for estimator in ("k1", "k3"):

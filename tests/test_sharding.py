@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import losses, parameters, sharding
 from rlhf_jax.config import MeshConfig, ModelConfig
 from rlhf_jax.models import LanguageModel
 
@@ -33,7 +33,7 @@ def test_bad_mesh_is_a_clear_error(eight_devices, mesh_cfg, message):
 
 def test_params_are_born_sharded_by_logical_rules(eight_devices):
     mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
-    params, shardings = sharding.init_params(LanguageModel(CFG), mesh, jax.random.key(0))
+    params, shardings = parameters.create(LanguageModel(CFG), mesh, jax.random.key(0))
     query = params["backbone"]["layers_0"]["attn"]["query"]["kernel"]  # (embed, heads, kv)
     assert query.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     # each device holds 1/4 of it: embed over fsdp=2, heads over tensor=2
@@ -46,7 +46,7 @@ def test_dimension_not_divisible_by_axis_is_a_clear_error(eight_devices):
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=8))
     bad = dataclasses.replace(CFG, n_kv_heads=2)  # kv_heads=2 over tensor=8
     with pytest.raises(sharding.ShardingError, match=r"key/kernel: dim 1 .* not divisible by mesh axes \('tensor',\)"):
-        sharding.init_params(LanguageModel(bad), mesh, jax.random.key(0))
+        parameters.create(LanguageModel(bad), mesh, jax.random.key(0))
 
 
 def test_unknown_logical_axis_is_a_clear_error():
@@ -60,7 +60,7 @@ def test_unknown_logical_axis_is_a_clear_error():
 
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     with pytest.raises(sharding.ShardingError, match="'nonsense'.* has no rule"):
-        sharding.init_params(Odd(), mesh, jax.random.key(0))
+        parameters.create(Odd(), mesh, jax.random.key(0))
 
 
 def test_parameter_without_logical_names_is_refused():
@@ -73,12 +73,12 @@ def test_parameter_without_logical_names_is_refused():
 
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     with pytest.raises(sharding.ShardingError, match="params/Dense_0/bias: parameter has no logical axis names"):
-        sharding.init_params(Plain(), mesh, jax.random.key(0))
+        parameters.create(Plain(), mesh, jax.random.key(0))
 
 
 def _loss_and_grads(mesh):
     model = LanguageModel(CFG)
-    params, param_sh = sharding.init_params(model, mesh, jax.random.key(0))
+    params, param_sh = parameters.create(model, mesh, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, CFG.vocab_size)
     mask = (jnp.arange(16)[None, :] >= 4).astype(jnp.float32) * jnp.ones((8, 1))
     tokens, mask = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, mask))

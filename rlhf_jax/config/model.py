@@ -3,8 +3,9 @@ tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf_jax.config.checks import ConfigError
 
@@ -141,3 +142,37 @@ class TokenizerConfig:
 
     kind: Literal["task", "hf"] = "task"
     path: str | None = None
+
+
+# How a model runs, not what it computes: a resume or an export may change these. Every other
+# ModelConfig field is architecture (a field added later is architecture unless listed here).
+EXECUTION_FIELDS = ("remat", "compute_dtype", "attention_impl", "hf_path")
+# How the params are laid out: an export is converted between layouts, a training-state
+# checkpoint is not (its optimiser state has the same layout).
+LAYOUT_FIELDS = ("scan_layers", "vocab_pad_multiple")
+# Fields older exports and checkpoints carry that ModelConfig no longer has (dropout was the
+# stage's setting, copied into the model config).
+_LEGACY_MODEL_FIELDS = ("dropout",)
+
+
+def model_config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
+    """The strict, typed read of a saved model config (an export's ``export.json``, a
+    checkpoint's metadata): unknown and ill-typed fields are errors naming ``source``;
+    fields the saved config lacks take today's defaults."""
+    import dacite
+
+    data = {k: v for k, v in data.items() if k not in _LEGACY_MODEL_FIELDS}
+    try:
+        return dacite.from_dict(ModelConfig, data, config=dacite.Config(strict=True, cast=[tuple]))
+    except dacite.DaciteError as err:
+        raise ConfigError(f"{source}: invalid model config: {err}") from err
+
+
+def architecture_differences(saved: ModelConfig, current: ModelConfig,
+                             include_layout: bool = False) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, current)}`` for each architecture field that differs: the one rule
+    for "same model" (a resume and an export load both use it). ``include_layout`` also
+    compares :data:`LAYOUT_FIELDS`, for a training-state checkpoint."""
+    ignored = set(EXECUTION_FIELDS) | (set() if include_layout else set(LAYOUT_FIELDS))
+    return {f.name: (getattr(saved, f.name), getattr(current, f.name)) for f in dataclasses.fields(ModelConfig)
+            if f.name not in ignored and getattr(saved, f.name) != getattr(current, f.name)}

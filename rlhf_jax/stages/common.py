@@ -14,14 +14,14 @@ from typing import Any, Callable
 import jax
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config, to_dict
+from rlhf_jax.config.model import model_config_from_dict
 from rlhf_jax.data import load_tokenizer, to_global
 from rlhf_jax.host import use_compilation_cache
 from rlhf_jax.logging import MetricsLogger
 
 TASK_PREFIX = "task:"
-RUN_PREFIX = "run:"
 
 
 @dataclasses.dataclass
@@ -56,9 +56,20 @@ class StageEnv:
 
     def resolve(self, spec: str) -> pathlib.Path:
         """``run:<relative path>`` is inside the run directory; anything else is a path."""
-        if spec.startswith(RUN_PREFIX):
-            return self.workdir / spec[len(RUN_PREFIX):]
-        return pathlib.Path(spec)
+        return parameters.resolve(spec, self.workdir)
+
+    def load_params(self, spec: str, model: Any, field: str) -> tuple[Any, parameters.Source]:
+        """``model``'s params from the export, HF or checkpoint directory ``spec`` names, on
+        this run's mesh (see :func:`rlhf_jax.parameters.load`)."""
+        return parameters.load(spec, model, self.mesh, field, self.workdir)
+
+    def initial_params(self, model: Any, init_from: str | None, field: str, rng: Any = None) -> Any | None:
+        """What a stage's ``model`` starts from: ``init_from`` (a spec; ``field`` names it),
+        else the HF checkpoint ``model.hf_path``, else fresh weights (see
+        :func:`rlhf_jax.parameters.initial`: ``rng`` draws a scalar model's fresh head)."""
+        if init_from is None and self.cfg.model.hf_path:
+            init_from, field = self.cfg.model.hf_path, "model.hf_path"
+        return parameters.initial(model, self.mesh, init_from, field, self.workdir, rng)
 
     def data_path(self, spec: str, field: str) -> str:
         """A JSONL path, ``run:<path>`` inside the run directory, or ``task:<split>`` for a
@@ -126,17 +137,19 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
     Returns (checkpoints, state, first step to run).
     """
     ckpts = checkpoint.StageCheckpoints(env.stage_dir / "checkpoints", ckpt_cfg)
-    saved = ckpts.restore_newest_intact(state)  # a damaged newest step falls back to an older one
+
+    def same_model(step: int, meta: dict[str, Any]) -> None:
+        saved_model = meta.get("config", {}).get("model")
+        if saved_model:  # a training state is not converted between layouts: scan_layers counts
+            where = f"{ckpts.directory}/{step}"
+            checkpoint.check_same_model(model_config_from_dict(saved_model, f"{where} (meta)"), env.cfg.model,
+                                        where, include_layout=True)
+
+    # a damaged newest step falls back to an older one
+    saved = ckpts.restore_newest_intact(state, check_meta=same_model)
     if saved is None:
         return ckpts, state, 0
     state, meta = saved
-    saved_model = meta.get("config", {}).get("model")
-    current_model = to_dict(env.cfg)["model"]
-    keys = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-    if saved_model and any(saved_model.get(k) != current_model[k] for k in keys):
-        raise checkpoint.CheckpointError(
-            f"{ckpts.directory}: written by a different model config ({ {k: saved_model.get(k) for k in keys} }); "
-            "use a new --workdir or the original config")
     return ckpts, state, int(meta["step"])
 
 
@@ -252,27 +265,3 @@ def train_loop(env: StageEnv, *, state: Any, step_fn: Callable, batches: Any, to
                 break
     ckpts.wait()
     return state, done == total_steps
-
-
-def initial_lm_params(env: StageEnv, model, init_from: str | None, field: str) -> Any | None:
-    """Language-model params to start from: an export (``init_from``), else the HF
-    checkpoint ``model.hf_path``, else None (a fresh random init)."""
-    if init_from:
-        path = env.resolve(init_from)
-        if not path.exists():
-            raise ConfigError(f"{field}={init_from!r}: no export at {path} (did the stage before finish?)")
-        return checkpoint.load_export(path, abstract_params(model, env.mesh), model.cfg)
-    if env.cfg.model.hf_path:
-        from rlhf_jax.models.hf import load_hf_params
-
-        return load_hf_params(env.cfg.model.hf_path, env.cfg.model, abstract_params(model, env.mesh))
-    return None
-
-
-def abstract_params(model, mesh) -> Any:
-    """ShapeDtypeStructs (with shardings) of ``model``'s params: a restore target."""
-    tokens = sharding.sample_tokens(mesh)
-    with sharding.activate(mesh):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
-    shardings = sharding.logical_shardings(boxed, mesh)
-    return checkpoint.abstract_like(sharding.strip_boxes(boxed), shardings)

@@ -17,7 +17,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint
 from rlhf_jax.atomic import write_jsonl
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, read_records, to_global
@@ -64,7 +63,7 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
     model = LanguageModel(cfg.model)
     policies = []
     for spec in c.policies:
-        params = checkpoint.load_export(env.resolve(spec), common.abstract_params(model, env.mesh), cfg.model)
+        params, _ = env.load_params(spec, model, "comparisons.policies")
         policies.append((params, make_sampler(model, c.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
                                               env.tokenizer.eos_id, env.tokenizer.pad_id)))
     per_policy = -(-c.k_max // len(policies))  # responses each policy contributes per prompt

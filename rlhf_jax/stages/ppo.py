@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import Config, ConfigError, PPOConfig
 from rlhf_jax.data import PromptBatches, TextBatches, to_global
 from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summarize
@@ -27,7 +27,6 @@ from rlhf_jax.policy import RewardFn, reward_model_score
 from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
-from rlhf_jax.stages.rm import initial_scalar_params
 from rlhf_jax.steps import create_train_state
 from rlhf_jax.types import PPOState, TokenBatch
 
@@ -48,19 +47,6 @@ def check_ppo_config(ppo: PPOConfig, mesh) -> int:
         raise ConfigError(f"{field}: pretrain.batch_size={ppo.pretrain.batch_size} is not divisible by the "
                           f"{shards} batch shards of the mesh")
     return ppo.epochs * ppo.prompts.batch_size // ppo.minibatch_size
-
-
-def _export_path(env: common.StageEnv, spec: str, field: str) -> pathlib.Path:
-    path = env.resolve(spec)
-    if not path.exists():
-        raise ConfigError(f"{field}={spec!r}: no export at {path}")
-    return path
-
-
-def _load(env: common.StageEnv, spec: str, model, field: str):
-    path = _export_path(env, spec, field)
-    params = checkpoint.load_export(path, common.abstract_params(model, env.mesh), model.cfg)
-    return params, checkpoint.read_export_meta(path)
 
 
 def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None = None, stage: str = "ppo",
@@ -94,19 +80,20 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
                                    dataclasses.replace(ppo.pretrain, shuffle=False))
 
     policy = LanguageModel(cfg.model)
-    sft_params, _ = _load(env, ppo.policy_init, policy, "ppo.policy_init")
+    sft_params, _ = env.load_params(ppo.policy_init, policy, "ppo.policy_init")
     reward_params, reward_meta = None, {}
     if reward_fn is None:
         # the RM may be larger than the policy (rm.model): its export says what it is
-        reward_path = _export_path(env, ppo.reward_init, "ppo.reward_init")
-        reward_model = ScalarModel(checkpoint.export_model_config(reward_path))
-        reward_params, reward_meta = _load(env, ppo.reward_init, reward_model, "ppo.reward_init")
+        reward_model = ScalarModel(parameters.source(ppo.reward_init, "ppo.reward_init", env.workdir).model)
+        reward_params, reward_source = env.load_params(ppo.reward_init, reward_model, "ppo.reward_init")
+        reward_meta = reward_source.meta
         reward_fn = reward_model_score(reward_model)
+    value_field = "ppo.value_init" if ppo.value_init else ("ppo.reward_init" if reward_params is not None
+                                                            else "ppo.policy_init")
     value_init = ppo.value_init or (ppo.reward_init if reward_params is not None else ppo.policy_init)
     # InstructGPT starts the value function from the RM, so it has the RM's architecture
-    scalar = ScalarModel(checkpoint.export_model_config(
-        _export_path(env, value_init, "ppo.value_init")))
-    value_params = initial_scalar_params(env, scalar, value_init)
+    scalar = ScalarModel(parameters.source(value_init, value_field, env.workdir).model)
+    value_params = env.initial_params(scalar, value_init, value_field, rng=parameters.scalar_head_rng(cfg.seed))
     policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
     value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)
     rng = jax.random.PRNGKey(cfg.seed)

@@ -15,26 +15,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, losses, sharding, steps
+from rlhf_jax import checkpoint, losses, steps
+from rlhf_jax.parameters import scalar_head_rng
 from rlhf_jax.config import Config
 from rlhf_jax.data import RankingBatches, SFTBatches, to_global
 from rlhf_jax.logging import MetricsLogger
-from rlhf_jax.models import LanguageModel, ScalarModel
+from rlhf_jax.models import ScalarModel
 from rlhf_jax.models.heads import normalize_scalar_head
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.stages import common
-
-
-def initial_scalar_params(env: common.StageEnv, model: ScalarModel, init_from: str | None):
-    """Scalar-model params placed on the mesh: an RM export as it is; else a fresh (zero)
-    head on the backbone of an LM export, or of the HF checkpoint ``model.hf_path`` when
-    ``init_from`` is None; else entirely fresh."""
-    params, _ = sharding.init_params(model, env.mesh, jax.random.PRNGKey(env.cfg.seed + 1))
-    export = env.resolve(init_from) if init_from else None
-    if export is not None and export.exists() and checkpoint.read_export_meta(export).get("stage") == "rm":
-        return checkpoint.load_export(export, common.abstract_params(model, env.mesh), model.cfg)
-    lm = common.initial_lm_params(env, LanguageModel(model.cfg), init_from, "init_from")
-    return params if lm is None else dict(params, backbone=lm["backbone"])
 
 
 def evaluate_rm(eval_fn, params, batches, mesh) -> dict[str, float]:
@@ -81,7 +70,8 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
 
     model = ScalarModel(cfg.model, dropout_rate=rm_cfg.dropout)
     tx = make_optimizer(rm_cfg.optim, total_steps)
-    params = initial_scalar_params(env, model, rm_cfg.init_from)
+    # a reward model's source as it is; else a fresh (zero) head on a language model's backbone
+    params = env.initial_params(model, rm_cfg.init_from, "rm.init_from", rng=scalar_head_rng(cfg.seed))
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed), params)
     ckpts, state, start = common.restore_or_start(env, rm_cfg.checkpoint, state)
     common.write_run_config(env)

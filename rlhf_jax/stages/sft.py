@@ -49,7 +49,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
 
     model = LanguageModel(cfg.model, dropout_rate=stage_cfg.dropout)
     tx = make_optimizer(stage_cfg.optim, total_steps)
-    init_params = common.initial_lm_params(env, model, stage_cfg.init_from, f"{stage}.init_from")
+    init_params = env.initial_params(model, stage_cfg.init_from, f"{stage}.init_from")  # None: fresh
     state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed),
                                                       init_params)
     ckpts, state, start = common.restore_or_start(env, stage_cfg.checkpoint, state)

@@ -18,7 +18,7 @@ from rlhf_jax import checkpoint, convert, sharding  # noqa: E402
 from rlhf_jax.config import MeshConfig  # noqa: E402
 from rlhf_jax.models import KVCache, LanguageModel, hf, positions_from_segments  # noqa: E402
 from rlhf_jax.models.hf_config import model_config_from_hf  # noqa: E402
-from rlhf_jax.stages.common import abstract_params  # noqa: E402
+from rlhf_jax.parameters import abstract as abstract_params  # noqa: E402
 
 VOCAB = 64  # divisible by the tensor axis of the 2x2x2 mesh
 # No special tokens: HF generate must not stop early or bias EOS, so it stays plain greedy.
@@ -232,7 +232,7 @@ def test_convert_cli_round_trip(checkpoint_dir, tmp_path, capsys):
     for name, tensor in original.items():
         assert torch.equal(tensor, converted[name]), name
     assert convert.main(["--to-hf", str(directory), "--out", str(back)]) == 2
-    assert "not an export" in capsys.readouterr().err
+    assert "already a HF checkpoint" in capsys.readouterr().err
 
 
 def _config_dir(tmp_path, hf_config, **edits):

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import ConfigError, MeshConfig, ModelConfig, SamplingConfig
 from rlhf_jax.models import (KVCache, LanguageModel, ScalarModel, is_stacked, stack_layers,
                              unstack_layers)
 from rlhf_jax.sampling import sample
-from rlhf_jax.stages.common import abstract_params
+from rlhf_jax.parameters import abstract as abstract_params
 
 GPT2 = ModelConfig(family="gpt2", vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=48, max_len=32)
 LLAMA = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
@@ -141,7 +141,7 @@ def test_sharded_stacked_forward_equals_one_device(mesh_shape, eight_devices):
     cfg = dataclasses.replace(_scanned(LLAMA), d_model=64, n_heads=8, n_kv_heads=8, d_ff=64)
     model = LanguageModel(cfg)
     mesh = sharding.make_mesh(MeshConfig(*mesh_shape), eight_devices)
-    params, shardings = sharding.init_params(model, mesh, jax.random.key(0))
+    params, shardings = parameters.create(model, mesh, jax.random.key(0))
     kernel = params["backbone"]["layers"]["attn"]["query"]["kernel"]
     assert kernel.shape[0] == cfg.n_layers and kernel.sharding.spec[0] is None  # layers unsharded
     tokens = _tokens(batch=8)

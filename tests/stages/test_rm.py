@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, sharding, steps
+from rlhf_jax import checkpoint, parameters, sharding, steps
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.data import SFTBatches, load_tokenizer, to_global
 from rlhf_jax.logging import read_metrics
@@ -20,7 +20,7 @@ from tests.helpers import (TINY_MODEL, rm_config, tiny_config, write_demonstrati
 def _demo_rewards(export, demos, workdir):
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     model = ScalarModel(TINY_MODEL)
-    params = checkpoint.load_export(export, common.abstract_params(model, mesh))
+    params = checkpoint.load_export(export, parameters.abstract(model, mesh))
     tokenizer = load_tokenizer(common.task_files(workdir, 0)["tokenizer"])
     batches = SFTBatches(str(demos), tokenizer, tiny_config(demos).sft.data, seed=0, cache_dir=str(workdir / "c"))
     score = steps.make_score_fn(model, mesh, jax.tree.map(lambda x: x.sharding, params))
@@ -60,8 +60,8 @@ def test_rm_starts_from_the_sft_backbone_and_normalises_mean_only(tmp_path):
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     from rlhf_jax.models import LanguageModel
 
-    sft = checkpoint.load_export(sft_export, common.abstract_params(LanguageModel(TINY_MODEL), mesh))
-    rm = checkpoint.load_export(rm_export, common.abstract_params(ScalarModel(TINY_MODEL), mesh))
+    sft = checkpoint.load_export(sft_export, parameters.abstract(LanguageModel(TINY_MODEL), mesh))
+    rm = checkpoint.load_export(rm_export, parameters.abstract(ScalarModel(TINY_MODEL), mesh))
     # the head starts at zero, so the backbone moves from step 2 on: a little after 3 steps
     moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(sft["backbone"]),
                                                             jax.tree.leaves(rm["backbone"]))]

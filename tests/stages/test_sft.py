@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, sharding, steps
+from rlhf_jax import checkpoint, parameters, sharding, steps
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.data import DataError, SFTBatches, load_tokenizer, to_global
 from rlhf_jax.logging import read_metrics
@@ -22,7 +22,7 @@ from tests.helpers import TINY_MODEL, tiny_config, write_demonstrations, write_e
 
 def _load_params(export_dir):
     mesh = sharding.make_mesh(MeshConfig(data=-1))
-    return checkpoint.load_export(export_dir, common.abstract_params(LanguageModel(TINY_MODEL), mesh))
+    return checkpoint.load_export(export_dir, parameters.abstract(LanguageModel(TINY_MODEL), mesh))
 
 
 def test_tiny_model_overfits_tiny_dataset(tmp_path):
