@@ -127,6 +127,23 @@ def test_export_configs_are_read_strictly(sources, tmp_path):
         parameters.load(str(ill_typed), LanguageModel(TINY_MODEL), sharding.make_mesh(READ_MESH), "f")
 
 
+def test_a_checkpoint_without_a_model_config_is_refused_by_its_shapes(tmp_path):
+    """Metadata that names no model (a checkpoint written by other code) falls back to
+    comparing the stored shapes with this run's, before Orbax reads anything."""
+    mesh = sharding.make_mesh(READ_MESH)
+    state, _ = steps.create_train_state(LanguageModel(TINY_MODEL), optax.adam(1e-3), mesh, jax.random.PRNGKey(0))
+    ckpts = checkpoint.StageCheckpoints(tmp_path / "checkpoints", CheckpointConfig())
+    ckpts.save(2, state, {"step": 2})
+    ckpts.wait()
+    wider = LanguageModel(dataclasses.replace(TINY_MODEL, d_model=64))
+    target, _ = steps.create_train_state(wider, optax.adam(1e-3), mesh, jax.random.PRNGKey(0))
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2: does not match this run's state .* "
+                                                         r"params.backbone.embed.embedding: stored \(168, 32\), "
+                                                         r"this run \(168, 64\)"):
+        ckpts.restore_newest_intact(target)
+    ckpts.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change, field", [
     (dict(rope_theta=500000.0), "model.rope_theta"), (dict(norm_eps=1e-6), "model.norm_eps"),
