@@ -8,7 +8,7 @@ from rlhf_jax.config import DataConfig
 from rlhf_jax.data.jsonl import DataError
 from rlhf_jax.data.loader import RowBatches, too_long_error
 from rlhf_jax.data.tfds_store import open_store
-from rlhf_jax.data.tokenizer import TextTokenizer
+from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids
 
 
 class PromptBatches(RowBatches):
@@ -30,8 +30,10 @@ class PromptBatches(RowBatches):
         self.tokenizer = tokenizer
         self.prompt_len = cfg.max_len
         self.num_truncated = 0
+        self._ids = []  # per record: the prompt's ids
         for record in source:
-            n = len(tokenizer.encode(record["prompt"]))
+            self._ids.append(encode_ids(tokenizer, record["prompt"]))
+            n = len(self._ids[-1])
             if n == 0:
                 raise DataError(f"{source.path}:{record['line']}: the prompt encodes to no tokens")
             if n > cfg.max_len:
@@ -51,7 +53,7 @@ class PromptBatches(RowBatches):
                "positions": np.zeros(length, np.int32)}
         if not row:  # a padding row
             return out
-        tokens = self.tokenizer.encode(self.source[row[0]]["prompt"])[-length:]
+        tokens = self._ids[row[0]][-length:]
         n = len(tokens)
         out["tokens"][length - n:] = tokens
         out["segment_ids"][length - n:] = 1

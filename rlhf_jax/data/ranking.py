@@ -9,7 +9,7 @@ from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES, DataError
 from rlhf_jax.data.loader import RowBatches, too_long_error
 from rlhf_jax.data.rows import fit_example
 from rlhf_jax.data.tfds_store import open_store
-from rlhf_jax.data.tokenizer import TextTokenizer
+from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids
 from rlhf_jax.types import RankingBatch
 
 
@@ -39,15 +39,18 @@ class RankingBatches(RowBatches):
         self.k_max = k_max
         self.num_truncated = 0
         ordered_pairs = 0
+        self._records = []  # per record: (prompt ids, [response ids], ranks)
         for record in source:
             ranks = record["ranks"]
             ordered_pairs += sum(a != b for i, a in enumerate(ranks) for b in ranks[i + 1:])
             if len(record["responses"]) > k_max:
                 raise DataError(f"{source.path}:{record['line']}: {len(record['responses'])} "
                                 f"responses, more than k_max={k_max}")
-            n_prompt = len(tokenizer.encode(record["prompt"]))
-            for i, response in enumerate(record["responses"]):
-                n = n_prompt + len(tokenizer.encode(response)) + 1
+            prompt = encode_ids(tokenizer, record["prompt"])
+            responses = [encode_ids(tokenizer, response) for response in record["responses"]]
+            self._records.append((prompt, responses, list(record["ranks"])))
+            for i, response in enumerate(responses):
+                n = len(prompt) + len(response) + 1
                 if n > cfg.max_len:
                     if cfg.on_too_long == "error":
                         raise too_long_error(source, record, f"prompt + responses[{i}] + EOS", n,
@@ -71,11 +74,9 @@ class RankingBatches(RowBatches):
                "mask": np.zeros(self.k_max, bool)}
         if not row:  # a padding row
             return out
-        record = self.source[row[0]]
-        encode = self.tokenizer.encode
-        prompt = encode(record["prompt"])
-        for k, (response, rank) in enumerate(zip(record["responses"], record["ranks"])):
-            tokens, _, _ = fit_example(prompt, encode(response), self.tokenizer.eos_id,
+        prompt, responses, ranks = self._records[row[0]]
+        for k, (response, rank) in enumerate(zip(responses, ranks)):
+            tokens, _, _ = fit_example(prompt.tolist(), response.tolist(), self.tokenizer.eos_id,
                                        self.max_len)
             n = len(tokens)
             out["tokens"][k, :n] = tokens

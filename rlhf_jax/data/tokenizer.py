@@ -10,6 +10,8 @@ from __future__ import annotations
 import pathlib
 from typing import Protocol, Sequence
 
+import numpy as np
+
 from rlhf_jax.data.jsonl import DataError
 
 
@@ -20,6 +22,11 @@ class TextTokenizer(Protocol):
     pad_id: int
 
     def encode(self, text: str) -> list[int]: ...
+
+
+def encode_ids(tokenizer: TextTokenizer, text: str) -> np.ndarray:
+    """``text``'s token ids as an int32 array (the loaders keep them: 4 bytes a token)."""
+    return np.asarray(tokenizer.encode(text), np.int32)
 
 
 class HFTokenizer:
