@@ -80,27 +80,13 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise DataError(f"{self._jsonl_path}: no records (the file is empty)")
 
 
-class Demonstrations(_JsonlBuilder, skip_registration=True):
-    name = "demonstrations"
-    KIND = "demonstrations"
+def _builder(kind: str) -> type[_JsonlBuilder]:
+    """The builder of one record kind, whose TFDS name (the cache directory's) is the kind."""
+    return type(f"_{kind.title()}Builder", (_JsonlBuilder,), {"name": kind, "KIND": kind},
+                skip_registration=True)
 
 
-class Texts(_JsonlBuilder, skip_registration=True):
-    name = "text"
-    KIND = "text"
-
-
-class Prompts(_JsonlBuilder, skip_registration=True):
-    name = "prompts"
-    KIND = "prompts"
-
-
-class Comparisons(_JsonlBuilder, skip_registration=True):
-    name = "comparisons"
-    KIND = "comparisons"
-
-
-_BUILDERS = {cls.KIND: cls for cls in (Demonstrations, Texts, Prompts, Comparisons)}
+_BUILDERS = {kind: _builder(kind) for kind in _FIELDS}
 
 
 def content_hash(path: pathlib.Path) -> str:
