@@ -9,8 +9,11 @@
    utilisation for a ~350M and a ~1B model in bf16, and greedy decoding at batch 1 and 8 as a
    fraction of the memory-bandwidth bound. On a CPU this section reports itself skipped
    (``--quick`` runs it on shrunk models).
-5. Compiles after warm-up for each of ours (must be 0).
-6. Opt-in (``--only compile``, ``benchmarks/compile_time.py``): compile seconds of the SFT
+5. Loop overhead (``benchmarks/loop_overhead.py``): the SFT stage's loop (real batches,
+   prefetch thread, logging, a checkpoint) against its bare jitted step in a tight loop, on
+   a 1-layer model; target >= 80% of the bare steps/s.
+6. Compiles after warm-up for each of ours (must be 0).
+7. Opt-in (``--only compile``, ``benchmarks/compile_time.py``): compile seconds of the SFT
    step and the sampler at 4 and 32 layers, unrolled vs ``model.scan_layers``.
 
 Each section runs in a fresh process (``--section``): run after the SFT section in the same
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import common, compile_time, decode, ppo, roofline, sft_step
+from benchmarks import common, compile_time, decode, loop_overhead, ppo, roofline, sft_step
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.host import keep_freed_memory
 
@@ -46,7 +49,7 @@ QUICK_MODEL = ModelConfig(family="gpt2", vocab_size=1024, d_model=128, n_layers=
 QUICK_BF16 = dataclasses.replace(QUICK_MODEL, compute_dtype="bfloat16")
 QUICK_LLAMA_BF16 = ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                d_ff=384, max_len=64, tie_embeddings=False, compute_dtype="bfloat16")
-SECTIONS = ("sft", "decode", "ppo", "roofline")
+SECTIONS = ("sft", "decode", "ppo", "roofline", "loop")
 # Run only when named (--only compile): compile seconds vs depth, unrolled vs scan_layers.
 OPT_IN_SECTIONS = ("compile",)
 ALL_SECTIONS = SECTIONS + OPT_IN_SECTIONS
@@ -126,6 +129,9 @@ def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
         return decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
     if section == "roofline":
         return roofline.run(work["roofline"], log=log)
+    if section == "loop":
+        return loop_overhead.run(loop_overhead.LoopWorkload(steps=60, repeats=1) if quick
+                                 else loop_overhead.LoopWorkload(), log=log)
     if section == "compile":
         return compile_time.run(compile_time.CompileWorkload(depths=(2, 8), repeats=1) if quick else compile_time.CompileWorkload(),
                                 log=log)
@@ -238,6 +244,13 @@ def table(results: dict) -> str:
                          f"{p['trl_ppo_trainer']['fraction_of_matmul_peak']:.0%} | | | |")
     if "roofline" in results:
         lines += roofline_rows(results["roofline"], quick)
+    if "loop" in results:
+        lp = results["loop"]
+        w = lp["workload"]
+        lines.append(f"| Loop overhead: SFT stage loop vs its bare jitted step, {w['model']['n_layers']}L "
+                     f"d{w['model']['d_model']} {w['batch']}x{w['seq']} (steps/s) | {lp['loop_steps_per_s']:.0f} | "
+                     f"{lp['bare_steps_per_s']:.0f} (bare) | {lp['fraction_of_bare']:.2f}x | "
+                     f">= {lp['target_fraction']} | {_judge(lp['fraction_of_bare'], lp['target_fraction'], quick)} |")
     if "compile" in results:
         lines += compile_rows(results["compile"], quick)
     comp = results["compiles_after_warmup"]

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
-    from rlhf_jax.stages.common import Interrupted
+    from rlhf_jax.stages.loop import Interrupted
 
     try:
         if args.stop_after_steps is not None and args.stop_after_steps < 1:

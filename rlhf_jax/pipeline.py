@@ -24,6 +24,7 @@ from rlhf_jax.atomic import write_text
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.report import write_report
 from rlhf_jax.stages import common
+from rlhf_jax.stages.loop import Interrupted, Preemption
 
 
 def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
@@ -69,7 +70,7 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     """Runs every stage not yet finished in ``workdir``, then evaluates; returns the report.
 
     A SIGTERM (preemption) stops it where it is: a training stage saves the step it is at,
-    a stage between steps finishes first; then :class:`common.Interrupted` says where, and
+    a stage between steps finishes first; then :class:`Interrupted` says where, and
     rerunning the same call resumes from there."""
     workdir = pathlib.Path(workdir).absolute()
     if cfg.pipeline.best_of_n < 0:
@@ -82,12 +83,12 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
         raise ConfigError(f"pipeline.eval_samples must be >= 1, got {cfg.pipeline.eval_samples}")
     if cfg.pipeline.run_ppo_gold and jax.process_count() > 1:
         raise ConfigError("pipeline.run_ppo_gold: the gold-scorer reward runs on one host; use a single process")
-    with common.Preemption() as preemption:
+    with Preemption() as preemption:
         return _run_stages(cfg, workdir, show_progress, preemption)
 
 
 def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
-                preemption: common.Preemption) -> dict[str, Any]:
+                preemption: Preemption) -> dict[str, Any]:
     from rlhf_jax.stages.comparisons import run_comparisons
     from rlhf_jax.stages.ppo import run_ppo
     from rlhf_jax.stages.rm import run_rm
@@ -99,13 +100,13 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
         if _stage_done(workdir, name):
             return
         if preemption.signalled:
-            raise common.Interrupted(f"before stage {name}")
+            raise Interrupted(f"before stage {name}")
         started = time.perf_counter()
         result = run()
         _add_seconds(workdir, name, time.perf_counter() - started)
         if result is None:  # a training stage that stopped early has saved its step
             steps = checkpoint.finished_steps(workdir / name / "checkpoints")
-            raise common.Interrupted(f"in stage {name} at step {steps[-1] if steps else 0}")
+            raise Interrupted(f"in stage {name} at step {steps[-1] if steps else 0}")
 
     stage("pretrain", lambda: run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
                                       show_progress=show_progress))
@@ -125,7 +126,7 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
                            generation_metrics=task_metrics, reward_fn=reward_fn)
         stage(name, run)
     if preemption.signalled:
-        raise common.Interrupted("before the evaluation (every stage finished)")
+        raise Interrupted("before the evaluation (every stage finished)")
     started = time.perf_counter()
     report, samples = evaluate(cfg, workdir, tuple(runs))
     # every training stage's seconds over all invocations, and this run's evaluation (a rerun repeats it)

@@ -20,7 +20,7 @@ def _numbers(tree, path=""):
 def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     run.main(["--quick", "--ours-only", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    for section in ("sft", "decode", "ppo", "roofline"):
+    for section in ("sft", "decode", "ppo", "roofline", "loop"):
         assert json.loads((tmp_path / f"{section}.json").read_text()) == results[section]
     numbers = dict(_numbers(results))
     assert not [path for path, value in numbers.items() if not math.isfinite(value)]
@@ -52,8 +52,12 @@ def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     assert len(results["compiles_after_warmup"]) == 12
     assert results["compiles_after_warmup"] == {name: 0 for name in results["compiles_after_warmup"]}
 
+    loop = results["loop"]  # (its marginal rate over 60 quick steps is too noisy to judge)
+    assert loop["bare_steps_per_s"] > 0 and len(loop["loop_rates"]) == 1
+    assert math.isclose(loop["fraction_of_bare"], loop["loop_steps_per_s"] / loop["bare_steps_per_s"])
     assert results["sft"]["torch_loop"] == {"skipped": "--ours-only"}
     table = (tmp_path / "table.md").read_text()
+    assert "| Loop overhead: SFT stage loop vs its bare jitted step" in table
     assert "| Compiles after warm-up" in table and "skipped: --ours-only" in table
 
 

@@ -176,6 +176,10 @@ class PPOConfig:
     reward_init: str = "run:rm/export"
     value_init: str | None = None  # None: the reward model's export
     eval_every: int = 10  # iterations between held-out evaluations
+    log_every: int = 1  # iterations between metrics lines (each costs a device sync, one iteration late)
+    # time the rollout, scoring and update phases (time/*_s metrics): waits on the device
+    # between phases, so the host can no longer queue the next phase ahead of the device
+    time_phases: bool = False
 
     def validate(self, where: str) -> None:
         for name in ("prompts", "pretrain"):
@@ -183,7 +187,7 @@ class PPOConfig:
         self.policy_optim.validate(f"{where}.policy_optim")
         self.value_optim.validate(f"{where}.value_optim")
         self.checkpoint.validate(f"{where}.checkpoint")
-        require_at_least(self, where, 1, "iterations", "minibatch_size", "epochs", "eval_every")
+        require_at_least(self, where, 1, "iterations", "minibatch_size", "epochs", "eval_every", "log_every")
 
 
 @dataclass(frozen=True)

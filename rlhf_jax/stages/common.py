@@ -1,25 +1,19 @@
-"""What every stage loop shares: run directory, mesh, tokenizer, data paths, state
-creation or resume, and the train loop skeleton. No maths here."""
+"""What every stage shares: run directory, mesh, tokenizer, data paths, initial params, and
+state resume (the loop itself is in :mod:`rlhf_jax.stages.loop`). No maths here."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
-import signal
-import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint, parameters, sharding
-from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config, to_dict
+from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config
 from rlhf_jax.config.model import model_config_from_dict
-from rlhf_jax.data import load_tokenizer, to_global
+from rlhf_jax.data import load_tokenizer
 from rlhf_jax.host import use_compilation_cache
-from rlhf_jax.logging import MetricsLogger
 
 TASK_PREFIX = "task:"
 
@@ -157,111 +151,3 @@ def write_run_config(env: StageEnv) -> None:
     if jax.process_index() == 0:
         save_config(env.run_cfg or env.cfg, env.workdir / "config.json")
         save_config(env.cfg, env.stage_dir / "config.json")
-
-
-def count_tokens(batch: Any) -> int:
-    """Real (non-padding) tokens in a process-local numpy batch."""
-    return int((batch.segment_ids > 0).sum()) * jax.process_count()
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or Inf in a loss or gradient norm; the message names the step and metric."""
-
-
-def check_finite(step: int, values: dict[str, float], ckpts: checkpoint.StageCheckpoints) -> None:
-    """Stops the run on the first non-finite metric, before it can be checkpointed."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        ckpts.wait()  # the last good checkpoint may still be in flight: finish it before stopping
-        key, last = sorted(bad)[0], ckpts.latest_step()
-        kept = (f"the last good checkpoint is step {last} in {ckpts.directory}" if last is not None else
-                f"there is no checkpoint yet in {ckpts.directory}, so a rerun starts from step 0")
-        raise NonFiniteError(
-            f"step {step}: {key} is {bad[key]} (non-finite: {sorted(bad)}); nothing from this step was "
-            f"saved, {kept}")
-
-
-class Interrupted(Exception):
-    """The pipeline stopped after a SIGTERM; the message says where, and a rerun resumes."""
-
-    def __init__(self, where: str):
-        super().__init__(f"interrupted {where}; rerun the same command to resume")
-
-
-class Preemption:
-    """Turns SIGTERM into a request to stop: loops poll ``requested(step)`` between steps,
-    save a checkpoint and return, so a rerun resumes. With several processes, JAX's
-    preemption sync point makes every process stop at the same step: JAX's own SIGTERM
-    notifier (installed by ``jax.distributed.initialize``) tells the coordinator, so no Python
-    handler is installed then (it would replace that notifier, and a process that stopped
-    alone would leave the others waiting in a collective)."""
-
-    def __init__(self):
-        self._flag = False
-        self._previous = None
-
-    def __enter__(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        self._flag = True
-        if callable(self._previous):  # an enclosing Preemption (the pipeline's) hears it too
-            self._previous(signum, frame)
-
-    @property
-    def signalled(self) -> bool:
-        """SIGTERM arrived while this was entered (single process; no device sync)."""
-        return self._flag
-
-    def requested(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag
-
-
-def train_loop(env: StageEnv, *, state: Any, step_fn: Callable, batches: Any, total_steps: int,
-               ckpts: checkpoint.StageCheckpoints, start_step: int, log_every: int, eval_every: int,
-               evaluate: Callable[[Any], dict[str, float]] | None, save_every: int,
-               logger: MetricsLogger, progress_key: str, stop_after: int | None = None) -> tuple[Any, bool]:
-    """Runs ``step_fn`` from ``start_step`` to ``total_steps``; logs, evaluates and saves.
-
-    Device values are fetched only at log, eval and save points (where a NaN or Inf stops
-    the run before anything bad is saved); the data position saved with each checkpoint is
-    the step count, since batches are a pure function of the step. ``stop_after``: run at
-    most this many steps in this call (time-sliced jobs); SIGTERM stops early the same way.
-    Both checkpoint and return. Returns (state, finished).
-    """
-    stop = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
-    tokens, last_time = 0, time.perf_counter()
-    done = start_step
-    with Preemption() as preemption:
-        for step in range(start_step, stop):
-            local = batches.get(step)
-            tokens += count_tokens(local)
-            state, metrics = step_fn(state, to_global(local, env.mesh))
-            done = step + 1
-            preempted = preemption.requested(done)
-            save = done % save_every == 0 or done == stop or preempted
-            if done % log_every == 0 or save:
-                jax.block_until_ready(metrics)  # waits on the device only here
-                now = time.perf_counter()
-                values = logger.log(done, {**metrics, "perf/tokens_per_second": tokens / (now - last_time)})
-                check_finite(done, values, ckpts)
-                logger.progress(done, **{progress_key: values[progress_key],
-                                         "tok/s": values["perf/tokens_per_second"]})
-                tokens, last_time = 0, now
-            if evaluate is not None and (done % eval_every == 0 or done == total_steps):
-                logger.log(done, evaluate(state))
-                last_time = time.perf_counter()  # evaluation time is not training throughput
-            if save:
-                ckpts.save(done, state, {"step": done, "config": to_dict(env.cfg)})
-            if preempted:
-                break
-    ckpts.wait()
-    return state, done == total_steps

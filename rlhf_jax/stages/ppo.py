@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import Config, ConfigError, PPOConfig
-from rlhf_jax.data import PromptBatches, TextBatches, to_global
+from rlhf_jax.data import PromptBatches, TextBatches
 from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summarize
 from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel, ScalarModel
@@ -27,6 +27,7 @@ from rlhf_jax.policy import RewardFn, reward_model_score
 from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
+from rlhf_jax.stages.loop import count_tokens, train_loop
 from rlhf_jax.steps import create_train_state
 from rlhf_jax.types import PPOState, TokenBatch
 
@@ -134,43 +135,62 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         logger.log(0, {"data/truncated_prompts": prompts.num_truncated})
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
         logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
-    stop = ppo.iterations if stop_after is None else min(ppo.iterations, start + stop_after)
-    done = start
-    with common.Preemption() as preemption:
-        for iteration in range(start, stop):
-            iteration_rng = jax.random.fold_in(rng, iteration)
-            t0 = time.perf_counter()
-            batch = to_global(prompts.get(iteration), env.mesh)
-            samples = jax.block_until_ready(sampler(state.policy.params, batch.tokens, batch.segment_ids,
-                                                    jax.random.fold_in(iteration_rng, 0)))
-            t1 = time.perf_counter()
-            rollout, exp_metrics = jax.block_until_ready(experience(
-                state.policy.params, sft_params, state.value.params, reward_params, samples, state.kl_coef))
-            t2 = time.perf_counter()
-            ptx_batch = no_ptx if ptx is None else to_global(ptx.get(iteration), env.mesh)
-            state, update_metrics = jax.block_until_ready(update(
-                state, rollout, ptx_batch, exp_metrics["ppo/kl_to_ref"], jax.random.fold_in(iteration_rng, 1)))
-            t3 = time.perf_counter()
-            done = iteration + 1
-            # the phases are timed, so the device is waited on anyway: check every iteration
-            values = logger.log(done, {**exp_metrics, **update_metrics, "time/rollout_s": t1 - t0,
-                                       "time/scoring_s": t2 - t1, "time/update_s": t3 - t2,
-                                       "time/iteration_s": t3 - t0})
-            common.check_finite(done, values, ckpts)
-            logger.progress(done, score=values["ppo/score"], kl=values["ppo/kl_to_ref"])
-            if done % ppo.eval_every == 0 or done == ppo.iterations:
-                logger.log(done, evaluate(state))
-            preempted = preemption.requested(done)
-            if done % ppo.checkpoint.save_every == 0 or done == stop or preempted:
-                ckpts.save(done, state, {"step": done, "config": common.to_dict(cfg)})
-            if preempted:
-                break
-    ckpts.wait()
+
+    def iteration(state: PPOState, inputs: tuple[TokenBatch, TokenBatch | None], step: int):
+        """One PPO iteration: rollout, scoring, update. Returns device metrics, no host sync
+        (unless ``ppo.time_phases``)."""
+        prompt_batch, ptx_batch = inputs
+        iteration_rng = jax.random.fold_in(rng, step)
+        clock = _PhaseClock(ppo.time_phases)
+        samples = clock.lap("rollout", sampler(state.policy.params, prompt_batch.tokens, prompt_batch.segment_ids,
+                                               jax.random.fold_in(iteration_rng, 0)))
+        rollout, exp_metrics = clock.lap("scoring", experience(
+            state.policy.params, sft_params, state.value.params, reward_params, samples, state.kl_coef))
+        state, update_metrics = clock.lap("update", update(
+            state, rollout, no_ptx if ptx_batch is None else ptx_batch, exp_metrics["ppo/kl_to_ref"],
+            jax.random.fold_in(iteration_rng, 1)))
+        return state, {**exp_metrics, **update_metrics, **clock.metrics()}
+
+    state, finished = train_loop(
+        env, state=state, step_fn=iteration, batches=_PPOInputs(prompts, ptx), total_steps=ppo.iterations,
+        ckpts=ckpts, start_step=start, log_every=ppo.log_every, eval_every=ppo.eval_every, evaluate=evaluate,
+        save_every=ppo.checkpoint.save_every, logger=logger, progress={"score": "ppo/score", "kl": "ppo/kl_to_ref"},
+        stop_after=stop_after, count=lambda inputs: count_tokens(inputs[0]))
     ckpts.close()
     logger.close()
-    if done < ppo.iterations:
+    if not finished:
         return None
     final = state.ema_params if ppo.ema_decay else state.policy.params
     return checkpoint.export_params(env.stage_dir / "export", final, cfg.model,
                                     {"stage": stage, "iterations": ppo.iterations,
                                      "ptx_coef": ppo.ptx_coef, "kl_coef_final": float(state.kl_coef)})
+
+
+class _PPOInputs:
+    """An iteration's host batches: its prompts and (PPO-ptx) pretraining rows, or None."""
+
+    def __init__(self, prompts, ptx):
+        self.prompts, self.ptx = prompts, ptx
+
+    def get(self, iteration: int) -> tuple[TokenBatch, TokenBatch | None]:
+        return self.prompts.get(iteration), None if self.ptx is None else self.ptx.get(iteration)
+
+
+class _PhaseClock:
+    """``ppo.time_phases``: each phase's wall time, waiting on the device at its end; off,
+    ``lap`` passes values through untouched (nothing waits)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self._times, self._last = enabled, {}, time.perf_counter()
+
+    def lap(self, phase: str, value):
+        if self.enabled:
+            value = jax.block_until_ready(value)
+            now = time.perf_counter()
+            self._times[f"time/{phase}_s"], self._last = now - self._last, now
+        return value
+
+    def metrics(self) -> dict[str, float]:
+        if self._times:
+            self._times["time/iteration_s"] = sum(self._times.values())
+        return self._times

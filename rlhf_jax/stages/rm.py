@@ -24,6 +24,7 @@ from rlhf_jax.models import ScalarModel
 from rlhf_jax.models.heads import normalize_scalar_head
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.stages import common
+from rlhf_jax.stages.loop import train_loop
 
 
 def evaluate_rm(eval_fn, params, batches, mesh) -> dict[str, float]:
@@ -85,11 +86,12 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     logger = MetricsLogger(env.stage_dir, start, total_steps, "rm", show_progress)
     if start == 0 and train.num_truncated:
         logger.log(0, {"data/truncated_responses": train.num_truncated})
-    state, finished = common.train_loop(
-        env, state=state, step_fn=step_fn, batches=train, total_steps=total_steps, ckpts=ckpts,
+    state, finished = train_loop(
+        env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
         start_step=start, log_every=rm_cfg.log_every,
         eval_every=rm_cfg.eval_every or max(train.steps_per_epoch, 1), evaluate=evaluate,
-        save_every=rm_cfg.checkpoint.save_every, logger=logger, progress_key="train/loss", stop_after=stop_after)
+        save_every=rm_cfg.checkpoint.save_every, logger=logger, progress={"loss": "train/loss"},
+        stop_after=stop_after)
     ckpts.close()
     if not finished:
         logger.close()

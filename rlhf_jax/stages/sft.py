@@ -20,6 +20,7 @@ from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.stages import common
+from rlhf_jax.stages.loop import train_loop
 
 
 def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
@@ -55,6 +56,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     ckpts, state, start = common.restore_or_start(env, stage_cfg.checkpoint, state)
     common.write_run_config(env)
 
+    # unpacked rows are one example then padding: a GPU may take cuDNN's fused attention
     step_fn = steps.make_sft_step(model, tx, env.mesh, state_shardings, stage_cfg.optim.grad_accum_steps,
                                   learning_rate_schedule(stage_cfg.optim, total_steps))
     evaluate = None
@@ -64,11 +66,11 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
     if start == 0 and getattr(train, "num_truncated", 0):
         logger.log(0, {"data/truncated_examples": train.num_truncated})
-    state, finished = common.train_loop(
-        env, state=state, step_fn=step_fn, batches=train, total_steps=total_steps, ckpts=ckpts,
+    state, finished = train_loop(
+        env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
         start_step=start, log_every=stage_cfg.log_every, eval_every=stage_cfg.eval_every,
         evaluate=evaluate, save_every=stage_cfg.checkpoint.save_every, logger=logger,
-        progress_key="train/loss", stop_after=stop_after)
+        progress={"loss": "train/loss"}, stop_after=stop_after)
     logger.close()
     ckpts.close()
     if not finished:
