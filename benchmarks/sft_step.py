@@ -76,7 +76,8 @@ def ours(work: SFTWorkload, params=None, keep_initial: bool = True):
     tx = make_optimizer(OPTIM, 1000)
     state, shardings = steps.create_train_state(model, tx, mesh, jax.random.PRNGKey(0), params)
     initial = jax.tree.map(np.asarray, state.params) if keep_initial else None
-    jitted_step = steps.make_sft_step(model, tx, mesh, shardings)
+    # the rows are one sequence each (no packing, no padding): a GPU may take cuDNN attention
+    jitted_step = steps.make_sft_step(model, tx, mesh, shardings, right_padded=True)
     b, t = work.batch, work.seq
     data = TokenBatch(tokens=jnp.asarray(tokens(work)), loss_mask=jnp.ones((b, t), jnp.float32),
                       segment_ids=jnp.ones((b, t), jnp.int32),

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import models
+from rlhf_jax.models import vocab
 from rlhf_jax.atomic import write_text
 from rlhf_jax.config import CheckpointConfig, ModelConfig
 from rlhf_jax.config.model import architecture_differences, model_config_from_dict
@@ -236,7 +237,9 @@ def finished_steps(directory: str | pathlib.Path) -> list[int]:
 def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelConfig,
                   extra: dict[str, Any] | None = None) -> pathlib.Path:
     """Writes ``params`` and their model config; replaces an older export atomically-enough
-    (a new export is written beside it and renamed over it)."""
+    (a new export is written beside it and renamed over it). A padded vocabulary
+    (``model.vocab_pad_multiple``) is stored at its real size."""
+    params = vocab.unpad_vocab(params, model_cfg)
     directory = pathlib.Path(directory).absolute()
     staging = directory.with_name(directory.name + ".tmp")
     primary = jax.process_index() == 0  # with several processes, only process 0 moves files
@@ -288,9 +291,18 @@ def load_export(directory: str | pathlib.Path, target_params: Any,
     saved_cfg = export_model_config(directory)
     if model_cfg is not None:  # scan_layers is a layout, not architecture: converted below
         check_same_model(saved_cfg, model_cfg, f"{directory} (export)")
-    target = jax.tree.map(
+    padded = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_params)
+    # exports hold the real vocabulary: restore that, then pad to the target's rows
+    target = vocab.real_vocab_target(padded, saved_cfg)
+    return vocab.pad_vocab(_restore_layout(directory, target, saved_cfg, model_cfg), padded)
+
+
+def _restore_layout(directory: pathlib.Path, target: Any, saved_cfg: ModelConfig,
+                    model_cfg: ModelConfig | None) -> Any:
+    """The export's params restored onto ``target``, converted from the export's layer
+    layout (``scan_layers``) to the target's."""
     saved_stacked = saved_cfg.scan_layers
     want_stacked = models.is_stacked(target)
     if model_cfg is not None and want_stacked is not None and want_stacked != model_cfg.scan_layers:

@@ -106,15 +106,17 @@ def make_train_step(loss_fn: Callable, denominator_fn: Callable, tx: optax.Gradi
 
 def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                   state_shardings: Any, grad_accum_steps: int = 1,
-                  learning_rate: optax.Schedule | None = None) -> Callable:
+                  learning_rate: optax.Schedule | None = None, right_padded: bool = False) -> Callable:
     """The SFT (and pretraining) step: masked next-token cross-entropy.
 
-    step(state, batch: TokenBatch ``[B, T]``) -> (state, metrics)
+    step(state, batch: TokenBatch ``[B, T]``) -> (state, metrics). ``right_padded``: every
+    row is one example then padding (no ``data.packing``), so a GPU may run cuDNN's fused
+    attention on row lengths (``models.attention.choose_attention``).
     """
 
     def loss_fn(params, batch: TokenBatch, rng, denominator):
         logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
-                                deterministic=False, rngs={"dropout": rng})
+                                deterministic=False, rngs={"dropout": rng}, right_padded=right_padded)
         return losses.sft_loss(logits, batch.tokens, batch.loss_mask, denominator)
 
     return make_train_step(loss_fn, lambda b: losses.target_count(b.loss_mask), tx, mesh, state_shardings,

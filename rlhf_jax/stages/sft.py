@@ -58,7 +58,8 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
 
     # unpacked rows are one example then padding: a GPU may take cuDNN's fused attention
     step_fn = steps.make_sft_step(model, tx, env.mesh, state_shardings, stage_cfg.optim.grad_accum_steps,
-                                  learning_rate_schedule(stage_cfg.optim, total_steps))
+                                  learning_rate_schedule(stage_cfg.optim, total_steps),
+                                  right_padded=not stage_cfg.data.packing)
     evaluate = None
     if val is not None:
         eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params)
