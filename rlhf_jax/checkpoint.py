@@ -303,11 +303,11 @@ def _restore_layout(directory: pathlib.Path, target: Any, saved_cfg: ModelConfig
                     model_cfg: ModelConfig | None) -> Any:
     """The export's params restored onto ``target``, converted from the export's layer
     layout (``scan_layers``) to the target's."""
-    saved_stacked = saved_cfg.scan_layers
+    saved_stacked = saved_cfg.stacked
     want_stacked = models.is_stacked(target)
-    if model_cfg is not None and want_stacked is not None and want_stacked != model_cfg.scan_layers:
+    if model_cfg is not None and want_stacked is not None and want_stacked != model_cfg.stacked:
         raise CheckpointError(f"{directory}: target params are {'stacked' if want_stacked else 'unrolled'} "
-                              f"but model.scan_layers={model_cfg.scan_layers}")
+                              f"but model.scan_layers={model_cfg.scan_layers!r} ({model_cfg.n_layers} layers)")
     if want_stacked is None or want_stacked == saved_stacked:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(directory / "params", target)

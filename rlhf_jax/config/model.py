@@ -10,6 +10,10 @@ from typing import Any, Literal
 from rlhf_jax.config.checks import ConfigError
 
 
+# scan_layers="auto" scans models this deep or deeper. Compile seconds of the SFT step on the
+# 2-core CPU (benchmarks/compile_time.py): see docs/scan_layers.md
+SCAN_LAYERS_FROM = 8
+
 # ModelConfig.remat -> jax.checkpoint_policies name (None: no remat)
 REMAT_POLICIES = {False: None, "none": None, True: "nothing_saveable", "full": "nothing_saveable",
                   "dots_saveable": "dots_saveable",
@@ -51,8 +55,9 @@ class ModelConfig:
     # True/"full" (save nothing), "dots_saveable" (keep matmul outputs), as jax.checkpoint policies
     remat: bool | Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = False
     # run the blocks under flax.linen.scan, params stacked on a leading "layers" axis
-    # (backbone/layers/...): compile time flat in depth. Opt-in; see docs/scan_layers.md
-    scan_layers: bool = False
+    # (backbone/layers/...): compile time flat in depth. "auto": from SCAN_LAYERS_FROM layers
+    # on (unrolled compiles faster below that); see docs/scan_layers.md
+    scan_layers: bool | Literal["auto"] = "auto"
     # The attention core of a forward pass without a KV cache (models.attention.choose_attention,
     # docs/attention.md). "default": "chunked" on CPU (causal query chunks, upper blocks
     # skipped); on a GPU cuDNN flash attention for batches the caller declares right-padded
@@ -73,6 +78,11 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"{where}.remat must be one of {sorted(REMAT_POLICIES, key=str)}, "
                               f"got {self.remat!r}")
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the blocks run under ``nn.scan`` with stacked params (``scan_layers`` resolved)."""
+        return self.n_layers >= SCAN_LAYERS_FROM if self.scan_layers == "auto" else bool(self.scan_layers)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -162,6 +172,7 @@ def model_config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
     import dacite
 
     data = {k: v for k, v in data.items() if k not in _LEGACY_MODEL_FIELDS}
+    data.setdefault("scan_layers", False)  # written before the field existed: unrolled (not "auto")
     try:
         return dacite.from_dict(ModelConfig, data, config=dacite.Config(strict=True, cast=[tuple]))
     except dacite.DaciteError as err:
@@ -174,5 +185,7 @@ def architecture_differences(saved: ModelConfig, current: ModelConfig,
     for "same model" (a resume and an export load both use it). ``include_layout`` also
     compares :data:`LAYOUT_FIELDS`, for a training-state checkpoint."""
     ignored = set(EXECUTION_FIELDS) | (set() if include_layout else set(LAYOUT_FIELDS))
-    return {f.name: (getattr(saved, f.name), getattr(current, f.name)) for f in dataclasses.fields(ModelConfig)
-            if f.name not in ignored and getattr(saved, f.name) != getattr(current, f.name)}
+    # the layout is compared resolved: "auto" on 24 layers is the same layout as True
+    value = lambda cfg, name: cfg.stacked if name == "scan_layers" else getattr(cfg, name)  # noqa: E731
+    return {f.name: (value(saved, f.name), value(current, f.name)) for f in dataclasses.fields(ModelConfig)
+            if f.name not in ignored and value(saved, f.name) != value(current, f.name)}

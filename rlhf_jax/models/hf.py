@@ -273,7 +273,7 @@ def _per_layer_paths(path: str, cfg: ModelConfig) -> list[str] | None:
     """For a scanned model's ``backbone/layers/<rest>``: the unrolled paths
     ``backbone/layers_<i>/<rest>`` the table knows; None for any other path."""
     parts = path.split("/")
-    if not cfg.scan_layers or "layers" not in parts:
+    if not cfg.stacked or "layers" not in parts:
         return None
     at = parts.index("layers")
     return ["/".join(parts[:at] + [f"layers_{i}"] + parts[at + 1:]) for i in range(cfg.n_layers)]
@@ -341,7 +341,7 @@ def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     table = param_sources(cfg)
     params = vocab.unpad_vocab(params, cfg)
     flat = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    if cfg.scan_layers:  # stacked [L, ...] leaves -> HF's per-layer tensors
+    if cfg.stacked:  # stacked [L, ...] leaves -> HF's per-layer tensors
         for path in [p for p in flat if _per_layer_paths(p, cfg) is not None]:
             stacked = _to_host(flat.pop(path))
             if stacked.ndim == 0 or stacked.shape[0] != cfg.n_layers:

@@ -237,8 +237,8 @@ class Decoder(nn.Module):
         if policy is not None:
             # deterministic (7) and right_padded (8) are Python bools that pick code paths
             block = nn.remat(Block, static_argnums=(7, 8), policy=getattr(jax.checkpoint_policies, policy),
-                             prevent_cse=not cfg.scan_layers)  # scan already prevents CSE
-        if cfg.scan_layers:  # one Block whose params are stacked [L, ...] (see _run_scanned)
+                             prevent_cse=not cfg.stacked)  # scan already prevents CSE
+        if cfg.stacked:  # one Block whose params are stacked [L, ...] (see _run_scanned)
             self.layers = block(cfg, dropout_rate=self.dropout_rate, name="layers")
         else:
             self.blocks = [block(cfg, i, self.dropout_rate, name=f"layers_{i}") for i in range(cfg.n_layers)]
@@ -270,7 +270,7 @@ class Decoder(nn.Module):
                 cache.valid, segment_ids > 0, cache.index, 1)
         kv = None if cache is None else (cache.keys, cache.values)
         cache_index = None if cache is None else cache.index
-        if self.cfg.scan_layers:
+        if self.cfg.stacked:
             x, kv = self._run_scanned(x, positions, segment_ids, kv, cache_index, cache_valid, deterministic,
                                       right_padded)
         else:

@@ -119,7 +119,7 @@ def _assert_export_round_trips(directory, cfg, params, out):
     assert original.keys() == exported.keys()
     for name, tensor in original.items():
         assert torch.equal(tensor, exported[name]), name
-    _, again = _load(out, stacked=cfg.scan_layers)
+    _, again = _load(out, stacked=cfg.stacked)
     _assert_trees_equal(params, again)
 
 

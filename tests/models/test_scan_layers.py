@@ -12,6 +12,7 @@ import pytest
 
 from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import ConfigError, MeshConfig, ModelConfig, SamplingConfig
+from rlhf_jax.config.model import SCAN_LAYERS_FROM
 from rlhf_jax.models import (KVCache, LanguageModel, ScalarModel, is_stacked, stack_layers,
                              unstack_layers)
 from rlhf_jax.sampling import sample
@@ -37,8 +38,11 @@ def _tokens(batch=3, t=12, vocab=64):
     return jax.random.randint(jax.random.key(1), (batch, t), 1, vocab)
 
 
-def test_default_is_unrolled_and_stacked_tree_matches_stacking():
-    assert ModelConfig().scan_layers is False and ModelConfig().remat is False
+def test_auto_scans_deep_models_and_stacked_tree_matches_stacking():
+    assert ModelConfig().scan_layers == "auto" and ModelConfig().remat is False
+    assert not ModelConfig(n_layers=SCAN_LAYERS_FROM - 1).stacked and ModelConfig(n_layers=SCAN_LAYERS_FROM).stacked
+    assert not ModelConfig(n_layers=64, scan_layers=False).stacked and ModelConfig(n_layers=1, scan_layers=True).stacked
+    assert not LLAMA.stacked  # 3 layers: unrolled by default
     _, unrolled = _init(LLAMA)
     _, scanned = _init(_scanned(LLAMA))
     assert is_stacked(unrolled) is False and is_stacked(scanned) is True
@@ -172,23 +176,30 @@ def test_export_converts_between_stacked_and_unrolled(saved_scan, tmp_path, eigh
     # a target whose layout contradicts the config is refused, naming the field
     target = abstract_params(LanguageModel(dataclasses.replace(LLAMA, scan_layers=True)), mesh)
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.scan_layers=False"):
-        checkpoint.load_export(tmp_path / "export", target, LLAMA)
+        checkpoint.load_export(tmp_path / "export", target, dataclasses.replace(LLAMA, scan_layers=False))
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.scan_layers='auto' \(3 layers\)"):
+        checkpoint.load_export(tmp_path / "export", target, LLAMA)  # "auto" on 3 layers: unrolled
 
 
 def test_export_from_before_scan_layers_still_loads(tmp_path):
-    """An export.json written before the field existed has no scan_layers: unrolled."""
+    """An export.json written before the field existed has no scan_layers: unrolled, even
+    where "auto" (today's default) would stack that depth."""
     import json
 
-    _, params = _init(LLAMA)
-    checkpoint.export_params(tmp_path / "export", params, LLAMA)
+    deep = dataclasses.replace(LLAMA, n_layers=SCAN_LAYERS_FROM, scan_layers=False)
+    _, params = _init(deep)
+    checkpoint.export_params(tmp_path / "export", params, deep)
     meta_path = tmp_path / "export" / checkpoint.EXPORT_META
     meta = json.loads(meta_path.read_text())
     del meta["model"]["scan_layers"]
     meta_path.write_text(json.dumps(meta))
+    assert checkpoint.export_model_config(tmp_path / "export").stacked is False
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    for cfg in (LLAMA, _scanned(LLAMA)):
+    for cfg in (deep, dataclasses.replace(deep, scan_layers="auto")):
         loaded = checkpoint.load_export(tmp_path / "export", abstract_params(LanguageModel(cfg), mesh), cfg)
-        assert is_stacked(loaded) is cfg.scan_layers
+        assert is_stacked(loaded) is cfg.stacked
+        want = stack_layers(params) if cfg.stacked else params
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, loaded)
 
 
 def test_sft_resume_on_stacked_params_is_exact(tmp_path):
