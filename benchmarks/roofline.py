@@ -22,12 +22,13 @@ skipped unless ``--quick`` shrinks the models (a smoke test of this code, not ju
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common, decode, sft_step
+from benchmarks import common, decode, sft_step, torch_peer
 from rlhf_jax import parameters
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models import LanguageModel
@@ -185,7 +186,28 @@ def decode_bound(name: str, cfg: ModelConfig, work: RooflineWorkload, peak: dict
     return rows
 
 
-def run(work: RooflineWorkload = RooflineWorkload(), log=print) -> dict:
+def torch_peers(work: RooflineWorkload, log=print) -> dict[str, dict]:
+    """The PyTorch SFT step of each train row (``benchmarks.torch_peer``, each in a fresh
+    process). Must run before this process touches the GPU: JAX reserves 75% of it then."""
+    peers = {}
+    for name, cfg, batch, seq in work.train:
+        peers[name] = torch_peer.run_in_process(json.dumps(dataclasses.asdict(cfg)), batch, seq,
+                                                work.warmup_steps, work.timed_steps, timeout_s=300)
+        log(f"roofline PyTorch peer {name}: {peers[name].get('tokens_per_s', peers[name].get('skipped'))}")
+    return peers
+
+
+def _with_peer(row: dict, peer: dict, cfg: ModelConfig, peak: dict) -> dict:
+    if "tokens_per_s" in peer:
+        flops = sft_step.model_flops_per_token(cfg, row["seq"]) * peer["tokens_per_s"]
+        peer = {**peer, "mfu": flops / judged(peak)["bf16_flops"]}
+        row = {**row, "speedup_vs_torch": row["tokens_per_s"] / peer["tokens_per_s"]}
+    return {**row, "torch_peer": peer}
+
+
+def run(work: RooflineWorkload = RooflineWorkload(), log=print, peers: bool = False) -> dict:
+    """``peers``: also the PyTorch step of each train row, where CUDA torch is present."""
+    peer_rows = torch_peers(work, log) if peers else {}
     backend = jax.default_backend()
     result = {"workload": {"train": [{"model": n, "batch": b, "seq": s} for n, _, b, s in work.train],
                            "decode_models": [n for n, _ in work.decode_models], "prompt_len": work.prompt_len,
@@ -198,5 +220,8 @@ def run(work: RooflineWorkload = RooflineWorkload(), log=print) -> dict:
     peak = peaks(work, log)
     result["peak"] = peak
     result["train"] = [train_mfu(name, cfg, b, s, work, peak, log) for name, cfg, b, s in work.train]
+    if peer_rows:
+        result["train"] = [_with_peer(row, peer_rows[name], cfg, peak)
+                           for row, (name, cfg, _, _) in zip(result["train"], work.train)]
     result["decode"] = [row for name, cfg in work.decode_models for row in decode_bound(name, cfg, work, peak, log)]
     return result

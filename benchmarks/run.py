@@ -128,7 +128,7 @@ def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
     if section == "decode":
         return decode.run(work["decode"], work["decode_models"], peers=peers, log=log)
     if section == "roofline":
-        return roofline.run(work["roofline"], log=log)
+        return roofline.run(work["roofline"], log=log, peers=peers)
     if section == "loop":
         return loop_overhead.run(loop_overhead.LoopWorkload(steps=60, repeats=1) if quick
                                  else loop_overhead.LoopWorkload(), log=log)
@@ -271,9 +271,13 @@ def roofline_rows(r: dict, quick: bool) -> list[str]:
                f"bf16, {judged['bytes_per_s'] / 1e9:.3g} GB/s")
     lines = []
     for row in r["train"]:
+        peer = row.get("torch_peer")
+        peer_cell = ("" if peer is None else f"skipped: {peer['skipped']}" if "skipped" in peer
+                     else f"PyTorch (SDPA, bf16 autocast, fused AdamW): {peer['tokens_per_s']:.0f} tok/s, {peer['mfu']:.0%}")
         lines.append(f"| SFT step {row['model']} ({row['params'] / 1e6:.0f}M params) {row['batch']}x{row['seq']} "
                      f"bf16: MFU ({against}) | {row['tokens_per_s']:.0f} tok/s, {row['mfu']:.0%} "
-                     f"({row['mfu_of_measured_peak']:.0%} of the measured) | | | >= 45% | "
+                     f"({row['mfu_of_measured_peak']:.0%} of the measured) | {peer_cell} | "
+                     f"{_ratio(row.get('speedup_vs_torch'))} | >= 45% | "
                      f"{_judge(row['mfu'], TARGETS['mfu'], quick)} |")
     for row in r["decode"]:
         lines.append(f"| Greedy decode {row['model']} bf16 batch {row['batch']}: decode step vs memory-bandwidth "

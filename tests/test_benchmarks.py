@@ -127,3 +127,18 @@ def test_model_flops_of_the_sft_step_and_a_ppo_iteration():
     assert flops["scoring"] == 2 * (3 * 4 * 1280 + 160)  # reference, value, reward
     assert flops["update"] == 2 * 2 * 3 * (2 * 4 * 1280 + 160)  # 2 epochs, policy + value, fwd + bwd
     assert flops["iteration"] == flops["rollout"] + flops["scoring"] + flops["update"]
+
+
+def test_torch_peer_of_the_roofline_runs_a_step_and_skips_without_cuda():
+    """The roofline's PyTorch peer (a GPU measurement) on the CPU as a smoke test, and the
+    fresh-process call a CPU-only torch answers with a skip."""
+    from benchmarks import torch_peer
+
+    cfg = json.dumps({"family": "llama", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                      "n_kv_heads": 2, "d_ff": 64, "max_len": 32, "tie_embeddings": False})
+    row = torch_peer.measure(cfg, 2, 16, warmup=1, steps=2, device="cpu")
+    assert row["tokens_per_s"] > 0 and len(row["step_s"]) == 2 and row["device"] == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert torch_peer.run_in_process(cfg, 2, 16, 1, 2, timeout_s=120) == {"skipped": "no CUDA torch"}
