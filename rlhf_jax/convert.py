@@ -24,7 +24,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """The ``convert`` flags, on ``parser``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="a HF checkpoint directory to read")
-    source.add_argument("--to-hf", metavar="EXPORT_DIR", help="an rlhf_jax export directory to read")
+    source.add_argument("--to-hf", metavar="SOURCE",
+                        help="a language model to read: an export, or a stage's checkpoints directory")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="with --to-hf: copy this tokenizer's files into --out")

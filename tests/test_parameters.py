@@ -175,3 +175,17 @@ def test_stage_env_falls_back_to_model_hf_path(sources):
     with pytest.raises(ConfigError, match="model.hf_path="):
         dataclasses.replace(env, cfg=dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, hf_path=str(root / "missing")))).initial_params(LanguageModel(cfg.model), None, "sft.init_from")
+
+
+def test_convert_writes_a_hf_checkpoint_from_a_stage_checkpoints_directory(sources, tmp_path):
+    """`rlhf-jax convert --to-hf` takes any LM source: here a stage's Orbax checkpoints."""
+    from rlhf_jax import convert
+
+    root, want = sources
+    mesh = sharding.make_mesh(READ_MESH)
+    convert.to_hf(root / "sft" / "checkpoints", tmp_path / "hf", mesh)
+    params, src = parameters.load(str(tmp_path / "hf"), LanguageModel(TINY_MODEL), mesh, "--from-hf")
+    assert src.kind == "hf"
+    _equal(params, want)
+    with pytest.raises(ConfigError, match="already a HF checkpoint"):
+        convert.to_hf(root / "hf", tmp_path / "again", mesh)
