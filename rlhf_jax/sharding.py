@@ -19,7 +19,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax.config import MeshConfig
-from rlhf_jax.models.vocab import vocab_axis
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits parameters
@@ -89,6 +88,22 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# (last two path components of the parameter, its vocabulary axis): the embedding table
+# [V, E] and an untied head's kernel [E, V], in a LanguageModel's, a ScalarModel's or a
+# bare backbone's params.
+VOCAB_PARAMS = {("embed", "embedding"): 0, ("lm_head", "kernel"): 1}
+
+
+def _names(key_path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def vocab_axis(key_path) -> int | None:
+    """The vocabulary axis of the parameter at ``key_path`` (a jax key path or a tuple of
+    names), None for a parameter without one."""
+    return VOCAB_PARAMS.get(_names(key_path)[-2:])
 
 
 def strip_boxes(tree: Any) -> Any:

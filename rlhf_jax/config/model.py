@@ -14,6 +14,24 @@ from rlhf_jax.config.checks import ConfigError
 # 2-core CPU (benchmarks/compile_time.py): see docs/scan_layers.md
 SCAN_LAYERS_FROM = 8
 
+# cuDNN flash attention takes half precision only (it refuses float32 inputs), and a head
+# dim that is a multiple of 8 and at most 256 (JAX allows 256 from Hopper on, 128 before).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 256
+
+def cudnn_refusal(compute_dtype: str, head_dim: int, where: str = "model") -> str | None:
+    """Why cuDNN flash attention cannot run a model of ``compute_dtype`` and ``head_dim``
+    on any GPU (None: it can). Shared by ``models.attention.choose_attention`` and ``ModelConfig.validate``
+    (it lives with the config so that the config never imports the models)."""
+    if compute_dtype not in CUDNN_DTYPES:
+        return (f"cuDNN flash attention needs {where}.compute_dtype in {list(CUDNN_DTYPES)}, "
+                f"got {compute_dtype!r}")
+    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        return (f"cuDNN flash attention needs a head dim that is a multiple of 8 and at most "
+                f"{CUDNN_MAX_HEAD_DIM}, got {head_dim} ({where}.head_dim, or d_model / n_heads)")
+    return None
+
+
 # ModelConfig.remat -> jax.checkpoint_policies name (None: no remat)
 REMAT_POLICIES = {False: None, "none": None, True: "nothing_saveable", "full": "nothing_saveable",
                   "dots_saveable": "dots_saveable",
@@ -112,7 +130,6 @@ class ModelConfig:
         if self.family == "gpt2" and self.kv_heads != self.n_heads:
             raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
         if self.attention_impl == "cudnn":  # refused here on any machine, not at the first step
-            from rlhf_jax.models.attention import cudnn_refusal  # models import this module
 
             why = cudnn_refusal(self.compute_dtype, self.dim_per_head, where)
             if why:

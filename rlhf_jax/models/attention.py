@@ -22,30 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.config.model import cudnn_refusal
 
 Array = jax.Array
 
 ATTENTION_IMPLS = ("default", "xla", "cudnn", "chunked")
-# cuDNN flash attention takes half precision only (it refuses float32 inputs), and a head
-# dim that is a multiple of 8 and at most 256 (JAX allows 256 from Hopper on, 128 before).
-CUDNN_DTYPES = ("bfloat16", "float16")
-CUDNN_MAX_HEAD_DIM = 256
-
 # Query chunk of the chunked attention path: 64 measured fastest on CPU at T = 256
 # (32: 51 ms, 64: 50 ms, 128: 56 ms, forward + backward, B 8, 8 heads of 64).
 ATTENTION_CHUNK = 64
-
-
-def cudnn_refusal(compute_dtype: str, head_dim: int, where: str = "model") -> str | None:
-    """Why cuDNN flash attention cannot run a model of ``compute_dtype`` and ``head_dim``
-    on any GPU (None: it can). Shared by :func:`choose_attention` and ``ModelConfig.validate``."""
-    if compute_dtype not in CUDNN_DTYPES:
-        return (f"cuDNN flash attention needs {where}.compute_dtype in {list(CUDNN_DTYPES)}, "
-                f"got {compute_dtype!r}")
-    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
-        return (f"cuDNN flash attention needs a head dim that is a multiple of 8 and at most "
-                f"{CUDNN_MAX_HEAD_DIM}, got {head_dim} ({where}.head_dim, or d_model / n_heads)")
-    return None
 
 
 def choose_attention(impl: str, backend: str, compute_dtype: str, head_dim: int, right_padded: bool) -> str:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.sharding import vocab_axis
 
 Array = jax.Array
 
@@ -34,11 +35,6 @@ Array = jax.Array
 # entropy's p * log p stays 0 * finite = 0 rather than 0 * -inf = NaN, and dividing by a
 # sampling temperature cannot overflow it to -inf (finfo(f32).min / 0.7 would).
 MASKED_LOGIT = -1e9
-
-# (last two path components of the parameter, its vocabulary axis): the embedding table
-# [V, E] and an untied head's kernel [E, V], in a LanguageModel's, a ScalarModel's or a
-# bare backbone's params.
-VOCAB_PARAMS = {("embed", "embedding"): 0, ("lm_head", "kernel"): 1}
 
 
 def mask_padded_logits(logits: Array, vocab_size: int) -> Array:
@@ -48,16 +44,6 @@ def mask_padded_logits(logits: Array, vocab_size: int) -> Array:
         return logits
     real = jnp.arange(logits.shape[-1]) < vocab_size
     return jnp.where(real, logits, jnp.asarray(MASKED_LOGIT, logits.dtype))
-
-
-def _path(key_path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-
-
-def vocab_axis(key_path) -> int | None:
-    """The vocabulary axis of the parameter at ``key_path`` (a jax key path or a tuple of
-    names), None for a parameter without one."""
-    return VOCAB_PARAMS.get(_path(key_path)[-2:])
 
 
 def _map_vocab_leaves(fn, tree: Any, *rest: Any) -> Any:
@@ -111,7 +97,7 @@ def real_vocab_target(target: Any, cfg: ModelConfig) -> Any:
 def pad_vocab(params: Any, target: Any) -> Any:
     """``params`` with each vocabulary parameter zero-padded to ``target``'s shape and placed
     in ``target``'s sharding (``target``: arrays or ShapeDtypeStructs, e.g. the padded model's
-    ``abstract_params``). Leaves already ``target``'s shape are returned as is."""
+    ``parameters.abstract``). Leaves already ``target``'s shape are returned as is."""
     def pad(axis, leaf, want):
         if tuple(leaf.shape) == tuple(want.shape):
             return leaf
