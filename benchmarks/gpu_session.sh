@@ -33,7 +33,7 @@ step roofline 420 python3 -m benchmarks.run --only roofline --ours-only --out "$
 step torch_peer 240 python3 -c "import json; from benchmarks import roofline; print(json.dumps(roofline.torch_peers(roofline.RooflineWorkload())))"
 # 3. the loop against its bare step, on the GPU
 step loop 90 python3 -m benchmarks.run --only loop --ours-only --out "$OUT/loop"
-# 4. the embedded pipeline (398 s on the 2-core CPU, 2026-12-01; target >= 3x faster)
+# 4. the embedded pipeline (398-497 s on the 2-core CPU, 2026-12-01; target >= 3x faster)
 step pipeline 240 python3 -m rlhf_jax.cli pipeline --workdir "$OUT/pipeline_run"
 grep -h "wall_seconds" "$OUT/pipeline_run/report.json" >> "$OUT/summary.txt" 2>/dev/null
 for table in "$OUT"/*/table.md; do
