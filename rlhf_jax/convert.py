@@ -61,7 +61,7 @@ def to_hf(export_dir: str | pathlib.Path, out: str | pathlib.Path, mesh,
     src = parameters.source(str(export_dir), "--to-hf")
     if src.kind == "hf":
         raise ConfigError(f"--to-hf {export_dir}: already a HF checkpoint")
-    if src.is_reward_model:
+    if src.scalar:
         raise checkpoint.CheckpointError(f"{export_dir}: not a language-model export (a reward model's "
                                          "export has no LM head)")
     cfg = src.model

@@ -22,7 +22,7 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str,
     """(prompt, response) for each prompt (default: the held-out prompts of ``cfg.ppo``),
     sampled with ``cfg.ppo.sampling`` from the params in ``export``."""
     env = common.make_env(cfg, workdir, "sample")
-    if parameters.source(export, "--export", env.workdir).is_reward_model:
+    if parameters.source(export, "--export", env.workdir).scalar:
         raise ConfigError(f"--export {export}: a reward-model export, not a policy")
     model = LanguageModel(cfg.model)
     params, _ = env.load_params(export, model, "--export")

@@ -70,16 +70,14 @@ def shardings_of(params: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class Source:
     """What a spec names: ``kind`` is export, hf or checkpoint; ``model`` the architecture
-    stored there; ``meta`` the export's ``export.json`` (empty for the others)."""
+    stored there; ``meta`` the export's ``export.json`` (empty for the others); ``scalar``:
+    the params are a scalar (reward or value) model's, with a ``head`` and no LM head."""
 
     kind: str
     path: pathlib.Path
     model: ModelConfig
     meta: dict[str, Any]
-
-    @property
-    def is_reward_model(self) -> bool:
-        return self.meta.get("stage") == "rm"
+    scalar: bool
 
 
 def source(spec: str, field: str, workdir: str | pathlib.Path | None = None) -> Source:
@@ -88,18 +86,20 @@ def source(spec: str, field: str, workdir: str | pathlib.Path | None = None) -> 
     if not path.exists():
         raise ConfigError(f"{field}={spec!r}: nothing at {path} (did the stage that writes it finish?)")
     if (path / checkpoint.EXPORT_META).is_file():
-        return Source("export", path, checkpoint.export_model_config(path), checkpoint.read_export_meta(path))
+        meta = checkpoint.read_export_meta(path)
+        return Source("export", path, checkpoint.export_model_config(path), meta, meta.get("stage") == "rm")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         from rlhf_jax.models.hf_config import model_config_from_hf
 
-        return Source("hf", path, model_config_from_hf(path), {})
+        return Source("hf", path, model_config_from_hf(path), {}, False)
     step_dir = _checkpoint_step(path)
     if step_dir is not None:
         meta = checkpoint.read_step_meta(step_dir)
         saved = meta.get("config", {}).get("model")
         if saved is None:
             raise checkpoint.CheckpointError(f"{step_dir}: its metadata names no model config")
-        return Source("checkpoint", step_dir, model_config_from_dict(saved, f"{step_dir} (meta)"), {})
+        scalar = "head" in checkpoint.read_step_state_metadata(step_dir).get("params", {})
+        return Source("checkpoint", step_dir, model_config_from_dict(saved, f"{step_dir} (meta)"), {}, scalar)
     raise ConfigError(f"{field}={spec!r}: {path} is not an export (no {checkpoint.EXPORT_META}), a HF checkpoint "
                       "(config.json and *.safetensors) or a stage's checkpoints directory")
 
@@ -170,12 +170,11 @@ def initial(model: nn.Module, mesh: Mesh, spec: str | None, field: str, workdir:
     """
     if rng is None:
         return None if spec is None else load(spec, model, mesh, field, workdir)[0]
+    if spec is not None and source(spec, field, workdir).scalar:
+        return load(spec, model, mesh, field, workdir)[0]
     fresh, _ = create(model, mesh, rng)
     if spec is None:
         return fresh
-    src = source(spec, field, workdir)
-    if src.is_reward_model:
-        return load(spec, model, mesh, field, workdir)[0]
     from rlhf_jax.models import LanguageModel
 
     lm, _ = load(spec, LanguageModel(model.cfg), mesh, field, workdir)

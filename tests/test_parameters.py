@@ -101,6 +101,13 @@ def test_a_scalar_model_starts_from_an_lm_backbone_or_an_rm_as_it_is(sources, tm
     rm = dict(from_lm, head={"kernel": from_lm["head"]["kernel"] + 1.0, "bias": from_lm["head"]["bias"] - 2.0})
     checkpoint.export_params(tmp_path / "rm", rm, TINY_MODEL, {"stage": "rm"})
     _equal(parameters.initial(scalar, mesh, str(tmp_path / "rm"), "ppo.value_init", None, rng), rm)
+    # the RM stage's own checkpoints hold a scalar model too: taken as they are, head included
+    state, _ = steps.create_train_state(scalar, optax.adam(1e-3), mesh, jax.random.PRNGKey(0), rm)
+    ckpts = checkpoint.StageCheckpoints(tmp_path / "rm_checkpoints", CheckpointConfig())
+    ckpts.save(1, state, {"step": 1, "config": {"model": dataclasses.asdict(TINY_MODEL)}})
+    ckpts.close()
+    assert parameters.source(str(tmp_path / "rm_checkpoints"), "f").scalar
+    _equal(parameters.initial(scalar, mesh, str(tmp_path / "rm_checkpoints"), "ppo.value_init", None, rng), rm)
     assert parameters.initial(LanguageModel(TINY_MODEL), mesh, None, "sft.init_from", root) is None
 
 

@@ -19,10 +19,11 @@ SCAN_LAYERS_FROM = 8
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 256
 
+
 def cudnn_refusal(compute_dtype: str, head_dim: int, where: str = "model") -> str | None:
     """Why cuDNN flash attention cannot run a model of ``compute_dtype`` and ``head_dim``
-    on any GPU (None: it can). Shared by ``models.attention.choose_attention`` and ``ModelConfig.validate``
-    (it lives with the config so that the config never imports the models)."""
+    on any GPU (None: it can). Shared by ``models.attention.choose_attention`` and
+    ``ModelConfig.validate`` (it lives here so that the config never imports the models)."""
     if compute_dtype not in CUDNN_DTYPES:
         return (f"cuDNN flash attention needs {where}.compute_dtype in {list(CUDNN_DTYPES)}, "
                 f"got {compute_dtype!r}")
@@ -130,7 +131,6 @@ class ModelConfig:
         if self.family == "gpt2" and self.kv_heads != self.n_heads:
             raise ConfigError(f"{where}.n_kv_heads: the gpt2 family has no grouped-query attention")
         if self.attention_impl == "cudnn":  # refused here on any machine, not at the first step
-
             why = cudnn_refusal(self.compute_dtype, self.dim_per_head, where)
             if why:
                 raise ConfigError(f"{where}.attention_impl='cudnn': {why}")

@@ -89,9 +89,9 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         reward_params, reward_source = env.load_params(ppo.reward_init, reward_model, "ppo.reward_init")
         reward_meta = reward_source.meta
         reward_fn = reward_model_score(reward_model)
-    value_field = "ppo.value_init" if ppo.value_init else ("ppo.reward_init" if reward_params is not None
-                                                            else "ppo.policy_init")
-    value_init = ppo.value_init or (ppo.reward_init if reward_params is not None else ppo.policy_init)
+    value_init, value_field = ((ppo.value_init, "ppo.value_init") if ppo.value_init
+                               else (ppo.reward_init, "ppo.reward_init") if reward_params is not None
+                               else (ppo.policy_init, "ppo.policy_init"))
     # InstructGPT starts the value function from the RM, so it has the RM's architecture
     scalar = ScalarModel(parameters.source(value_init, value_field, env.workdir).model)
     value_params = env.initial_params(scalar, value_init, value_field, rng=parameters.scalar_head_rng(cfg.seed))
