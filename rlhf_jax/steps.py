@@ -127,13 +127,15 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
     """``[B, K] f32``: the reward of every response, read at its last token.
 
     All K responses of all B prompts go through the network in ONE forward pass of
-    ``B*K`` rows, whatever the number of pairs. ``rng`` enables dropout.
+    ``B*K`` rows, whatever the number of pairs. ``rng`` enables dropout. Every row is one
+    response from position 0, then padding (all padding for a missing response), so the
+    pass is declared right-padded: a GPU may take cuDNN's fused attention.
     """
     b, k, t = batch.tokens.shape
     rows = lambda x: x.reshape(b * k, t)  # noqa: E731
     kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
     values, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
-                            rows(batch.segment_ids), **kwargs)
+                            rows(batch.segment_ids), right_padded=True, **kwargs)
     return jnp.take_along_axis(values.reshape(b, k, t), batch.last_index[..., None], axis=-1)[..., 0]
 
 
@@ -166,29 +168,33 @@ def make_rm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Cal
                           out_shardings=sharding.replicated(mesh))
 
 
-def last_token_scores(model: nn.Module, params: Any, tokens, segment_ids, positions) -> jax.Array:
+def last_token_scores(model: nn.Module, params: Any, tokens, segment_ids, positions,
+                      right_padded: bool = False) -> jax.Array:
     """``[B] f32``: a scalar model's output at each row's last real token (tokens, segment ids
     and positions ``[B, T]``; rows may be left- and right-padded). The reward model's score, in
     the RM stage and as PPO's reward."""
-    values, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    values, _ = model.apply({"params": params}, tokens, positions, segment_ids, right_padded=right_padded)
     return jnp.take_along_axis(values, losses.last_index(segment_ids > 0)[:, None], axis=1)[:, 0]
 
 
-def make_score_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
-    """score(params, tokens, segment_ids, positions) -> ``[B] f32``: :func:`last_token_scores`, jitted."""
+def make_score_fn(model: nn.Module, mesh: Mesh, param_shardings: Any, right_padded: bool = False) -> Callable:
+    """score(params, tokens, segment_ids, positions) -> ``[B] f32``: :func:`last_token_scores`,
+    jitted. ``right_padded``: every row is one segment from position 0, then padding."""
 
     def score(params, tokens, segment_ids, positions):
-        return last_token_scores(model, params, tokens, segment_ids, positions)
+        return last_token_scores(model, params, tokens, segment_ids, positions, right_padded)
 
     batch = sharding.batch_sharding(mesh, 1)
     return sharding.jit_under_mesh(score, mesh, in_shardings=(param_shardings, batch, batch, batch), out_shardings=batch)
 
 
-def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
-    """eval(params, batch) -> (summed NLL, target count): exact means over many batches."""
+def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, right_padded: bool = False) -> Callable:
+    """eval(params, batch) -> (summed NLL, target count): exact means over many batches.
+    ``right_padded``: as :func:`make_sft_step`."""
 
     def evaluate(params, batch: TokenBatch):
-        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids)
+        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
+                                right_padded=right_padded)
         target_mask = batch.loss_mask[:, 1:].astype(jnp.float32)
         nll = -losses.next_token_logprobs(logits, batch.tokens)
         return losses.masked_sum(nll, target_mask), jnp.sum(target_mask)

@@ -84,18 +84,22 @@ def masked_attention(q: Array, key: Array, value: Array, mask: Array) -> Array:
 
 
 def right_padded_lengths(segment_ids: Array) -> Array:
-    """``[B] int32``: tokens per row, i.e. where a right-padded row's padding starts."""
-    return jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32)
+    """``[B] int32``: tokens per row, i.e. where a right-padded row's padding starts, and at
+    least 1. An all-padding row (a batch's padding rows at the end of a pass, a comparison's
+    missing responses) is given its first slot, because cuDNN before 9.25 returns NaN for a
+    zero-length row, and a NaN there reaches the gradients through the masked loss (0 * NaN)
+    even though the row's output is unused."""
+    return jnp.maximum(jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32), 1)
 
 
-def length_attention(q: Array, key: Array, value: Array, segment_ids: Array,
+def length_attention(q: Array, key: Array, value: Array, lengths: Array,
                      implementation: str = "cudnn") -> Array:
     """Causal attention over right-padded rows, from lengths rather than a mask: q
-    ``[B, T, H, D]``; key, value ``[B, T, K, D]``; segment_ids ``[B, T]``, each row
-    ``[s]*n + [0]*(T-n)``. Returns ``[B, T, H, D]``; rows past a row's length are padding
-    (their output is unused). ``implementation="xla"`` runs the same call on CPU, which is
-    how the tests check what cuDNN is asked to compute."""
-    lengths = right_padded_lengths(segment_ids)
+    ``[B, T, H, D]``; key, value ``[B, T, K, D]``; lengths ``[B] int32`` (from
+    :func:`right_padded_lengths`: row b is one segment of ``lengths[b]`` tokens, then
+    padding). Returns ``[B, T, H, D]``; rows past a row's length are padding (their output is
+    unused). ``implementation="xla"`` runs the same call on CPU, which is how the tests check
+    what cuDNN is asked to compute."""
     return jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), is_causal=True,
                                         query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                         implementation=implementation)
@@ -159,7 +163,7 @@ def self_attention(path: str, q: Array, key: Array, value: Array, segment_ids: A
     :func:`choose_attention`): q ``[B, T, H, D]``; key, value ``[B, T, K, D]``; segment_ids
     ``[B, T] int32``. Returns ``[B, T, H, D]``."""
     if path == "cudnn":
-        return length_attention(q, key, value, segment_ids, "cudnn")
+        return length_attention(q, key, value, right_padded_lengths(segment_ids), "cudnn")
     mask = segment_mask(segment_ids)
     if path == "chunked":
         return causal_chunked_attention(q, key, value, mask, ATTENTION_CHUNK)

@@ -42,7 +42,7 @@ def demonstration_rewards(env: common.StageEnv, model: ScalarModel, params, para
     cfg = env.cfg.rm
     demos = env.batches(SFTBatches, cfg.normalize_path, "rm.normalize_path",
                         dataclasses.replace(cfg.data, shuffle=False, packing=False))
-    score = steps.make_score_fn(model, env.mesh, param_shardings)
+    score = steps.make_score_fn(model, env.mesh, param_shardings, right_padded=True)  # unpacked rows
     rewards = []
     for local in demos.eval_batches():
         batch = to_global(local, env.mesh)

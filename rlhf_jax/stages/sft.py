@@ -57,12 +57,13 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     common.write_run_config(env)
 
     # unpacked rows are one example then padding: a GPU may take cuDNN's fused attention
+    right_padded = not stage_cfg.data.packing
     step_fn = steps.make_sft_step(model, tx, env.mesh, state_shardings, stage_cfg.optim.grad_accum_steps,
                                   learning_rate_schedule(stage_cfg.optim, total_steps),
-                                  right_padded=not stage_cfg.data.packing)
+                                  right_padded=right_padded)
     evaluate = None
-    if val is not None:
-        eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params)
+    if val is not None:  # its data config is the training one's, unshuffled: the same layout
+        eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params, right_padded)
         evaluate = lambda s: {"val/loss": mean_lm_loss(eval_fn, s.params, val, env.mesh)}  # noqa: E731
     logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
     if start == 0 and getattr(train, "num_truncated", 0):

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import losses, steps
 from rlhf_jax.config import ConfigError, ModelConfig
-from rlhf_jax.models import LanguageModel, attention
+from rlhf_jax.models import LanguageModel, ScalarModel, attention
+from rlhf_jax.types import RankingBatch
 
 HEAD_DIM = 32
 
@@ -97,7 +99,8 @@ def test_lengths_path_equals_the_mask_paths_on_right_padded_rows(kv_heads):
         return np.where(real, out, 0.0), grads
 
     mask = attention.segment_mask(segments)
-    lengths_out, lengths_grads = run(lambda q, k, v: attention.length_attention(q, k, v, segments, "xla"))
+    lengths = attention.right_padded_lengths(segments)
+    lengths_out, lengths_grads = run(lambda q, k, v: attention.length_attention(q, k, v, lengths, "xla"))
     for path in ("xla", "chunked"):
         out, grads = run(lambda q, k, v, path=path: attention.self_attention(path, q, k, v, segments))
         np.testing.assert_allclose(out, lengths_out, atol=2e-5, rtol=1e-5, err_msg=path)
@@ -113,7 +116,7 @@ def test_lengths_path_is_wrong_for_packed_rows_which_is_why_it_is_never_guessed(
     q, k, v, _ = _right_padded_qkv(t=12)
     packed = jnp.array([[1] * 5 + [2] * 7] * 3, jnp.int32)
     by_mask = attention.self_attention("xla", q, k, v, packed)
-    by_lengths = attention.length_attention(q, k, v, packed, "xla")
+    by_lengths = attention.length_attention(q, k, v, attention.right_padded_lengths(packed), "xla")
     assert not np.allclose(by_mask[:, 5:], by_lengths[:, 5:], atol=1e-3)
     np.testing.assert_allclose(by_mask[:, :5], by_lengths[:, :5], atol=2e-6)
 
@@ -134,9 +137,9 @@ def test_the_model_takes_the_lengths_path_only_when_the_caller_declares_right_pa
     params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
     calls, lengths_attention = [], attention.length_attention
 
-    def xla_lengths(q, k, v, segment_ids, implementation="cudnn"):
+    def xla_lengths(q, k, v, lengths, implementation="cudnn"):
         calls.append(implementation)
-        return lengths_attention(q, k, v, segment_ids, "xla")
+        return lengths_attention(q, k, v, lengths, "xla")
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(attention, "length_attention", xla_lengths)
@@ -146,3 +149,55 @@ def test_the_model_takes_the_lengths_path_only_when_the_caller_declares_right_pa
     assert calls and set(calls) == {"cudnn"}  # what the real path would have asked for
     valid = np.asarray(segments > 0)
     np.testing.assert_allclose(np.asarray(by_lengths)[valid], np.asarray(by_mask)[valid], atol=1e-6)
+
+
+def test_an_all_padding_row_is_given_length_one():
+    segments = jnp.array([[1, 1, 0], [0, 0, 0]], jnp.int32)
+    np.testing.assert_array_equal(attention.right_padded_lengths(segments), [2, 1])
+
+
+def test_the_reward_model_takes_the_lengths_path_and_missing_responses_stay_finite(monkeypatch):
+    """RankingBatch rows are one response from position 0, then padding, and a prompt with
+    fewer than k_max responses has all-padding rows. On a (pretended) GPU in bfloat16 the RM's
+    forward pass takes the lengths path, its rewards and loss gradients equal the mask path's,
+    and nothing is NaN although the stand-in below returns NaN for a zero-length row, as cuDNN
+    before 9.25 does: an all-padding row is given length 1."""
+    t = 16
+    lengths = np.array([[16, 9, 5], [12, 7, 0]])  # the second prompt has two responses
+    segments = (np.arange(t) < lengths[..., None]).astype(np.int32)
+    batch = RankingBatch(tokens=jax.random.randint(jax.random.key(2), (2, 3, t), 1, 61) * segments,
+                         segment_ids=jnp.asarray(segments),
+                         positions=jnp.asarray(np.where(segments, np.arange(t), 0)),
+                         last_index=jnp.asarray(np.maximum(lengths - 1, 0)),
+                         ranks=jnp.array([[0, 1, 2], [1, 0, 0]]), mask=jnp.asarray(lengths > 0))
+    params = jax.jit(ScalarModel(CFG).init)(jax.random.key(0), batch.tokens[:, 0])["params"]
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a head that is not zero, so rewards differ
+
+    def loss_and_grads(cfg):
+        def loss(params):
+            rewards = steps.ranking_rewards(ScalarModel(cfg), params, batch)
+            return losses.ranking_loss(rewards, batch.ranks, batch.mask)[0], rewards
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    calls = []
+
+    def cudnn_before_9_25(q, k, v, lengths, implementation="cudnn"):
+        calls.append(implementation)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                           query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                           implementation="xla")
+        return jnp.where((lengths == 0)[:, None, None, None], jnp.nan, out)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    (mask_loss, mask_rewards), mask_grads = loss_and_grads(dataclasses.replace(CFG, attention_impl="xla"))
+    assert calls == []
+    monkeypatch.setattr(attention, "length_attention", cudnn_before_9_25)
+    (loss, rewards), grads = loss_and_grads(CFG)
+    assert calls and set(calls) == {"cudnn"}
+    assert np.isfinite(float(loss)) and np.isfinite(np.asarray(rewards)).all()
+    real = lengths > 0
+    np.testing.assert_allclose(np.asarray(rewards)[real], np.asarray(mask_rewards)[real], atol=1e-6)
+    np.testing.assert_allclose(float(loss), float(mask_loss), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(mask_grads)):
+        assert np.isfinite(np.asarray(a, np.float32)).all()
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6)
