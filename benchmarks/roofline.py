@@ -31,7 +31,7 @@ import numpy as np
 from benchmarks import common, decode, sft_step, torch_peer
 from rlhf_jax import parameters
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models import LanguageModel
+from rlhf_jax.models import LanguageModel, attention
 
 # (substring of jax's device_kind, dense bf16 FLOP/s, HBM bytes/s): vendor data sheets.
 # The first match wins, so the more specific names come first.
@@ -58,8 +58,9 @@ LLAMA_1B = ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=
 @dataclasses.dataclass(frozen=True)
 class RooflineWorkload:
     # (name, model, batch, sequence length) of each SFT step measured. Sequences of 1024:
-    # on a GPU the default attention is XLA's, which keeps each layer's [B, H, T, T] scores
-    # for the backward pass (~1.6 GB a layer for the 1.1B model at 8 x 1024; 4x at 2048).
+    # on a GPU the rows take cuDNN's attention (they are declared right-padded), but XLA's
+    # fallback keeps each layer's [B, H, T, T] scores for the backward pass (~1.6 GB a
+    # layer for the 1.1B model at 8 x 1024; 4x at 2048).
     train: tuple[tuple[str, ModelConfig, int, int], ...] = (("gpt2-350M", GPT2_350M, 16, 1024),
                                                              ("llama-1.1B", LLAMA_1B, 8, 1024))
     decode_models: tuple[tuple[str, ModelConfig], ...] = (("gpt2-350M", GPT2_350M), ("llama-1.1B", LLAMA_1B))
@@ -123,12 +124,15 @@ def train_mfu(name: str, cfg: ModelConfig, batch: int, seq: int, work: RooflineW
         times = common.time_calls(step, work.timed_steps, sync=lambda _: None)  # step() waits for its loss
     tokens_per_s = batch * seq / float(np.median(times))
     flops = sft_step.model_flops_per_token(cfg, seq) * tokens_per_s
-    row = {"model": name, "config": dataclasses.asdict(cfg), "batch": batch, "seq": seq,
+    # what the step's rows (one sequence each, declared right-padded) take on this backend
+    path = attention.choose_attention(cfg.attention_impl, jax.default_backend(), cfg.compute_dtype,
+                                      cfg.dim_per_head, right_padded=True)
+    row = {"model": name, "config": dataclasses.asdict(cfg), "batch": batch, "seq": seq, "attention_path": path,
            "params": param_count(cfg), "tokens_per_s": tokens_per_s, "model_flops_per_s": flops,
            "mfu": flops / judged(peak)["bf16_flops"], "mfu_of_measured_peak": flops / peak["measured"]["bf16_flops"],
            "warmup_s": warmup_s, **common.summary(times),
            "compiles_after_warmup": counter.count + jitted._cache_size() - compiled}
-    log(f"roofline SFT {name} {batch}x{seq}: {tokens_per_s:.0f} tok/s, MFU {row['mfu']:.1%}")
+    log(f"roofline SFT {name} {batch}x{seq} ({path} attention): {tokens_per_s:.0f} tok/s, MFU {row['mfu']:.1%}")
     return row
 
 

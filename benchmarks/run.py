@@ -58,6 +58,8 @@ ALL_SECTIONS = SECTIONS + OPT_IN_SECTIONS
 TARGETS = {"sft_vs_torch": 1.0, "sft_vs_trl": 1.5, "sft_fraction_of_peak": 0.65,
            "decode_tiny": 2.0, "decode_6L": 1.3, "ppo_vs_trl": 2.0,
            "mfu": 0.45, "decode_fraction_of_bandwidth_bound": 0.60}
+# issue 17: the 1.1B model's SFT step is held to 50% MFU, the 355M model's to TARGETS["mfu"]
+MFU_TARGETS = {"llama-1.1B": 0.50}
 
 
 def workloads(quick: bool) -> dict:
@@ -274,11 +276,13 @@ def roofline_rows(r: dict, quick: bool) -> list[str]:
         peer = row.get("torch_peer")
         peer_cell = ("" if peer is None else f"skipped: {peer['skipped']}" if "skipped" in peer
                      else f"PyTorch (SDPA, bf16 autocast, fused AdamW): {peer['tokens_per_s']:.0f} tok/s, {peer['mfu']:.0%}")
+        target = MFU_TARGETS.get(row["model"], TARGETS["mfu"])
         lines.append(f"| SFT step {row['model']} ({row['params'] / 1e6:.0f}M params) {row['batch']}x{row['seq']} "
-                     f"bf16: MFU ({against}) | {row['tokens_per_s']:.0f} tok/s, {row['mfu']:.0%} "
+                     f"bf16, {row.get('attention_path', '?')} attention: MFU ({against}) | "
+                     f"{row['tokens_per_s']:.0f} tok/s, {row['mfu']:.0%} "
                      f"({row['mfu_of_measured_peak']:.0%} of the measured) | {peer_cell} | "
-                     f"{_ratio(row.get('speedup_vs_torch'))} | >= 45% | "
-                     f"{_judge(row['mfu'], TARGETS['mfu'], quick)} |")
+                     f"{_ratio(row.get('speedup_vs_torch'))} | >= {target:.0%} | "
+                     f"{_judge(row['mfu'], target, quick)} |")
     for row in r["decode"]:
         lines.append(f"| Greedy decode {row['model']} bf16 batch {row['batch']}: decode step vs memory-bandwidth "
                      f"bound ({against}) | {row['step_s'] * 1e3:.2f} ms/step vs {row['bound_step_s'] * 1e3:.2f} ms: "

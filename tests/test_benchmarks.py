@@ -40,6 +40,7 @@ def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     assert roof["peak"]["judged_against"] == "measured"  # a CPU has no nominal entry
     assert [row["model"] for row in roof["train"]] == ["gpt2-2L-d128 bf16 (quick)", "llama-2L-d128 bf16 (quick)"]
     assert all(row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1.5 for row in roof["train"])
+    assert {row["attention_path"] for row in roof["train"]} == {"chunked"}  # what a CPU takes
     assert len(roof["decode"]) == 4
     bandwidth = roof["peak"]["measured"]["bytes_per_s"]
     for row in roof["decode"]:  # (a sub-millisecond step's sign is timing noise: not asserted)
@@ -99,6 +100,17 @@ def test_nominal_peaks_match_jax_device_kinds():
     assert roofline.nominal_peak("NVIDIA H100 PCIe")["device"] == "H100 PCIe"
     assert roofline.nominal_peak("TPU v5 lite")["bf16_flops"] == 197e12
     assert roofline.nominal_peak("cpu") is None
+
+
+def test_the_roofline_holds_each_model_to_its_own_mfu_target():
+    """Issue 17: at least 45% MFU for the 355M model, at least 50% for the 1.1B model."""
+    peak = {"judged_against": "nominal", "device_kind": "NVIDIA H200", "nominal": {"bf16_flops": 989e12, "bytes_per_s": 4.8e12},
+            "measured": {"bf16_flops": 700e12, "bytes_per_s": 3.4e12}}
+    train = [{"model": model, "params": 1e9, "batch": 8, "seq": 1024, "attention_path": "cudnn", "tokens_per_s": 1e5,
+              "mfu": 0.47, "mfu_of_measured_peak": 0.66} for model in ("gpt2-350M", "llama-1.1B")]
+    rows = run.roofline_rows({"peak": peak, "train": train, "decode": []}, quick=False)
+    assert "gpt2-350M" in rows[0] and "cudnn attention" in rows[0] and rows[0].endswith("| >= 45% | met |")
+    assert "llama-1.1B" in rows[1] and rows[1].endswith("| >= 50% | **missed** |")
 
 
 def test_full_size_roofline_skips_itself_on_a_cpu():
