@@ -135,6 +135,13 @@ class CompileCounter:
 _COUNTER: CompileCounter | None = None
 
 
+def jit_cache_size(jitted) -> int:
+    """Executables a jit object holds. ``_cache_size`` is private JAX: where a JAX version
+    lacks it, 0, and only the compile events (:class:`CompileCounter`) count."""
+    size = getattr(jitted, "_cache_size", None)
+    return size() if callable(size) else 0
+
+
 def compile_counter() -> CompileCounter:
     global _COUNTER
     if _COUNTER is None:

@@ -104,12 +104,12 @@ def run(work: DecodeWorkload = DecodeWorkload(), models: dict[str, ModelConfig] 
                 runners = {"ours": run_ours}
                 if peers and not missing:
                     runners["hf_generate"] = hf_generate(model_dir, tokens, work)
-                compiled, counter = jitted._cache_size(), common.compile_counter()
+                compiled, counter = common.jit_cache_size(jitted), common.compile_counter()
                 with counter.counting():
                     counter.count = 0
                     times, outputs = common.take_turns(runners, work.repeats)
                 row["ours"] = {**_timed(batch, work, times["ours"]),
-                               "compiles_after_warmup": counter.count + jitted._cache_size() - compiled}
+                               "compiles_after_warmup": counter.count + common.jit_cache_size(jitted) - compiled}
                 if not peers:
                     row["hf_generate"] = {"skipped": "--ours-only"}
                 elif missing:

@@ -302,7 +302,7 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
                     common.export_scalar(reward, cfg, tmp / "reward"))
             result["max_abs_difference_ours_vs_hf"] = max_output_differences(policy, value, reward, dirs,
                                                                              prompt_tokens)
-        compiled, counter = sum(f._cache_size() for f in jitted), common.compile_counter()
+        compiled, counter = sum(common.jit_cache_size(f) for f in jitted), common.compile_counter()
         with counter.counting():
             counter.count = 0
             if not peers or missing:
@@ -314,7 +314,7 @@ def run(work: PPOWorkload = PPOWorkload(), peers: bool = True, log=print) -> dic
                     result["trl_ppo_trainer"], ours_phases = trl_ppo(work, *dirs, prompt_tokens, next_iteration)
     result["ours"] = {**_median_phases(ours_phases), "first_iteration_s_with_compile": first_s,
                       "iterations_timed": len(ours_phases),
-                      "compiles_after_warmup": counter.count + sum(f._cache_size() for f in jitted) - compiled}
+                      "compiles_after_warmup": counter.count + sum(common.jit_cache_size(f) for f in jitted) - compiled}
     ours_row = result["ours"]
     flops = model_flops(work, cfg)
     peaks = common.matmul_peaks(work.peak_n, with_torch=peers and not missing)

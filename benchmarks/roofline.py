@@ -118,7 +118,7 @@ def train_mfu(name: str, cfg: ModelConfig, batch: int, seq: int, work: RooflineW
     sft = sft_step.SFTWorkload(model=cfg, batch=batch, seq=seq, warmup_steps=work.warmup_steps,
                                timed_steps=work.timed_steps)
     step, _, jitted, warmup_s = sft_step.ours(sft, keep_initial=False)
-    compiled, counter = jitted._cache_size(), common.compile_counter()
+    compiled, counter = common.jit_cache_size(jitted), common.compile_counter()
     with counter.counting():
         counter.count = 0
         times = common.time_calls(step, work.timed_steps, sync=lambda _: None)  # step() waits for its loss
@@ -131,7 +131,7 @@ def train_mfu(name: str, cfg: ModelConfig, batch: int, seq: int, work: RooflineW
            "params": param_count(cfg), "tokens_per_s": tokens_per_s, "model_flops_per_s": flops,
            "mfu": flops / judged(peak)["bf16_flops"], "mfu_of_measured_peak": flops / peak["measured"]["bf16_flops"],
            "warmup_s": warmup_s, **common.summary(times),
-           "compiles_after_warmup": counter.count + jitted._cache_size() - compiled}
+           "compiles_after_warmup": counter.count + common.jit_cache_size(jitted) - compiled}
     log(f"roofline SFT {name} {batch}x{seq} ({path} attention): {tokens_per_s:.0f} tok/s, MFU {row['mfu']:.1%}")
     return row
 
@@ -170,7 +170,7 @@ def decode_bound(name: str, cfg: ModelConfig, work: RooflineWorkload, peak: dict
                                        decode.DecodeWorkload(prompt_len=work.prompt_len, new_tokens=n))
             runners[key] = run
             jitted.append(jit_obj)
-        compiled, counter = sum(j._cache_size() for j in jitted), common.compile_counter()
+        compiled, counter = sum(common.jit_cache_size(j) for j in jitted), common.compile_counter()
         with counter.counting():
             counter.count = 0
             times, _ = common.take_turns(runners, work.repeats)
@@ -183,7 +183,7 @@ def decode_bound(name: str, cfg: ModelConfig, work: RooflineWorkload, peak: dict
                "tokens_per_s": batch / step_s, "bytes_per_step": nbytes,
                "bound_step_s": bound_s, "fraction_of_bound": bound_s / step_s,
                "fraction_of_measured_bound": nbytes["total"] / peak["measured"]["bytes_per_s"] / step_s,
-               "compiles_after_warmup": counter.count + sum(j._cache_size() for j in jitted) - compiled}
+               "compiles_after_warmup": counter.count + sum(common.jit_cache_size(j) for j in jitted) - compiled}
         log(f"roofline decode {name} batch {batch}: {step_s * 1e3:.2f} ms/step, bound {bound_s * 1e3:.2f} ms "
             f"({row['fraction_of_bound']:.0%})")
         rows.append(row)

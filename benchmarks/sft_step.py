@@ -201,12 +201,12 @@ def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dic
         model_dir = common.export_lm(initial, work.model, pathlib.Path(tmp.name) / "model")
         steppers["torch_loop"] = torch_loop(work, model_dir)
     counter = common.compile_counter()
-    compiled = jitted._cache_size()
+    compiled = common.jit_cache_size(jitted)
     with counter.counting():
         counter.count = 0
         timed = alternate(steppers, work.timed_steps)
     result["ours"] = finish({**timed["ours"], "warmup_s": warmup_s,
-                             "compiles_after_warmup": counter.count + jitted._cache_size() - compiled})
+                             "compiles_after_warmup": counter.count + common.jit_cache_size(jitted) - compiled})
     log(f"sft ours: {result['ours']['tokens_per_s']:.0f} tok/s, "
         f"{result['ours']['fraction_of_matmul_peak']:.0%} of matmul peak")
     skip = ({"skipped": "--ours-only"} if not peers else
@@ -226,7 +226,7 @@ def run(work: SFTWorkload = SFTWorkload(), peers: bool = True, log=print) -> dic
             trl_row, ours_times = trl_sft(work, model_dir, step)
         result["trl_sft_trainer"] = finish(trl_row)
         result["ours_alongside_trl"] = finish({"step_s": float(np.median(ours_times)), "step_s_all": ours_times})
-        result["ours"]["compiles_after_warmup"] = counter.count + jitted._cache_size() - compiled
+        result["ours"]["compiles_after_warmup"] = counter.count + common.jit_cache_size(jitted) - compiled
         result["speedup_vs_trl"] = (result["ours_alongside_trl"]["tokens_per_s"]
                                     / result["trl_sft_trainer"]["tokens_per_s"])
         log(f"sft TRL SFTTrainer: {result['trl_sft_trainer']['tokens_per_s']:.0f} tok/s, ours alongside "
