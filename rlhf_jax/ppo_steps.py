@@ -102,7 +102,9 @@ def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.
         entropy, entropy_metrics = losses.entropy(tempered(logits[:, :-1], temperature), mb.response_mask)
         ptx_value, ptx_metrics = jnp.zeros(()), {}
         if cfg.ptx_coef:
-            ptx_logits, _ = policy.apply({"params": params}, ptx.tokens, ptx.positions, ptx.segment_ids)
+            # unpacked pretraining rows are one piece then padding: a GPU may take cuDNN
+            ptx_logits, _ = policy.apply({"params": params}, ptx.tokens, ptx.positions, ptx.segment_ids,
+                                         right_padded=not cfg.pretrain.packing)
             ptx_value, ptx_metrics = losses.ptx_loss(ptx_logits, ptx.tokens, ptx.loss_mask)
         total, terms = losses.ppo_objective(pg, entropy, ptx_value, entropy_coef=cfg.entropy_coef,
                                             ptx_coef=cfg.ptx_coef)

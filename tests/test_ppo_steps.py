@@ -140,3 +140,63 @@ def test_evaluator_kl_is_the_training_estimate_on_sampled_responses():
     greedy = PolicyEvaluator(policy, reward_model_score(scalar), mesh, policy_sh, _Decoder(),
                              dataclasses.replace(sampling, temperature=0.0))
     assert greedy.generate(policy_params, ref_params, value_params, _Batches(batch)).kl is None
+
+
+def test_ptx_rows_take_the_lengths_path_on_a_gpu_and_rollouts_do_not(monkeypatch):
+    """PPO-ptx's pretraining rows (unpacked: one piece from position 0, then padding) are
+    declared right-padded, so on a (pretended) GPU in bfloat16 their forward pass takes the
+    lengths path (cuDNN's; run by XLA here), and the update equals the mask path's. The
+    rollouts (a left-padded prompt, then the response) still take the mask."""
+    from rlhf_jax.models import attention
+
+    model = dataclasses.replace(MODEL, compute_dtype="bfloat16")
+    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
+    t, rows = 12, 4
+    lengths = np.array([12, 9, 5, 0])  # the last row is padding
+    segments = (np.arange(t) < lengths[:, None]).astype(np.int32)
+    ptx = TokenBatch(tokens=jnp.asarray(np.random.default_rng(0).integers(3, 37, (rows, t)) * segments),
+                     loss_mask=jnp.asarray(segments, jnp.float32).at[:, 0].set(0.0),
+                     segment_ids=jnp.asarray(segments), positions=jnp.asarray(np.where(segments, np.arange(t), 0)))
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    cfg = PPOConfig(sampling=sampling, minibatch_size=8, ptx_coef=2.0,
+                    prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
+                    pretrain=dataclasses.replace(PPOConfig().pretrain, batch_size=rows))
+    calls = []
+
+    def xla_lengths(q, k, v, lengths, implementation="cudnn"):
+        calls.append(q.shape[:2])
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                           query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                           implementation="xla")
+
+    def one_update(model_cfg):
+        policy, scalar = LanguageModel(model_cfg), ScalarModel(model_cfg)
+        policy_params, _ = parameters.create(policy, mesh, jax.random.key(0))
+        value_params, _ = parameters.create(scalar, mesh, jax.random.key(1))
+        prompts = jax.random.randint(jax.random.key(3), (8, 6), 3, 37)
+        prompt_segments = jnp.ones_like(prompts).at[:2, :2].set(0)
+        policy_sh = parameters.shardings_of(policy_params)
+        samples = make_sampler(policy, sampling, mesh, policy_sh, eos_id=1, pad_id=0)(
+            policy_params, prompts * prompt_segments, prompt_segments, jax.random.key(4))
+        experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, 0.0, 1.0, mesh)
+        rollout, metrics = experience(policy_params, policy_params, value_params, value_params, samples,
+                                      jnp.float32(0.02))
+        policy_tx, value_tx = make_optimizer(cfg.policy_optim, 10), make_optimizer(cfg.value_optim, 10)
+        policy_state, p_sh = create_train_state(policy, policy_tx, mesh, jax.random.key(5), copy_params(policy_params))
+        value_state, v_sh = create_train_state(scalar, value_tx, mesh, jax.random.key(5), copy_params(value_params))
+        state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
+                         kl_coef=jnp.float32(0.02))
+        state_sh = PPOState(policy=p_sh, value=v_sh, ema_params=p_sh.params, kl_coef=sharding.replicated(mesh))
+        update = make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, mesh, state_sh)
+        _, update_metrics = update(state, rollout, ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))
+        return update_metrics
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    by_mask = one_update(dataclasses.replace(model, attention_impl="xla"))
+    assert calls == []
+    monkeypatch.setattr(attention, "length_attention", xla_lengths)
+    by_lengths = one_update(model)
+    assert calls and set(calls) == {(rows, t)}  # the ptx rows, in every layer; no rollout
+    assert np.isfinite(float(by_lengths["ptx/loss"]))
+    for key in ("ptx/loss", "ppo/policy_loss", "ppo/entropy"):
+        np.testing.assert_allclose(float(by_lengths[key]), float(by_mask[key]), rtol=1e-5, err_msg=key)
