@@ -55,3 +55,28 @@ def test_without_the_field_nothing_is_cached(tmp_path):
     _sft(experiment, workdir)
     assert not (workdir / "xla_cache").exists()
     assert sorted(p.name for p in workdir.iterdir()) == sorted(["data", "sft", "config.json", ".lock"])
+
+
+@pytest.mark.parametrize("setting, backend, expected", [
+    ("auto", "cpu", None),  # the embedded pipeline compiles in seconds on a CPU
+    ("auto", "gpu", "RUN/xla_cache"),
+    ("auto", "cuda", "RUN/xla_cache"),
+    ("auto", "tpu", "RUN/xla_cache"),
+    (None, "gpu", None),
+    ("", "tpu", None),
+    ("run:cache/xla", "cpu", "RUN/cache/xla"),
+    ("/shared/xla", "gpu", "/shared/xla"),
+])
+def test_where_the_cache_goes(setting, backend, expected):
+    from rlhf_jax.host import compilation_cache_directory
+
+    got = compilation_cache_directory(setting, backend, pathlib.Path("RUN"))
+    assert (None if got is None else str(got)) == expected
+
+
+def test_the_default_is_auto_and_none_turns_it_off():
+    from rlhf_jax.config import apply_overrides
+    from rlhf_jax.default_config import default_config
+
+    assert default_config().compilation_cache_dir == "auto"
+    assert apply_overrides(default_config(), ["--compilation_cache_dir=None"]).compilation_cache_dir is None

@@ -37,10 +37,12 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # A persistent XLA compilation cache, so a rerun or a resumed stage loads its programs
-    # instead of compiling them again: a directory, or run:<path> inside the run directory
-    # (e.g. run:xla_cache). None: JAX's own setting (off unless JAX_COMPILATION_CACHE_DIR
-    # is set, which then wins). One per process: the first stage's directory is kept.
-    compilation_cache_dir: str | None = None
+    # instead of compiling them again: a directory, or run:<path> inside the run directory.
+    # "auto": run:xla_cache on a GPU or TPU, where a model's compile takes minutes; off on a
+    # CPU, where the embedded pipeline compiles in seconds. None: off, i.e. JAX's own
+    # setting (JAX_COMPILATION_CACHE_DIR, which wins whenever it is set). One per process:
+    # the first stage's directory is kept (rlhf_jax.host.compilation_cache_directory).
+    compilation_cache_dir: str | None = "auto"
 
     def validate(self) -> "Config":
         """Checks every block, so a bad field is refused before a stage writes anything."""

@@ -13,7 +13,7 @@ from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config
 from rlhf_jax.config.model import model_config_from_dict
 from rlhf_jax.data import load_tokenizer
-from rlhf_jax.host import use_compilation_cache
+from rlhf_jax.host import compilation_cache_directory, use_compilation_cache
 
 TASK_PREFIX = "task:"
 
@@ -107,9 +107,9 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
     cfg.validate()
     quiet_tfds()
     workdir = pathlib.Path(workdir).absolute()
-    if cfg.compilation_cache_dir:
-        cache = cfg.compilation_cache_dir
-        use_compilation_cache(workdir / cache[4:] if cache.startswith("run:") else cache)
+    cache = compilation_cache_directory(cfg.compilation_cache_dir, jax.default_backend(), workdir)
+    if cache is not None:
+        use_compilation_cache(cache)
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.tokenizer.kind == "task":
         tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"])
