@@ -172,7 +172,8 @@ def last_token_scores(model: nn.Module, params: Any, tokens, segment_ids, positi
                       right_padded: bool = False) -> jax.Array:
     """``[B] f32``: a scalar model's output at each row's last real token (tokens, segment ids
     and positions ``[B, T]``; rows may be left- and right-padded). The reward model's score, in
-    the RM stage and as PPO's reward."""
+    the RM stage and as PPO's reward. ``right_padded``: the caller declares every row one
+    segment from position 0, then padding (a GPU may then take cuDNN's attention)."""
     values, _ = model.apply({"params": params}, tokens, positions, segment_ids, right_padded=right_padded)
     return jnp.take_along_axis(values, losses.last_index(segment_ids > 0)[:, None], axis=1)[:, 0]
 
