@@ -67,7 +67,7 @@ run_step() {
   esac
 }
 
-for name in "${@:-roofline loop pipeline torch_peer}"; do
-  for one in $name; do run_step "$one"; done
-done
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(roofline loop pipeline torch_peer)
+for name in "${steps[@]}"; do run_step "$name"; done
 cat "$SUMMARY"

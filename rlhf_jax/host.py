@@ -23,7 +23,6 @@ import ctypes
 import ctypes.util
 import glob
 import os
-import pathlib
 import sys
 
 # mallopt(3) parameters (glibc's malloc.h).
@@ -62,18 +61,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
-
-
-def compilation_cache_directory(setting: str | None, backend: str, workdir: pathlib.Path) -> pathlib.Path | None:
-    """Where ``Config.compilation_cache_dir`` puts the persistent compilation cache, None
-    for off: ``"auto"`` is ``workdir/xla_cache`` on an accelerator backend (``gpu``,
-    ``cuda``, ``rocm``, ``tpu``) and off on ``cpu``; ``run:<path>`` is inside ``workdir``;
-    any other string is a directory. Pure, so every case is testable on CPU."""
-    if not setting:
-        return None
-    if setting == "auto":
-        return None if backend == "cpu" else workdir / "xla_cache"
-    return workdir / setting[4:] if setting.startswith("run:") else pathlib.Path(setting)
 
 
 def use_compilation_cache(directory: str | os.PathLike) -> str:

@@ -68,9 +68,7 @@ def test_without_the_field_nothing_is_cached(tmp_path):
     ("/shared/xla", "gpu", "/shared/xla"),
 ])
 def test_where_the_cache_goes(setting, backend, expected):
-    from rlhf_jax.host import compilation_cache_directory
-
-    got = compilation_cache_directory(setting, backend, pathlib.Path("RUN"))
+    got = common.compilation_cache_directory(setting, backend, pathlib.Path("RUN"))
     assert (None if got is None else str(got)) == expected
 
 

@@ -22,21 +22,21 @@ MODEL = ModelConfig(family="llama", vocab_size=37, d_model=32, n_layers=2, n_hea
                     max_len=32)
 
 
-def _setup():
+def _setup(model: ModelConfig = MODEL):
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
-    policy, scalar = LanguageModel(MODEL), ScalarModel(MODEL)
+    policy, scalar = LanguageModel(model), ScalarModel(model)
     policy_params, policy_sh = parameters.create(policy, mesh, jax.random.key(0))
     value_params, value_sh = parameters.create(scalar, mesh, jax.random.key(1))
     value_params["head"]["kernel"] = jax.random.normal(jax.random.key(2), value_params["head"]["kernel"].shape)
-    prompts = jax.random.randint(jax.random.key(3), (8, 6), 3, MODEL.vocab_size)
+    prompts = jax.random.randint(jax.random.key(3), (8, 6), 3, model.vocab_size)
     segments = jnp.ones_like(prompts).at[:2, :2].set(0)
     return mesh, policy, scalar, policy_params, policy_sh, value_params, prompts * segments, segments
 
 
-def _experience(sampling: SamplingConfig, old_logprobs: str, ref_key=None):
+def _experience(sampling: SamplingConfig, old_logprobs: str, ref_key=None, model: ModelConfig = MODEL):
     """(sampler log-probs, rollout, metrics) of one batch of 8 prompts (2 left-padded); the
     reference policy is the policy itself, or fresh params from ``ref_key``."""
-    mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup()
+    mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup(model)
     ref_params = policy_params if ref_key is None else parameters.create(policy, mesh, ref_key)[0]
     cfg = PPOConfig(sampling=sampling, old_logprobs=old_logprobs)
     sampler = make_sampler(policy, sampling, mesh, policy_sh, eos_id=1, pad_id=0)
@@ -63,6 +63,17 @@ def test_sampler_logprobs_equal_a_recomputed_forward_pass():
         np.testing.assert_array_equal(taken.ref_logprobs, recomputed.ref_logprobs)
 
 
+def _state_and_update(policy, scalar, policy_params, value_params, cfg: PPOConfig, mesh):
+    """A PPOState around copies of the params (beta 0.02) and ``make_ppo_update`` for it."""
+    policy_tx, value_tx = make_optimizer(cfg.policy_optim, 10), make_optimizer(cfg.value_optim, 10)
+    policy_state, p_sh = create_train_state(policy, policy_tx, mesh, jax.random.key(5), copy_params(policy_params))
+    value_state, v_sh = create_train_state(scalar, value_tx, mesh, jax.random.key(5), copy_params(value_params))
+    state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
+                     kl_coef=jnp.float32(0.02))
+    state_sh = PPOState(policy=p_sh, value=v_sh, ema_params=p_sh.params, kl_coef=sharding.replicated(mesh))
+    return state, make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, mesh, state_sh)
+
+
 def _entropy_numpy(logits, mask):
     """Mean entropy over the mask of softmax(logits), in float64: ``logits [B, N, V]``."""
     z = np.asarray(logits, np.float64)
@@ -81,14 +92,7 @@ def test_update_entropy_is_that_of_the_tempered_sampling_distribution():
     _, rollout, metrics = _experience(sampling, "sampler")
     cfg = PPOConfig(sampling=sampling, minibatch_size=8, prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
                     policy_optim=OptimConfig(learning_rate=0.0), value_optim=OptimConfig(learning_rate=0.0))
-    policy_tx, value_tx = make_optimizer(cfg.policy_optim, 10), make_optimizer(cfg.value_optim, 10)
-    policy_state, p_sh = create_train_state(policy, policy_tx, mesh, jax.random.key(5), copy_params(policy_params))
-    value_state, v_sh = create_train_state(scalar, value_tx, mesh, jax.random.key(5), copy_params(value_params))
-    replicated = sharding.replicated(mesh)
-    state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
-                     kl_coef=jnp.float32(0.02))
-    state_sh = PPOState(policy=p_sh, value=v_sh, ema_params=p_sh.params, kl_coef=replicated)
-    update = make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, mesh, state_sh)
+    state, update = _state_and_update(policy, scalar, policy_params, value_params, cfg, mesh)
     no_ptx = TokenBatch(*(jnp.zeros((1, 2), jnp.int32) for _ in range(4)))
     # one minibatch of all 8 episodes, so the step's metric is over exactly these tokens
     _, update_metrics = update(state, rollout, no_ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))
@@ -150,7 +154,6 @@ def test_ptx_rows_take_the_lengths_path_on_a_gpu_and_rollouts_do_not(monkeypatch
     from rlhf_jax.models import attention
 
     model = dataclasses.replace(MODEL, compute_dtype="bfloat16")
-    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
     t, rows = 12, 4
     lengths = np.array([12, 9, 5, 0])  # the last row is padding
     segments = (np.arange(t) < lengths[:, None]).astype(np.int32)
@@ -161,35 +164,17 @@ def test_ptx_rows_take_the_lengths_path_on_a_gpu_and_rollouts_do_not(monkeypatch
     cfg = PPOConfig(sampling=sampling, minibatch_size=8, ptx_coef=2.0,
                     prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
                     pretrain=dataclasses.replace(PPOConfig().pretrain, batch_size=rows))
-    calls = []
+    calls, lengths_attention = [], attention.length_attention
 
     def xla_lengths(q, k, v, lengths, implementation="cudnn"):
         calls.append(q.shape[:2])
-        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                           query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                           implementation="xla")
+        return lengths_attention(q, k, v, lengths, "xla")
 
     def one_update(model_cfg):
-        policy, scalar = LanguageModel(model_cfg), ScalarModel(model_cfg)
-        policy_params, _ = parameters.create(policy, mesh, jax.random.key(0))
-        value_params, _ = parameters.create(scalar, mesh, jax.random.key(1))
-        prompts = jax.random.randint(jax.random.key(3), (8, 6), 3, 37)
-        prompt_segments = jnp.ones_like(prompts).at[:2, :2].set(0)
-        policy_sh = parameters.shardings_of(policy_params)
-        samples = make_sampler(policy, sampling, mesh, policy_sh, eos_id=1, pad_id=0)(
-            policy_params, prompts * prompt_segments, prompt_segments, jax.random.key(4))
-        experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, 0.0, 1.0, mesh)
-        rollout, metrics = experience(policy_params, policy_params, value_params, value_params, samples,
-                                      jnp.float32(0.02))
-        policy_tx, value_tx = make_optimizer(cfg.policy_optim, 10), make_optimizer(cfg.value_optim, 10)
-        policy_state, p_sh = create_train_state(policy, policy_tx, mesh, jax.random.key(5), copy_params(policy_params))
-        value_state, v_sh = create_train_state(scalar, value_tx, mesh, jax.random.key(5), copy_params(value_params))
-        state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
-                         kl_coef=jnp.float32(0.02))
-        state_sh = PPOState(policy=p_sh, value=v_sh, ema_params=p_sh.params, kl_coef=sharding.replicated(mesh))
-        update = make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, mesh, state_sh)
-        _, update_metrics = update(state, rollout, ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))
-        return update_metrics
+        mesh, policy, scalar, policy_params, _, value_params, _, _ = _setup(model_cfg)
+        _, rollout, metrics = _experience(sampling, "sampler", model=model_cfg)
+        state, update = _state_and_update(policy, scalar, policy_params, value_params, cfg, mesh)
+        return update(state, rollout, ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))[1]
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     by_mask = one_update(dataclasses.replace(model, attention_impl="xla"))

@@ -41,7 +41,7 @@ class Config:
     # "auto": run:xla_cache on a GPU or TPU, where a model's compile takes minutes; off on a
     # CPU, where the embedded pipeline compiles in seconds. None: off, i.e. JAX's own
     # setting (JAX_COMPILATION_CACHE_DIR, which wins whenever it is set). One per process:
-    # the first stage's directory is kept (rlhf_jax.host.compilation_cache_directory).
+    # the first stage's directory is kept (rlhf_jax.stages.common.compilation_cache_directory).
     compilation_cache_dir: str | None = "auto"
 
     def validate(self) -> "Config":

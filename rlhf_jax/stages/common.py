@@ -13,7 +13,7 @@ from rlhf_jax import checkpoint, parameters, sharding
 from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, save_config
 from rlhf_jax.config.model import model_config_from_dict
 from rlhf_jax.data import load_tokenizer
-from rlhf_jax.host import compilation_cache_directory, use_compilation_cache
+from rlhf_jax.host import use_compilation_cache
 
 TASK_PREFIX = "task:"
 
@@ -95,6 +95,19 @@ def quiet_tfds() -> None:
 
     tfds.disable_progress_bar()
     absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+AUTO_CACHE = "run:xla_cache"  # where compilation_cache_dir="auto" puts the cache on an accelerator
+
+
+def compilation_cache_directory(setting: str | None, backend: str, workdir: pathlib.Path) -> pathlib.Path | None:
+    """Where ``Config.compilation_cache_dir`` puts the persistent compilation cache, None
+    for off: ``"auto"`` is :data:`AUTO_CACHE` on an accelerator backend (``gpu``, ``cuda``,
+    ``rocm``, ``tpu``) and off on ``cpu``; otherwise a path as :func:`parameters.resolve`
+    reads it. Pure, so every case is testable on CPU."""
+    if not setting or (setting == "auto" and backend == "cpu"):
+        return None
+    return parameters.resolve(AUTO_CACHE if setting == "auto" else setting, workdir)
 
 
 def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelConfig | None = None) -> StageEnv:

@@ -179,13 +179,11 @@ def test_the_reward_model_takes_the_lengths_path_and_missing_responses_stay_fini
             return losses.ranking_loss(rewards, batch.ranks, batch.mask)[0], rewards
         return jax.value_and_grad(loss, has_aux=True)(params)
 
-    calls = []
+    calls, lengths_attention = [], attention.length_attention
 
     def cudnn_before_9_25(q, k, v, lengths, implementation="cudnn"):
         calls.append(implementation)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                           query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                           implementation="xla")
+        out = lengths_attention(q, k, v, lengths, "xla")
         return jnp.where((lengths == 0)[:, None, None, None], jnp.nan, out)
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
