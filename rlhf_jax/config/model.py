@@ -81,10 +81,11 @@ class ModelConfig:
     # docs/attention.md). "default": "chunked" on CPU (causal query chunks, upper blocks
     # skipped); on a GPU cuDNN flash attention for batches the caller declares right-padded
     # (right_padded=True: one segment a row, then padding) in bfloat16, else XLA's masked path;
-    # on TPU XLA's path. "cudnn": as default on a GPU, refused on CPU/TPU and with float32
+    # on TPU Pallas splash attention for lengths a multiple of 128, else XLA's path. "splash": that
+    # on TPU, refused elsewhere. "cudnn": as default on a GPU, refused on CPU/TPU and with float32
     # compute; packed or left-padded batches still take the mask. "xla"/"chunked": always that.
     # Decoding with a KV cache always uses the mask.
-    attention_impl: Literal["xla", "cudnn", "chunked", "default"] = "default"
+    attention_impl: Literal["xla", "cudnn", "chunked", "splash", "default"] = "default"
     hf_path: str | None = None  # a local HF checkpoint directory to start from
 
     @property
