@@ -24,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # convert has its own flags and parser (rlhf_jax.convert); listed here so --help names it
-    parser.add_argument("command", choices=(*STAGES, "convert"),
-                        help="a stage, the whole pipeline, sample, label, or convert (--help after it for its flags)")
+    parser.add_argument("command", choices=(*STAGES, "convert", "compile"),
+                        help="a stage, the whole pipeline, sample, label, convert, or compile (for a TPU topology; "
+                             "--help after it for its flags)")
     parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_jax.convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv[:1] == ["compile"]:  # ahead-of-time compilation for a TPU topology (docs/tpu.md)
+        from rlhf_jax.aot.command import main as compile_main
+
+        return compile_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
     from rlhf_jax.stages.loop import Interrupted
 

@@ -1,0 +1,137 @@
+"""Compile every program of a run for a TPU topology on this host, and hold each one's
+per-chip memory against the chip's HBM: the figures XLA:TPU reports
+(``compiled.memory_analysis()``, ``cost_analysis()``) beside the analytic estimate
+(``rlhf_jax.aot.estimate``), and a roofline time from the chip table."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+from rlhf_jax import sharding
+from rlhf_jax.aot.estimate import Estimate, device_bytes, estimate
+from rlhf_jax.aot.programs import Program, stage_programs
+from rlhf_jax.aot.topology import Topology, topology_devices
+from rlhf_jax.config import Config
+from rlhf_jax.models.attention import compiling_for
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One program's compiled figures per chip (bytes; FLOPs and bytes accessed per step)."""
+
+    stage: str
+    name: str
+    compile_s: float
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    flops: float  # XLA's count (a while loop's body once; Pallas kernels not counted)
+    bytes_accessed: float
+    estimate: Estimate
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+
+@dataclasses.dataclass
+class Report:
+    topology: Topology
+    mesh: dict[str, int]
+    programs: list[Compiled]
+
+    def roofline_s(self, c: Compiled) -> float:
+        """max(FLOPs / peak, bytes accessed / bandwidth) per chip, FLOPs the larger of XLA's
+        and the model's (per chip)."""
+        chip = self.topology.chip
+        flops = max(c.flops, c.estimate.flops / self.topology.chips)
+        return max(flops / chip.peak_bf16_flops, c.bytes_accessed / chip.hbm_bandwidth)
+
+    def too_big(self) -> list[Compiled]:
+        return [c for c in self.programs if c.total > self.topology.chip.hbm_bytes]
+
+
+def _output_bytes(compiled, lowered, donates: bool, args: tuple) -> int:
+    outs = jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
+                        lowered.out_info, compiled.output_shardings)
+    return max(device_bytes(outs) - (device_bytes(args[0]) if donates else 0), 0)
+
+
+def compile_program(program: Program, mesh) -> Compiled:
+    """Lowers and compiles ``program`` for the devices of ``mesh`` (the TPU's attention)."""
+    start = time.perf_counter()
+    with sharding.activate(mesh), compiling_for("tpu"):
+        lowered = program.jitted.lower(*program.args)
+        compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return Compiled(stage=program.stage, name=program.name, compile_s=seconds,
+                    arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+                    aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
+                    code=memory.generated_code_size_in_bytes, flops=float(cost.get("flops", 0.0)),
+                    bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                    estimate=estimate(program, mesh, _output_bytes(compiled, lowered, program.donates,
+                                                                   program.args)))
+
+
+def check(cfg: Config, topology: Topology, stages: tuple[str, ...], progress=None) -> Report:
+    """Compiles the programs of ``stages`` for ``topology`` on the mesh ``cfg.mesh`` makes
+    of its devices (as the real launch does from ``jax.devices()``)."""
+    mesh = sharding.make_mesh(cfg.mesh, devices=topology_devices(topology))
+    programs = stage_programs(cfg, stages, mesh)  # outside the mesh: small eager ops run on this CPU
+    results = []
+    for program in programs:
+        if progress:
+            progress(f"compiling {program.stage}/{program.name} ...")
+        results.append(compile_program(program, mesh))
+        if progress:
+            progress(f"  {results[-1].compile_s:.1f} s, {results[-1].total / GiB:.2f} GiB per chip")
+    return Report(topology=topology, mesh=dict(mesh.shape), programs=results)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def table(report: Report) -> str:
+    """Markdown: each program's compiled bytes per chip beside the estimate, and its roofline."""
+    chip = report.topology.chip
+    lines = [f"{report.topology.describe()}, mesh {report.mesh}; {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
+             f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s ({chip.source})",
+             "",
+             "| program | args | out | temp | total | est. total | est./compiled | est.: params / opt / grads / "
+             "activations / cache / largest transient | XLA TFLOP | roofline ms | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report.programs:
+        e = c.estimate
+        parts = " / ".join(_gib(x) for x in (e.params, e.optimizer, e.gradients, e.activations, e.cache, e.transient))
+        lines.append(f"| {c.stage}/{c.name} | {_gib(c.arguments)} | {_gib(c.outputs - c.aliased)} | "
+                     f"{_gib(c.temporaries)} | {_gib(c.total)} | {_gib(e.total)} | {e.total / max(c.total, 1):.2f} | "
+                     f"{parts} ({e.transient_what}) | {c.flops / 1e12:.3g} | {1e3 * report.roofline_s(c):.3g} | "
+                     f"{'yes' if c.total <= chip.hbm_bytes else '**NO**'} |")
+    return "\n".join(lines)
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    chip = report.topology.chip
+    return {
+        "topology": {**dataclasses.asdict(report.topology), "chips": report.topology.chips,
+                     "hosts": report.topology.hosts},
+        "chip": dataclasses.asdict(chip), "mesh": report.mesh,
+        "programs": [{"stage": c.stage, "program": c.name, "compile_s": round(c.compile_s, 2),
+                      "bytes_per_chip": {"arguments": c.arguments, "outputs": c.outputs, "aliased": c.aliased,
+                                         "temporaries": c.temporaries, "code": c.code, "total": c.total},
+                      "estimate": {**dataclasses.asdict(c.estimate), "total": c.estimate.total},
+                      "xla_flops_per_chip": c.flops, "bytes_accessed_per_chip": c.bytes_accessed,
+                      "roofline_s": report.roofline_s(c), "fits": c.total <= chip.hbm_bytes}
+                     for c in report.programs]}
