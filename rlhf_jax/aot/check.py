@@ -36,6 +36,7 @@ class Compiled:
     flops: float  # XLA's count (a while loop's body once; Pallas kernels not counted)
     bytes_accessed: float
     estimate: Estimate
+    fused_attention: bool  # the program holds Pallas (Mosaic) kernels: splash attention
 
     @property
     def total(self) -> int:
@@ -80,6 +81,7 @@ def compile_program(program: Program, mesh) -> Compiled:
                     aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
                     code=memory.generated_code_size_in_bytes, flops=float(cost.get("flops", 0.0)),
                     bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                    fused_attention="tpu_custom_call" in compiled.as_text(),
                     estimate=estimate(program, mesh, _output_bytes(compiled, lowered, program.donates,
                                                                    program.args)))
 
@@ -100,7 +102,7 @@ def check(cfg: Config, topology: Topology, stages: tuple[str, ...], progress=Non
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.2f}"
+    return f"{n / GiB:.2f}" if n >= GiB / 100 else f"{n / GiB:.1e}"
 
 
 def table(report: Report) -> str:
@@ -109,15 +111,18 @@ def table(report: Report) -> str:
     lines = [f"{report.topology.describe()}, mesh {report.mesh}; {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
              f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s ({chip.source})",
              "",
+             "GiB per chip; attention: splash (Pallas kernel) or XLA's",
+             "",
              "| program | args | out | temp | total | est. total | est./compiled | est.: params / opt / grads / "
-             "activations / cache / largest transient | XLA TFLOP | roofline ms | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "activations / cache / largest transient | attention | XLA TFLOP | roofline ms | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report.programs:
         e = c.estimate
         parts = " / ".join(_gib(x) for x in (e.params, e.optimizer, e.gradients, e.activations, e.cache, e.transient))
         lines.append(f"| {c.stage}/{c.name} | {_gib(c.arguments)} | {_gib(c.outputs - c.aliased)} | "
                      f"{_gib(c.temporaries)} | {_gib(c.total)} | {_gib(e.total)} | {e.total / max(c.total, 1):.2f} | "
-                     f"{parts} ({e.transient_what}) | {c.flops / 1e12:.3g} | {1e3 * report.roofline_s(c):.3g} | "
+                     f"{parts} ({e.transient_what}) | {'splash' if c.fused_attention else 'XLA'} | "
+                     f"{c.flops / 1e12:.3g} | {1e3 * report.roofline_s(c):.3g} | "
                      f"{'yes' if c.total <= chip.hbm_bytes else '**NO**'} |")
     return "\n".join(lines)
 
@@ -133,5 +138,6 @@ def to_json(report: Report) -> dict[str, Any]:
                                          "temporaries": c.temporaries, "code": c.code, "total": c.total},
                       "estimate": {**dataclasses.asdict(c.estimate), "total": c.estimate.total},
                       "xla_flops_per_chip": c.flops, "bytes_accessed_per_chip": c.bytes_accessed,
+                      "fused_attention": c.fused_attention,
                       "roofline_s": report.roofline_s(c), "fits": c.total <= chip.hbm_bytes}
                      for c in report.programs]}
