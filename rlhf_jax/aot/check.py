@@ -101,6 +101,18 @@ def check(cfg: Config, topology: Topology, stages: tuple[str, ...], progress=Non
     return Report(topology=topology, mesh=dict(mesh.shape), programs=results)
 
 
+def estimates(cfg: Config, topology: Topology, stages: tuple[str, ...]) -> list[tuple[Program, Estimate]]:
+    """The analytic figure of every program, without compiling (seconds, not minutes)."""
+    mesh = sharding.make_mesh(cfg.mesh, devices=topology_devices(topology))
+    out = []
+    for program in stage_programs(cfg, stages, mesh):
+        with sharding.activate(mesh), compiling_for("tpu"):
+            outputs = jax.eval_shape(program.jitted, *program.args)
+        donated = device_bytes(program.args[0]) if program.donates else 0
+        out.append((program, estimate(program, mesh, max(device_bytes(outputs) - donated, 0))))
+    return out
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f}" if n >= GiB / 100 else f"{n / GiB:.1e}"
 

@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(s for s in STAGES if s != "comparisons"),
                    help=f"comma-separated, of {', '.join(STAGES)} (default: all but comparisons)")
     p.add_argument("--json", help="also write the figures here as JSON")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="print the analytic estimate of every program without compiling (seconds)")
     return p
 
 
@@ -43,8 +45,9 @@ def stages_of(text: str) -> tuple[str, ...]:
 
 
 def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, ...], overrides: list[str],
-        json_path: str | None = None, out=sys.stdout):
-    """Compiles and reports; returns the :class:`~rlhf_jax.aot.check.Report`."""
+        json_path: str | None = None, out=sys.stdout, estimate_only: bool = False):
+    """Compiles and reports; returns the :class:`~rlhf_jax.aot.check.Report` (None with
+    ``estimate_only``: the estimates are printed, one JSON line a program)."""
     import jax
 
     # the host compiles on its CPU; libtpu must not take (or look for) a TPU of its own
@@ -57,6 +60,13 @@ def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, 
 
     topology = parse_topology(topology_name, slices)
     cfg = apply_overrides(load_experiment(config) if config else default_config(), overrides)
+    if estimate_only:
+        from rlhf_jax.aot.check import estimates
+
+        for program, e in estimates(cfg, topology, stages):
+            print(json.dumps({"stage": program.stage, "program": program.name,
+                              **{k: v for k, v in vars(e).items()}, "total": e.total}), file=out, flush=True)
+        return None
     print(f"compiling {', '.join(stages)} of {cfg.name} for {topology.describe()}", file=out, flush=True)
     report = check(cfg, topology, stages, progress=lambda line: print(line, file=out, flush=True))
     print(table(report), file=out, flush=True)
@@ -69,13 +79,16 @@ def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, 
 def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
     try:
-        report = run(args.config, args.topology, args.slices, stages_of(args.stages), overrides, args.json)
+        report = run(args.config, args.topology, args.slices, stages_of(args.stages), overrides, args.json,
+                     estimate_only=args.estimate_only)
     except ConfigError as err:  # ShardingError and friends are ValueErrors naming the field
         print(f"rlhf-jax compile: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:
         print(f"rlhf-jax compile: error: {err}", file=sys.stderr)
         return 2
+    if report is None:  # estimates only
+        return 0
     hbm = report.topology.chip.hbm_bytes
     for c in report.too_big():
         print(f"rlhf-jax compile: {c.stage}/{c.name} needs {c.total / 2 ** 30:.2f} GiB per chip "

@@ -95,13 +95,13 @@ def _kept_per_layer(cfg: ModelConfig, rows: int, length: int, w: dict[str, int])
             + (scores * (F32 + c) + tokens * w["q"] * c if xla_attention else tokens * w["q"] * c))
 
 
-def _layer_working_set(cfg: ModelConfig, rows: int, length: int, w: dict[str, int]) -> int:
+def _layer_working_set(cfg: ModelConfig, rows: int, length: int, w: dict[str, int], differentiated: bool) -> int:
     """Bytes of one block's forward intermediates, alive while it (or its backward) runs."""
     c = jnp.dtype(cfg.compute_dtype).itemsize
     tokens = rows * length
     block = tokens * (3 * w["d"] * F32 + c * (w["q"] + 2 * w["kv"] + 3 * w["mlp"] + w["q"]))
-    if _attention_path(cfg, length) == "xla":  # scores and probabilities in f32, and their gradient
-        block += 3 * rows * w["heads"] * length * length * F32
+    if _attention_path(cfg, length) == "xla":  # f32 scores (softmax fused into them going forward);
+        block += (3 if differentiated else 1) * rows * w["heads"] * length * length * F32  # + probs, gradient
     return block
 
 
@@ -140,7 +140,8 @@ def estimate(program, mesh: Mesh, output_bytes: int) -> Estimate:
         est.flops += pass_flops(cfg, rows, length, differentiated, unembeds)
         if differentiated:
             est.activations += cfg.n_layers * _kept_per_layer(cfg, local_rows, length, w)
-        transients.append((_layer_working_set(cfg, local_rows, length, w), f"one block, {local_rows} x {length}"))
+        transients.append((_layer_working_set(cfg, local_rows, length, w, differentiated),
+                           f"one block, {local_rows} x {length}"))
         if unembeds:
             with sharding.activate(mesh):
                 chunk = lm_terms.logits_chunk(cfg, rows, length)

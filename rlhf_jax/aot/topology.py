@@ -131,6 +131,9 @@ def topology_devices(topology: Topology) -> list:
         raise ConfigError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]' "
                           "(it also runs on a CPU-only host)")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here: do not wait for one
+    # libtpu takes a lock file so that one process owns the TPU; describing one owns nothing,
+    # and another compile (or a test) may be describing one at the same time
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     libtpu_name, chip_config, _, _ = _GENERATIONS[topology.generation]
