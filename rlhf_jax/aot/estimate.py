@@ -152,9 +152,14 @@ def estimate(program, mesh: Mesh, output_bytes: int) -> Estimate:
             c = jnp.dtype(cfg.compute_dtype).itemsize
             transients.append((2 * _matmul_params(cfg) // cfg.n_layers // tensor * c, "one block's gathered weights"))
     if program.cache_tokens:
-        cfg, rows = program.passes[0][0], program.passes[0][1]
+        cfg, rows, prompt = program.passes[0][:3]
         w = _layer_shapes(cfg, tensor)
         c = jnp.dtype(cfg.compute_dtype).itemsize
-        est.cache = 2 * cfg.n_layers * -(-rows // batch_shards) * w["kv"] * program.cache_tokens * c
+        local_rows = -(-rows // batch_shards)
+        est.cache = 2 * cfg.n_layers * local_rows * w["kv"] * program.cache_tokens * c
+        # the prefill attends over the whole cache through the mask path: f32 scores and
+        # probabilities of every prompt token against every slot, one layer at a time
+        prefill = local_rows * w["heads"] * prompt * program.cache_tokens * (F32 + c)
+        transients.append((prefill, f"prefill scores {local_rows} x {w['heads']} x {prompt} x {program.cache_tokens}"))
     est.transient, est.transient_what = max(transients, default=(0, ""))
     return est
