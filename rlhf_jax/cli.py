@@ -148,8 +148,10 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
 
         if not args.export:
             raise ConfigError("sample: --export DIR (a policy export) is required")
-        for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
-            print(f"{prompt} {response}")
+        from rlhf_jax.data.chat import prompt_text
+
+        for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt, chat_prompts=True):
+            print(f"{prompt_text(prompt)} {response}")
     elif args.command == "label":
         _label(args, cfg)
 
