@@ -22,7 +22,12 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 class MessageError(ValueError):
-    """A message list that is not a usable conversation; the reader adds file and line."""
+    """A message list that is not a usable conversation; the reader adds file and line.
+    ``reason`` says what, in a few words a converter can count by."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_messages(value: Any, name: str = "prompt") -> list[Message]:
@@ -31,21 +36,24 @@ def check_messages(value: Any, name: str = "prompt") -> list[Message]:
     Raises :class:`MessageError` naming the field: ``field "prompt"[2] has role "tool"``.
     """
     if not isinstance(value, list) or not value:
-        raise MessageError(f'field "{name}" must be a string or a non-empty list of messages')
+        raise MessageError(f'field "{name}" must be a string or a non-empty list of messages',
+                           "not a message list")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise MessageError(f'field "{name}"[{i}] must be an object {{"role", "content"}}, '
-                               f"got {type(message).__name__}")
+                               f"got {type(message).__name__}", "a message is not an object")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise MessageError(f'field "{name}"[{i}] has role {role!r}; expected one of {ROLES}')
+            raise MessageError(f'field "{name}"[{i}] has role {role!r}; expected one of {ROLES}',
+                               "a role other than system/user/assistant")
         if not isinstance(content, str):
-            raise MessageError(f'field "{name}"[{i}] "content" must be a string, got {type(content).__name__}')
+            raise MessageError(f'field "{name}"[{i}] "content" must be a string, got {type(content).__name__}',
+                               "message content that is not text")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
         raise MessageError(f'field "{name}" ends with a {messages[-1]["role"]!r} message; a prompt ends with '
-                           'the "user" turn the response answers')
+                           'the "user" turn the response answers', "prompt not ending with a user turn")
     return messages
 
 

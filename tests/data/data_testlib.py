@@ -96,3 +96,26 @@ def save_chat_tokenizer(out_dir: pathlib.Path, style: str) -> pathlib.Path:
                                      additional_special_tokens=list(LLAMA3_SPECIALS[2:]), chat_template=LLAMA3_TEMPLATE)
     hf.save_pretrained(str(out_dir))
     return out_dir
+
+
+BPE_CORPUS = (
+    "SUBREDDIT: r/relationships TITLE: My friend keeps cancelling plans POST: We were supposed to meet "
+    "TL;DR: my friend cancels plans and I do not know why. Human: What is a dog? Assistant: A dog is an "
+    "animal. I think a dog is a mammal and not a fish. The sky is blue and the grass is green. "
+)
+
+
+def save_bpe_tokenizer(out_dir: pathlib.Path, eos: str = "<|endoftext|>") -> pathlib.Path:
+    """A byte-level BPE tokenizer (GPT-2's kind: a word carries the space before it, "Ġit"),
+    trained here on :data:`BPE_CORPUS`, with ``eos`` as its only special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([BPE_CORPUS] * 4, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos).save_pretrained(str(out_dir))
+    return out_dir
