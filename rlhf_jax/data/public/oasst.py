@@ -69,20 +69,26 @@ class _Walker:
             yield child
             yield from self.descendants(child)
 
-    def prompter(self, message: dict[str, Any], context: list[dict[str, str]]) -> None:
-        """A kept prompter message: its ranked replies, then each kept reply's subtree."""
-        context = context + [{"role": "user", "content": message["text"]}]
+    def kept_replies(self, message: dict[str, Any], role: str) -> list[dict[str, Any]]:
+        """``message``'s replies, which must have ``role``, less the dropped ones (counted)."""
         kept = []
         for reply, what in self.children(message):
             self.out.where = self.where(reply, what)
             self.check(reply, what)
-            if reply["role"] != "assistant":
-                raise BadRecord(f'field "{what}.role": a prompter message answers a prompter message')
+            if reply["role"] != role:
+                raise BadRecord(f'field "{what}.role" is {reply["role"]!r}; a reply to a {message["role"]} '
+                                f"message is an {role} message")
             reason = _unusable(reply)
             if reason:
                 self.count_dropped(reply, reason)
             else:
                 kept.append(reply)
+        return kept
+
+    def prompter(self, message: dict[str, Any], context: list[dict[str, str]]) -> None:
+        """A kept prompter message: its ranked replies, then each kept reply's subtree."""
+        context = context + [{"role": "user", "content": message["text"]}]
+        kept = self.kept_replies(message, "assistant")
         ranked = [r for r in kept if _rank(r) is not None]
         if len(ranked) >= 2:
             self.out.comparison(context, [r["text"] for r in ranked], [_rank(r) for r in ranked])
@@ -91,20 +97,9 @@ class _Walker:
         for reply in kept:
             if _rank(reply) == 0:
                 self.out.demonstration(context, reply["text"])
-            self.assistant(reply, context)
-
-    def assistant(self, message: dict[str, Any], context: list[dict[str, str]]) -> None:
-        context = context + [{"role": "assistant", "content": message["text"]}]
-        for follow_up, what in self.children(message):
-            self.out.where = self.where(follow_up, what)
-            self.check(follow_up, what)
-            if follow_up["role"] != "prompter":
-                raise BadRecord(f'field "{what}.role": an assistant message answers a prompter message')
-            reason = _unusable(follow_up)
-            if reason:
-                self.count_dropped(follow_up, reason)
-            else:
-                self.prompter(follow_up, context)
+            reply_context = context + [{"role": "assistant", "content": reply["text"]}]
+            for follow_up in self.kept_replies(reply, "prompter"):
+                self.prompter(follow_up, reply_context)
 
     def root(self, message: dict[str, Any], what: str) -> None:
         self.check(message, what)
