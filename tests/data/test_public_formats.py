@@ -7,8 +7,8 @@ UltraFeedback rows, oasst1 trees and flat messages, SHP rows.
 """
 
 import pytest
-from public_testlib import (HH_PROMPT, HH_TWO_TURNS, OASST_COMPARISONS, POST, QUERY, TREE, flatten, run,
-                            write_lines, write_parquet)
+from public_testlib import (HH_PROMPT, HH_TWO_TURNS, OASST_COMPARISONS, POST, QUERY, TREE, flatten, message,
+                            run, write_lines, write_parquet)
 
 from rlhf_jax.data.jsonl import DataError
 
@@ -220,11 +220,20 @@ def test_oasst1_flat_orphans_are_dropped(tmp_path):
     assert summary["dropped"]["message: parent not in the file"] == 3
 
 
+def test_oasst1_keeps_the_nine_best_of_more_replies(tmp_path):
+    replies = [message(f"a{i}", "assistant", f"Reply {i}.", rank=(i + 3) % 11) for i in range(11)]
+    tree = {"message_tree_id": "p9", "prompt": message("p9", "prompter", "Say something.", replies=replies)}
+    out, summary = run("oasst1", [write_lines(tmp_path / "t.jsonl", [tree])], tmp_path / "out")
+    (got,) = out["train"]["comparisons"]
+    assert got["ranks"] == [(i + 3) % 11 for i in range(11) if (i + 3) % 11 < 9]  # ranks 9 and 10 left out
+    assert summary["dropped"] == {"responses beyond the 9 best": 2}
+
+
 def test_malformed_records_name_file_and_line(tmp_path):
     path = write_lines(tmp_path / "train.jsonl.gz", [HH_TWO_TURNS, "", {"chosen": "x"}])
     with pytest.raises(DataError, match=r"train\.jsonl\.gz:3: missing field \"rejected\" \(is this hh-rlhf data\?"):
         run("hh-rlhf", [path], tmp_path / "out")
-    assert not list((tmp_path / "out").rglob("*.jsonl")) and not list((tmp_path / "out").rglob(".*"))
+    assert not (tmp_path / "out").exists()  # nothing written, nothing left
     rows = flatten(TREE["prompt"])
     rows[2]["role"] = "moderator"
     with pytest.raises(DataError, match=r"x\.parquet:row 2: field \"message\.role\" is 'moderator'"):

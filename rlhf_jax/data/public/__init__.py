@@ -77,13 +77,14 @@ def convert(format_name: str, inputs: Sequence[str | pathlib.Path], out_dir: str
     overrides both. Returns the summary also written to ``out_dir/convert.json``:
     ``{"format", "inputs", "options", "read", "written": {split: {kind: n}}, "dropped":
     {reason: n}}``. Raises :class:`DataError` naming file and line for a record not in the
-    format's layout; nothing is then written.
+    format's layout; nothing is then written (nor left: ``out_dir`` is as it was).
     """
     if format_name not in FORMATS:
         raise DataError(f"--format {format_name!r}: expected one of {', '.join(FORMATS)}")
     files = input_files(inputs)
     out_dir = pathlib.Path(out_dir)
     refuse_to_overwrite(out_dir, overwrite)
+    made_out_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     sink, count = Sink(out_dir, options), [0]
     try:
@@ -99,12 +100,13 @@ def convert(format_name: str, inputs: Sequence[str | pathlib.Path], out_dir: str
                                                  in sorted(sink.kept.items())},
                    "dropped": dict(sorted(sink.dropped.items()))}
         sink.commit()
-    except BadRecord as err:
+    except BaseException as err:
         sink.abort()
-        raise DataError(f"{sink.where}: {err} (is this {format_name} data? expected {FORMATS[format_name].layout})") \
-            from None
-    except BaseException:
-        sink.abort()
+        if made_out_dir:
+            out_dir.rmdir()
+        if isinstance(err, BadRecord):
+            raise DataError(f"{sink.where}: {err} (is this {format_name} data? expected "
+                            f"{FORMATS[format_name].layout})") from None
         raise
     write_text(out_dir / "convert.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary

@@ -92,6 +92,7 @@ class Sink:
         self.dropped: collections.Counter = collections.Counter()
         self._seen: set[bytes] = set()
         self._files: dict[tuple[str, str], tuple[pathlib.Path, Any]] = {}
+        self._created: list[pathlib.Path] = []  # split folders this conversion made
 
     def _split(self, split: str | None) -> str:
         return self.options.split or split or self.split
@@ -107,7 +108,9 @@ class Sink:
             raise DataError(f"{self.where}: converts to an unusable {err}") from None
         if (split, kind) not in self._files:
             folder = self.out_dir / split
-            folder.mkdir(parents=True, exist_ok=True)
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+                self._created.append(folder)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{kind}.jsonl.")
             self._files[split, kind] = (pathlib.Path(tmp), os.fdopen(fd, "w", encoding="utf-8"))
         self._files[split, kind][1].write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -178,12 +181,15 @@ class Sink:
         self._files.clear()
 
     def abort(self) -> None:
-        """Removes the temporary files (a failed conversion leaves the directory as it was,
-        but for split folders it created, left empty)."""
+        """Removes the temporary files and the folders made for them: a failed conversion
+        leaves the directory as it was."""
         for tmp, f in self._files.values():
             f.close()
             tmp.unlink(missing_ok=True)
         self._files.clear()
+        for folder in self._created:
+            folder.rmdir()
+        self._created.clear()
 
 
 def refuse_to_overwrite(out_dir: pathlib.Path, overwrite: bool) -> None:

@@ -87,7 +87,8 @@ def _implicit(obj: dict[str, Any], out: Sink, require_scores: bool) -> None:
 def convert_record(obj: dict[str, Any], out: Sink) -> None:
     """One record of any TRL layout (see the module docstring)."""
     if "chosen" in obj or "rejected" in obj:
-        field(obj, "chosen", (str, list)), field(obj, "rejected", (str, list))
+        field(obj, "chosen", (str, list))
+        field(obj, "rejected", (str, list))
         if "prompt" not in obj:
             return _implicit(obj, out, require_scores=False)
         prompt = field(obj, "prompt", (str, list))
@@ -128,5 +129,6 @@ def convert_record(obj: dict[str, Any], out: Sink) -> None:
 def convert_ultrafeedback_binarized(obj: dict[str, Any], out: Sink) -> None:
     """A row of ``HuggingFaceH4/ultrafeedback_binarized``: ``chosen``/``rejected`` whole
     conversations, ``score_chosen``/``score_rejected``."""
-    field(obj, "chosen", list), field(obj, "rejected", list)
+    field(obj, "chosen", list)
+    field(obj, "rejected", list)
     _implicit(obj, out, require_scores=True)
