@@ -136,9 +136,9 @@ class SFTBatches(RowBatches):
     """Demonstrations as :class:`TokenBatch` rows ``[B/P, max_len]``.
 
     A row is ``prompt + response + EOS``, loss on response and EOS, padded with
-    ``pad_id``; EOS is the tokenizer's ``eos_id`` (a chat template's end-of-turn, which
-    then follows the rendered prompt and the reply). Too long: ``on_too_long='error'`` raises naming file and line;
-    ``'truncate'`` applies :func:`rlhf_jax.data.rows.fit_example` (prompt tail, response
+    ``pad_id``; EOS is the tokenizer's ``eos_id`` (a chat template's end-of-turn after a
+    rendered conversation prompt and its reply). Too long: ``on_too_long='error'`` raises
+    naming file and line; ``'truncate'`` applies :func:`rlhf_jax.data.rows.fit_example` (prompt tail, response
     head) and counts it in ``num_truncated``. ``packing``: first-fit in file order, each
     example its own segment. Packed rows are fixed once, then shuffled per epoch.
     """

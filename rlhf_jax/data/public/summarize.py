@@ -33,7 +33,8 @@ def query(info: dict[str, Any], prefix: str = "") -> str:
     where ``info`` sits in the record, for errors."""
     if "article" in info:
         return ARTICLE_FORMAT.format(article=field(info, "article", str, f'field "{prefix}article"'))
-    return TLDR_FORMAT.format(**{k: field(info, k, str, f'field "{prefix}{k}"') for k in ("subreddit", "title", "post")})
+    slots = ("subreddit", "title", "post")
+    return TLDR_FORMAT.format(**{k: field(info, k, str, f'field "{prefix}{k}"') for k in slots})
 
 
 def spaced(prompt: str, summary: str) -> tuple[str, str]:

@@ -78,7 +78,8 @@ def _implicit(obj: dict[str, Any], out: Sink, require_scores: bool) -> None:
             raise Unusable("text pair without a prompt (no \\n\\nAssistant: turn to cut after)")
         (prompt, best), (other, worse) = cuts
     else:
-        (prompt, best), (other, worse) = _split_conversation(chosen, "chosen"), _split_conversation(rejected, "rejected")
+        prompt, best = _split_conversation(chosen, "chosen")
+        other, worse = _split_conversation(rejected, "rejected")
     if prompt != other:
         raise Unusable("prompts differ between chosen and rejected")
     _compare(obj, out, prompt, [best, worse], require_scores)
