@@ -112,8 +112,10 @@ def test_task_conversations_round_trip_through_trl_and_a_chat_template(tmp_path,
     assert [(d["prompt"][0]["content"], d["response"]) for d in out["val"]["demonstrations"]] == \
         [(d["prompt"], d["response"]) for d in splits["demonstrations_val"]]
     assert 1 <= summary["written"]["train"]["comparisons"] <= 8  # ties have no TRL form and are left out
+    # prompts.jsonl: every distinct prompt of the split (PPO's, the comparisons', the demonstrations')
     val_prompts = [p["prompt"][0]["content"] for p in out["val"]["prompts"]]
-    assert val_prompts[:3] == [p["prompt"] for p in splits["prompts_val"]]
+    assert sorted(val_prompts) == sorted({r["prompt"] for name in ("prompts_val", "demonstrations_val")
+                                          for r in splits[name]})
     # the converted demonstrations through SmolLM2's template: reply + <|im_end|>, loss on exactly those
     chatml = load_tokenizer(save_chat_tokenizer(tmp_path / "chatml", "chatml"))
     demo = out["train"]["demonstrations"][0]
