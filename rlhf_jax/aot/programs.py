@@ -128,14 +128,15 @@ def comparisons_programs(cfg: Config, mesh: Mesh) -> list[Program]:
     """Collecting comparisons: one sampler over every prompt repeated per policy (``stages/comparisons.py``)."""
     c = cfg.comparisons
     model = LanguageModel(cfg.model)
-    params, param_shardings = _abstract_params(model, mesh, cfg.seed)
+    params, param_shardings = _abstract_params(model, mesh)
     rows = c.prompts.batch_size * -(-c.k_max // len(c.policies))
     sampler = make_sampler(model, c.sampling, mesh, param_shardings, eos_id=1, pad_id=0)
     return [_sampler_program("comparisons", "sampler", sampler, cfg.model, params, mesh, rows, c.prompts.max_len,
                              c.sampling.max_new_tokens)]
 
 
-def _abstract_params(model, mesh: Mesh, seed: int) -> tuple[Any, Any]:
+def _abstract_params(model, mesh: Mesh) -> tuple[Any, Any]:
+    """(abstract params with shardings, their shardings): the restore target a stage loads into."""
     from rlhf_jax import parameters
 
     params = parameters.abstract(model, mesh)
