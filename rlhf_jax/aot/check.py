@@ -33,7 +33,7 @@ class Compiled:
     aliased: int
     temporaries: int
     code: int
-    flops: float  # XLA's count (a while loop's body once; Pallas kernels not counted)
+    flops: float  # XLA's count: a while loop's body once (the scan over layers too), no Pallas kernel
     bytes_accessed: float
     estimate: Estimate
     fused_attention: bool  # the program holds Pallas (Mosaic) kernels: splash attention
@@ -126,7 +126,7 @@ def table(report: Report) -> str:
              "GiB per chip; attention: splash (Pallas kernel) or XLA's",
              "",
              "| program | args | out | temp | total | est. total | est./compiled | est.: params / opt / grads / "
-             "activations / cache / largest transient | attention | XLA TFLOP | roofline ms | fits |",
+             "activations / cache / largest transient | attention | model / XLA TFLOP | roofline ms | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report.programs:
         e = c.estimate
@@ -134,7 +134,8 @@ def table(report: Report) -> str:
         lines.append(f"| {c.stage}/{c.name} | {_gib(c.arguments)} | {_gib(c.outputs - c.aliased)} | "
                      f"{_gib(c.temporaries)} | {_gib(c.total)} | {_gib(e.total)} | {e.total / max(c.total, 1):.2f} | "
                      f"{parts} ({e.transient_what}) | {'splash' if c.fused_attention else 'XLA'} | "
-                     f"{c.flops / 1e12:.3g} | {1e3 * report.roofline_s(c):.3g} | "
+                     f"{e.flops / report.topology.chips / 1e12:.3g} / {c.flops / 1e12:.3g} | "
+                     f"{1e3 * report.roofline_s(c):.3g} | "
                      f"{'yes' if c.total <= chip.hbm_bytes else '**NO**'} |")
     return "\n".join(lines)
 
