@@ -126,11 +126,13 @@ def table(report: Report) -> str:
              "GiB per chip; attention: splash (Pallas kernel) or XLA's",
              "",
              "| program | args | out | temp | total | est. total | est./compiled | est.: params / opt / grads / "
-             "activations / cache / largest transient | attention | model / XLA TFLOP | roofline ms | fits |",
+             "gathered weights / activations / cache / largest transient | attention | model / XLA TFLOP | "
+             "roofline ms | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report.programs:
         e = c.estimate
-        parts = " / ".join(_gib(x) for x in (e.params, e.optimizer, e.gradients, e.activations, e.cache, e.transient))
+        parts = " / ".join(_gib(x) for x in (e.params, e.optimizer, e.gradients, e.weights, e.activations, e.cache,
+                                             e.transient))
         lines.append(f"| {c.stage}/{c.name} | {_gib(c.arguments)} | {_gib(c.outputs - c.aliased)} | "
                      f"{_gib(c.temporaries)} | {_gib(c.total)} | {_gib(e.total)} | {e.total / max(c.total, 1):.2f} | "
                      f"{parts} ({e.transient_what}) | {'splash' if c.fused_attention else 'XLA'} | "

@@ -46,6 +46,7 @@ class Estimate:
     params: int = 0  # of which parameters
     optimizer: int = 0  # of which optimiser state
     gradients: int = 0
+    weights: int = 0  # a train step's weights gathered whole (per tensor shard) in the compute dtype
     activations: int = 0  # kept for the backward pass by the remat policy
     cache: int = 0  # a sampler's KV cache
     transient: int = 0  # the largest short-lived block
@@ -55,7 +56,8 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return self.arguments + self.outputs + self.gradients + self.activations + self.cache + self.transient
+        return (self.arguments + self.outputs + self.gradients + self.weights + self.activations + self.cache
+                + self.transient)
 
 
 def _parts(mesh: Mesh, *axes: str) -> int:
@@ -133,6 +135,12 @@ def estimate(program, mesh: Mesh, output_bytes: int) -> Estimate:
         est.optimizer = device_bytes((state.policy.opt_state, state.value.opt_state))
     if program.trainable is not None:
         est.gradients = device_bytes(program.trainable)
+        # Observed in every train step compiled for TPU (docs/tpu.md): beyond its parameter
+        # shards, a step holds a compute-dtype copy of all the weights it trains, split only by
+        # tensor: XLA gathers the FSDP shards of the scanned blocks ahead of the loop.
+        compute = jnp.dtype(program.passes[0][0].compute_dtype).itemsize
+        elements = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(program.trainable))
+        est.weights = elements * compute // tensor
     transients = []
     for cfg, rows, length, differentiated, unembeds in program.passes:
         local_rows = -(-rows // batch_shards)
