@@ -24,6 +24,10 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str,
     env = common.make_env(cfg, workdir, "sample")
     if parameters.source(export, "--export", env.workdir).scalar:
         raise ConfigError(f"--export {export}: a reward-model export, not a policy")
+    for i, prompt in enumerate(prompts, 1):  # checked here, so no error names the temporary file below
+        if not env.tokenizer.encode(prompt):
+            raise ConfigError(f"--prompt number {i} ({prompt!r}) encodes to no tokens; the sampler needs one "
+                              "to start from")
     model = LanguageModel(cfg.model)
     params, _ = env.load_params(export, model, "--export")
     ppo = cfg.ppo

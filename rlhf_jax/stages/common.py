@@ -14,6 +14,7 @@ from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, 
 from rlhf_jax.config.model import model_config_from_dict
 from rlhf_jax.data import load_tokenizer
 from rlhf_jax.host import use_compilation_cache
+from rlhf_jax.sizing import check_fits
 
 TASK_PREFIX = "task:"
 
@@ -28,6 +29,18 @@ class StageEnv:
     mesh: Any
     tokenizer: Any
     run_cfg: Config | None = None  # the run's config as given (None: ``cfg``); saved as <workdir>/config.json
+    tokenizer_dir: pathlib.Path | None = None
+    # (name, config block) the stage runs with, from begin_stage; what its result depends on
+    # (rlhf_jax.provenance), recorded by restore_or_start and saved with each checkpoint and the export
+    block: tuple[str, Any] | None = None
+    inputs: dict[str, Any] | None = None
+
+    def record_inputs(self) -> dict[str, Any] | None:
+        from rlhf_jax import provenance
+
+        if self.block is not None and self.inputs is None:
+            self.inputs = provenance.stage_inputs(self, *self.block)
+        return self.inputs
 
     @property
     def stage_dir(self) -> pathlib.Path:
@@ -82,9 +95,23 @@ class StageEnv:
 
 
 def task_files(workdir: pathlib.Path, seed: int) -> dict[str, pathlib.Path]:
-    from rlhf_jax.tasks import write_task_files
+    """The embedded task's files in ``<workdir>/data/task``, written on first use. Files of
+    another seed are not rewritten: the stages trained on them would be evaluated on, or
+    resumed with, data they never saw."""
+    import json
 
-    return write_task_files(workdir / "data" / "task", seed=seed)
+    from rlhf_jax.tasks import write_task_files
+    from rlhf_jax.tasks.files import MANIFEST
+
+    out = workdir / "data" / "task"
+    try:
+        written = json.loads((out / MANIFEST).read_text())["settings"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unfinished: (re)written below
+        written = seed
+    if written != seed:
+        raise ConfigError(f"seed={seed}: {out} holds the embedded task made with seed {written}, which the "
+                          f"stages in {workdir} were trained on; rerun with --seed={written}, or use a new --workdir")
+    return write_task_files(out, seed=seed)
 
 
 def quiet_tfds() -> None:
@@ -124,16 +151,51 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
     if cache is not None:
         use_compilation_cache(cache)
     mesh = sharding.make_mesh(cfg.mesh)
+    check_fits(cfg.model, mesh)  # before the task files or anything else is written
     if cfg.tokenizer.kind == "task":
-        tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"])
+        tokenizer_dir = task_files(workdir, cfg.seed)["tokenizer"]
     else:
         if not cfg.tokenizer.path:
             raise ConfigError("tokenizer.path must name a local tokenizer directory when tokenizer.kind='hf'")
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        tokenizer_dir = pathlib.Path(cfg.tokenizer.path)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
-    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer, run_cfg=run_cfg)
+    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer, run_cfg=run_cfg,
+                    tokenizer_dir=tokenizer_dir)
+
+
+def begin_stage(env: StageEnv, block_name: str, block: Any) -> pathlib.Path | None:
+    """Names the config block the stage runs with (its inputs, see :mod:`rlhf_jax.provenance`,
+    are recorded once its data is validated: :func:`restore_or_start`) and returns its
+    export if the stage is finished and was made from the same inputs (a damaged export is
+    made again, said in a warning); refuses a finished stage made from other inputs. None:
+    the stage has to run (or resume)."""
+    import sys
+
+    from rlhf_jax import provenance
+
+    env.block = (block_name, block)
+    export = env.stage_dir / "export"
+    if not (export / checkpoint.EXPORT_META).is_file():
+        return None
+    provenance.check_same(checkpoint.read_export_meta(export).get(provenance.INPUTS_KEY), env.record_inputs(),
+                          export, env.stage_dir)
+    damage = checkpoint.export_damage(export)
+    if damage is None:
+        return export
+    print(f"rlhf-jax: warning: {export} is damaged ({damage}); exporting it again from the stage's last "
+          "checkpoint", file=sys.stderr)
+    return None
+
+
+def export(env: StageEnv, params: Any, extra: dict[str, Any]) -> pathlib.Path:
+    """Writes the stage's export, its inputs recorded in ``export.json``."""
+    from rlhf_jax import provenance
+
+    return checkpoint.export_params(env.stage_dir / "export", params, env.cfg.model,
+                                    {**extra, provenance.INPUTS_KEY: env.inputs})
 
 
 def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
@@ -143,14 +205,18 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
     Call only after inputs are validated: a run that fails validation writes nothing here.
     Returns (checkpoints, state, first step to run).
     """
+    env.record_inputs()
     ckpts = checkpoint.StageCheckpoints(env.stage_dir / "checkpoints", ckpt_cfg)
 
     def same_model(step: int, meta: dict[str, Any]) -> None:
+        from rlhf_jax import provenance
+
         saved_model = meta.get("config", {}).get("model")
+        where = f"{ckpts.directory}/{step}"
         if saved_model:  # a training state is not converted between layouts: scan_layers counts
-            where = f"{ckpts.directory}/{step}"
             checkpoint.check_same_model(model_config_from_dict(saved_model, f"{where} (meta)"), env.cfg.model,
                                         where, include_layout=True)
+        provenance.check_same(meta.get(provenance.INPUTS_KEY), env.inputs, where, env.stage_dir)
 
     # a damaged newest step falls back to an older one
     saved = ckpts.restore_newest_intact(state, check_meta=same_model)
