@@ -52,7 +52,10 @@ class ChangedRunError(ConfigError):
 def stage_inputs(env: Any, block_name: str, block: Any) -> dict[str, Any]:
     """The inputs of stage ``env.stage`` run with ``block`` (the config block it reads,
     named ``block_name`` in messages), as JSON values (a saved copy compares equal)."""
-    tokenizer = {"spec": str(env.tokenizer_dir), "sha256": files_digest(env.tokenizer_dir)}
+    where = pathlib.Path(env.tokenizer_dir).absolute()
+    spec = (f"{parameters.RUN_PREFIX}{where.relative_to(env.workdir)}" if where.is_relative_to(env.workdir)
+            else str(where))  # a run directory that moves keeps its inputs
+    tokenizer = {"spec": spec, "sha256": files_digest(where)}
     inputs: dict[str, Any] = {"seed": env.cfg.seed, "tokenizer": tokenizer}
     _walk(env, env.cfg.model, "model", inputs)
     _walk(env, block, block_name, inputs)

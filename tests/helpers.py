@@ -42,6 +42,14 @@ def tiny_config(train_path, val_path=None, *, steps=8, batch_size=8, mesh=MeshCo
     )
 
 
+def tree_digest(root: pathlib.Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path: what "nothing changed" compares."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def write_experiment(cfg: Config, path: pathlib.Path) -> pathlib.Path:
     """An experiment file whose get_config() returns ``cfg`` (frozen dataclass reprs are code)."""
     path.write_text(f"from rlhf_jax.config import *\n\n\ndef get_config():\n    return {cfg!r}\n")
