@@ -179,15 +179,7 @@ def begin_stage(env: StageEnv, block_name: str, block: Any) -> pathlib.Path | No
     env.block = (block_name, block)
     export = env.stage_dir / "export"
     if not (export / checkpoint.EXPORT_META).is_file():
-        steps = checkpoint.finished_steps(env.stage_dir / "checkpoints")
-        if steps:  # refused before any data is read or model built (restore_or_start checks the step it restores)
-            try:
-                meta = checkpoint.read_step_meta(env.stage_dir / "checkpoints" / str(steps[-1]))
-            except Exception:  # noqa: BLE001 - a damaged step: restore_or_start reports it and falls back
-                meta = {}
-            provenance.check_same(meta.get(provenance.INPUTS_KEY), env.record_inputs(),
-                                  env.stage_dir / "checkpoints" / str(steps[-1]), env.stage_dir)
-        return None
+        return None  # a resume's inputs are compared once its data is validated: restore_or_start
     provenance.check_same(checkpoint.read_export_meta(export).get(provenance.INPUTS_KEY), env.record_inputs(),
                           export, env.stage_dir)
     damage = checkpoint.export_damage(export)
