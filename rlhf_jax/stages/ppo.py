@@ -64,7 +64,9 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     """
     ppo = ppo or cfg.ppo
     env = common.make_env(cfg, workdir, stage)
-    if (finished := common.begin_stage(env, "ppo", ppo)) is not None:
+    # a programmatic reward replaces the reward model: ppo.reward_init is not read then
+    inputs = ppo if reward_fn is None else dataclasses.replace(ppo, reward_init=None)
+    if (finished := common.begin_stage(env, "ppo", inputs)) is not None:
         return finished
     updates_per_iteration = check_ppo_config(ppo, env.mesh)
     prompts = env.batches(PromptBatches, ppo.prompts.train_path, "ppo.prompts.train_path",
