@@ -4,36 +4,33 @@ midway never sees half a file. The temporary name is unique, so two writers neve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 
-@contextlib.contextmanager
-def replacing(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """A temporary path beside ``path`` (same suffix) for the block to write; it replaces
-    ``path`` when the block ends, or is removed if the block fails (a full disk leaves the old
-    file as it was, not a cut one)."""
+def replace_file(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) -> pathlib.Path:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path``
+    (its directory must exist). The file is readable as an ordinary one: 0644, not the 0600
+    of a temporary file. Returns the path."""
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        yield pathlib.Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        write(pathlib.Path(tmp))
+        os.chmod(tmp, 0o644)  # these are ordinary data files
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
     """Replaces ``path`` with ``text`` (its directory must exist); returns the path."""
-    with replacing(path) as tmp:
-        tmp.write_text(text)
-    return pathlib.Path(path)
+    return replace_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any],

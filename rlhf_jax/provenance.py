@@ -9,7 +9,7 @@ before anything is written: any difference is refused, naming each input that ch
 The inputs of a stage, each under the name the user changes it by:
 
 - ``seed``, and ``tokenizer``: the SHA-256 of its files (a same-size vocabulary with
-  permuted ids differs);
+  permuted ids differs), with its other fields (``tokenizer.chat_template``);
 - ``model.<field>``: every architecture field (``model.hf_path`` as a source, below);
 - ``<block>.<field>``: every field of the stage's config block but those that only say how
   often it logs, evaluates and saves (:data:`NOT_RESULT`) and the model fields a resume may
@@ -57,6 +57,8 @@ def stage_inputs(env: Any, block_name: str, block: Any) -> dict[str, Any]:
             else str(where))  # a run directory that moves keeps its inputs
     tokenizer = {"spec": spec, "sha256": files_digest(where)}
     inputs: dict[str, Any] = {"seed": env.cfg.seed, "tokenizer": tokenizer}
+    inputs.update({f"tokenizer.{f.name}": getattr(env.cfg.tokenizer, f.name)  # its path: by content, above
+                   for f in dataclasses.fields(env.cfg.tokenizer) if f.name != "path"})
     _walk(env, env.cfg.model, "model", inputs)
     _walk(env, block, block_name, inputs)
     return json.loads(json.dumps(inputs))

@@ -8,7 +8,7 @@ import math
 import pathlib
 from typing import Any
 
-from rlhf_jax.atomic import replacing, write_text
+from rlhf_jax.atomic import replace_file, write_text
 from rlhf_jax.logging import read_metrics
 
 PLOTS = ("sft_rm_loss.png", "rm_accuracy.png", "ppo_training.png", "gold_vs_sqrt_kl.png", "metadata.png")
@@ -100,9 +100,8 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=100)
+    try:  # a full disk leaves the old plot, not a cut one
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".")))
     finally:
         plt.close(fig)
     return path

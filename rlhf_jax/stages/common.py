@@ -158,7 +158,7 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
         if not cfg.tokenizer.path:
             raise ConfigError("tokenizer.path must name a local tokenizer directory when tokenizer.kind='hf'")
         tokenizer_dir = pathlib.Path(cfg.tokenizer.path)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.tokenizer.chat_template)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
