@@ -14,6 +14,7 @@ from rlhf_jax import parameters
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, to_global
 from rlhf_jax.data.chat import Prompt, is_conversation, user_message
+from rlhf_jax.data.tokenizer import prompt_ids
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
@@ -29,10 +30,6 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str, 
     env = common.make_env(cfg, workdir, "sample")
     if parameters.source(export, "--export", env.workdir).scalar:
         raise ConfigError(f"--export {export}: a reward-model export, not a policy")
-    for i, prompt in enumerate(prompts, 1):  # checked here, so no error names the temporary file below
-        if not env.tokenizer.encode(prompt):
-            raise ConfigError(f"--prompt number {i} ({prompt!r}) encodes to no tokens; the sampler needs one "
-                              "to start from")
     model = LanguageModel(cfg.model)
     params, _ = env.load_params(export, model, "--export")
     ppo = cfg.ppo
@@ -40,6 +37,10 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str, 
         if prompts:
             if chat_prompts and env.tokenizer.uses_chat_template:
                 prompts = [user_message(p) if isinstance(p, str) else p for p in prompts]
+            for i, prompt in enumerate(prompts, 1):  # checked here, so no error names the temporary file
+                if not len(prompt_ids(env.tokenizer, prompt)):
+                    raise ConfigError(f"--prompt number {i} ({prompt!r}) encodes to no tokens; the sampler needs "
+                                      "one to start from")
             path = pathlib.Path(tmp) / "prompts.jsonl"
             path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         else:

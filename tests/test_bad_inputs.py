@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +19,15 @@ import pytest
 
 from rlhf_jax import parameters, sharding
 from rlhf_jax.cli import main
-from rlhf_jax.config import ConfigError, DataConfig, MeshConfig
-from rlhf_jax.data import DataError, RankingBatches, iter_records, load_tokenizer
+from rlhf_jax.config import ConfigError, MeshConfig
+from rlhf_jax.data import DataError, iter_records
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.models.hf import export_hf
 from rlhf_jax.models.hf_config import HFError
 from rlhf_jax.stages import common
 from rlhf_jax.stages.loop import Interrupted, Preemption
-from tests.helpers import TINY_MODEL, REPO, cli_env, tiny_config, write_demonstrations, write_experiment
+from tests.helpers import (TINY_MODEL, REPO, cli_env, rm_config, tiny_config, write_demonstrations,
+                           write_experiment)
 
 
 @pytest.mark.parametrize("kind, line, said", [
@@ -48,18 +50,21 @@ def test_records_that_crashed_or_encoded_to_nothing_name_their_line(tmp_path, ki
 
 
 @pytest.fixture(scope="module")
-def task_tokenizer(tmp_path_factory):
-    return load_tokenizer(common.task_files(tmp_path_factory.mktemp("task"), 0)["tokenizer"])
+def task_dir(tmp_path_factory) -> pathlib.Path:
+    return common.task_files(tmp_path_factory.mktemp("task"), 0)["manifest"].parent
 
 
-def test_comparisons_whose_responses_are_all_identical_are_refused(tmp_path, task_tokenizer):
+def test_comparisons_whose_responses_are_all_identical_are_refused(tmp_path, task_dir, capsys):
     """Before: an RM trained on them with zero gradient and exported at accuracy 0.5."""
     path = tmp_path / "same.jsonl"
     path.write_text('{"prompt": "p", "chosen": "red cat", "rejected": "red cat"}\n' * 16)
-    with pytest.raises(DataError, match=r"same.jsonl: every pair with different ranks compares identical "
-                                        r"responses \(16 comparisons, 16 ranked pairs, 0 of them"):
-        RankingBatches(str(path), task_tokenizer, DataConfig(batch_size=8, max_len=16), seed=0,
-                       cache_dir=str(tmp_path / "cache"))
+    workdir = tmp_path / "run"
+    shutil.copytree(task_dir, workdir / "data" / "task")
+    cfg = rm_config(tiny_config(write_demonstrations(tmp_path / "demos.jsonl", 8)), path, batch_size=8)
+    assert main(["rm", "--config", str(write_experiment(cfg, tmp_path / "exp.py")), "--workdir", str(workdir)]) == 2
+    assert ("same.jsonl: every pair with different ranks compares identical responses (16 comparisons, 16 ranked "
+            "pairs, 0 of them between responses that tokenise differently)" in capsys.readouterr().err)
+    assert not (workdir / "rm").exists() and not (workdir / "config.json").exists()
 
 
 def test_a_missing_safetensors_shard_is_named(tmp_path):

@@ -56,7 +56,8 @@ def experiment_errors(path: pathlib.Path) -> Iterator[None]:
     except SyntaxError as err:
         raise ConfigError(f"{err.filename or path}:{err.lineno}: syntax error: {err.msg}") from None
     except Exception as err:  # noqa: BLE001 - the experiment's own code: any exception is its error
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if pathlib.Path(f.filename).absolute() == path.absolute()]
+        frames = [f for f in traceback.extract_tb(err.__traceback__)
+                  if pathlib.Path(f.filename).absolute() == path.absolute()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
         raise ConfigError(f"{where}: {type(err).__name__}: {err}{_field_hint(err)}") from None
 

@@ -60,14 +60,21 @@ class RankingBatches(RowBatches):
         if len(source) and not ordered_pairs:  # the ranking loss drops ties: nothing to learn
             raise DataError(f"{source.path}: every comparison is a tie ({len(source)} comparisons, "
                             "0 pairs with different ranks); the reward model has nothing to learn from")
-        if len(source) and not distinct_pairs:  # r(x, y) - r(x, y) = 0: no gradient, accuracy 0.5
-            raise DataError(f"{source.path}: every pair with different ranks compares identical responses "
-                            f"({len(source)} comparisons, {ordered_pairs} ranked pairs, 0 of them between "
-                            "responses that tokenise differently); the reward model has nothing to learn from")
+        self.ranked_pairs, self.distinct_pairs = ordered_pairs, distinct_pairs
         super().__init__(source, [(i,) for i in range(len(source))],
                          batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
+
+    def require_distinct_pairs(self) -> "RankingBatches":
+        """Refuses a training set in which every ranked pair compares identical responses
+        (``chosen == rejected``): r(x, y) - r(x, y) = 0, so the RM would train with zero
+        gradient and export at accuracy 0.5."""
+        if self.num_rows and not self.distinct_pairs:
+            raise DataError(f"{self.source.path}: every pair with different ranks compares identical responses "
+                            f"({self.num_rows} comparisons, {self.ranked_pairs} ranked pairs, 0 of them between "
+                            "responses that tokenise differently); the reward model has nothing to learn from")
+        return self
 
     def _assemble(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         shape = (self.k_max, self.max_len)

@@ -62,7 +62,7 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     if (finished := common.begin_stage(env, "rm", rm_cfg)) is not None:
         return finished
     train = env.batches(RankingBatches, rm_cfg.data.train_path, "rm.data.train_path", rm_cfg.data,
-                        k_max=rm_cfg.k_max).require_one_batch("rm.data.batch_size")
+                        k_max=rm_cfg.k_max).require_one_batch("rm.data.batch_size").require_distinct_pairs()
     val = None
     if rm_cfg.data.val_path:
         val = env.batches(RankingBatches, rm_cfg.data.val_path, "rm.data.val_path",
