@@ -14,10 +14,10 @@ import contextlib
 import pathlib
 import sys
 
+from rlhf_jax.cli_args import check_command_line
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 from rlhf_jax.distributed import maybe_initialize
 from rlhf_jax.host import keep_freed_memory
-from rlhf_jax.cli_args import check_command_line
 
 STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample", "label")
 

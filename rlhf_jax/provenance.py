@@ -173,3 +173,37 @@ def check_same(saved: dict[str, Any] | None, current: dict[str, Any] | None, whe
 def read_inputs_file(directory: pathlib.Path) -> dict[str, Any] | None:
     path = directory / INPUTS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record(env: Any) -> dict[str, Any] | None:
+    """``env.inputs``, computed once from the block :func:`begin` named (None: none named)."""
+    if env.block is not None and env.inputs is None:
+        env.inputs = stage_inputs(env, *env.block)
+    return env.inputs
+
+
+def begin(env: Any, block_name: str, block: Any) -> pathlib.Path | None:
+    """A stage's first step once its environment is made: names the config block it runs
+    with (its inputs are recorded once its data is validated, by ``restore_or_start``) and
+    returns its export if the stage is finished and was made from the same inputs (a damaged
+    export is made again, said in a warning); refuses a finished stage made from other
+    inputs. None: the stage has to run (or resume)."""
+    import sys
+
+    env.block = (block_name, block)
+    export_dir = env.stage_dir / "export"
+    if not (export_dir / checkpoint.EXPORT_META).is_file():
+        return None
+    check_same(checkpoint.read_export_meta(export_dir).get(INPUTS_KEY), record(env), export_dir, env.stage_dir)
+    damage = checkpoint.export_damage(export_dir)
+    if damage is None:
+        return export_dir
+    print(f"rlhf-jax: warning: {export_dir} is damaged ({damage}); exporting it again from the stage's last "
+          "checkpoint", file=sys.stderr)
+    return None
+
+
+def export(env: Any, params: Any, extra: dict[str, Any]) -> pathlib.Path:
+    """Writes the stage's export, its inputs recorded in ``export.json``."""
+    return checkpoint.export_params(env.stage_dir / "export", params, env.cfg.model,
+                                    {**extra, INPUTS_KEY: record(env)})

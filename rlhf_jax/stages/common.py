@@ -30,17 +30,10 @@ class StageEnv:
     tokenizer: Any
     run_cfg: Config | None = None  # the run's config as given (None: ``cfg``); saved as <workdir>/config.json
     tokenizer_dir: pathlib.Path | None = None
-    # (name, config block) the stage runs with, from begin_stage; what its result depends on
-    # (rlhf_jax.provenance), recorded by restore_or_start and saved with each checkpoint and the export
+    # (name, config block) the stage runs with (provenance.begin); what its result depends on
+    # (provenance.record, at restore_or_start), saved with each checkpoint and the export
     block: tuple[str, Any] | None = None
     inputs: dict[str, Any] | None = None
-
-    def record_inputs(self) -> dict[str, Any] | None:
-        from rlhf_jax import provenance
-
-        if self.block is not None and self.inputs is None:
-            self.inputs = provenance.stage_inputs(self, *self.block)
-        return self.inputs
 
     @property
     def stage_dir(self) -> pathlib.Path:
@@ -166,38 +159,6 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
                     tokenizer_dir=tokenizer_dir)
 
 
-def begin_stage(env: StageEnv, block_name: str, block: Any) -> pathlib.Path | None:
-    """Names the config block the stage runs with (its inputs, see :mod:`rlhf_jax.provenance`,
-    are recorded once its data is validated: :func:`restore_or_start`) and returns its
-    export if the stage is finished and was made from the same inputs (a damaged export is
-    made again, said in a warning); refuses a finished stage made from other inputs. None:
-    the stage has to run (or resume)."""
-    import sys
-
-    from rlhf_jax import provenance
-
-    env.block = (block_name, block)
-    export = env.stage_dir / "export"
-    if not (export / checkpoint.EXPORT_META).is_file():
-        return None  # a resume's inputs are compared once its data is validated: restore_or_start
-    provenance.check_same(checkpoint.read_export_meta(export).get(provenance.INPUTS_KEY), env.record_inputs(),
-                          export, env.stage_dir)
-    damage = checkpoint.export_damage(export)
-    if damage is None:
-        return export
-    print(f"rlhf-jax: warning: {export} is damaged ({damage}); exporting it again from the stage's last "
-          "checkpoint", file=sys.stderr)
-    return None
-
-
-def export(env: StageEnv, params: Any, extra: dict[str, Any]) -> pathlib.Path:
-    """Writes the stage's export, its inputs recorded in ``export.json``."""
-    from rlhf_jax import provenance
-
-    return checkpoint.export_params(env.stage_dir / "export", params, env.cfg.model,
-                                    {**extra, provenance.INPUTS_KEY: env.inputs})
-
-
 def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
                      ) -> tuple[checkpoint.StageCheckpoints, Any, int]:
     """Opens the stage's checkpoints (creating the directory) and resumes from the latest.
@@ -205,12 +166,12 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
     Call only after inputs are validated: a run that fails validation writes nothing here.
     Returns (checkpoints, state, first step to run).
     """
-    env.record_inputs()
+    from rlhf_jax import provenance
+
+    provenance.record(env)  # the stage's data is validated by now
     ckpts = checkpoint.StageCheckpoints(env.stage_dir / "checkpoints", ckpt_cfg)
 
     def same_model(step: int, meta: dict[str, Any]) -> None:
-        from rlhf_jax import provenance
-
         saved_model = meta.get("config", {}).get("model")
         where = f"{ckpts.directory}/{step}"
         if saved_model:  # a training state is not converted between layouts: scan_layers counts
