@@ -6,6 +6,7 @@ per-chip memory against the chip's HBM: the figures XLA:TPU reports
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ class Compiled:
     bytes_accessed: float
     estimate: Estimate
     fused_attention: bool  # the program holds Pallas (Mosaic) kernels: splash attention
+    refused: str = ""  # XLA:TPU's own refusal (its temporaries exceed the usable HBM), else ""
 
     @property
     def total(self) -> int:
@@ -57,7 +59,7 @@ class Report:
         return max(flops / chip.peak_bf16_flops, c.bytes_accessed / chip.hbm_bandwidth)
 
     def too_big(self) -> list[Compiled]:
-        return [c for c in self.programs if c.total > self.topology.chip.hbm_bytes]
+        return [c for c in self.programs if c.refused or c.total > self.topology.chip.hbm_bytes]
 
 
 def _output_bytes(compiled, lowered, donates: bool, args: tuple) -> int:
@@ -66,12 +68,35 @@ def _output_bytes(compiled, lowered, donates: bool, args: tuple) -> int:
     return max(device_bytes(outs) - (device_bytes(args[0]) if donates else 0), 0)
 
 
+# XLA:TPU refuses to compile a program whose buffers exceed the chip's usable HBM, e.g.
+# "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
+# temporaries (19.24G) exceeds available HBM (15.75G)."
+_OUT_OF_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def _refused(program: Program, mesh, lowered, message: str, seconds: float) -> Compiled:
+    """The figures of a program XLA:TPU would not compile for lack of HBM: its arguments
+    (from their shapes and shardings) and the temporaries the compiler said it needs."""
+    found = _OUT_OF_HBM.search(message)
+    temporaries = int(float(found.group(1)) * GiB) if found else 0
+    arguments = device_bytes(program.args)
+    return Compiled(stage=program.stage, name=program.name, compile_s=seconds, arguments=arguments, outputs=0,
+                    aliased=0, temporaries=temporaries, code=0, flops=0.0, bytes_accessed=0.0,
+                    estimate=estimate(program, mesh, 0), fused_attention="tpu_custom_call" in lowered.as_text(),
+                    refused=message.splitlines()[0][:300])
+
+
 def compile_program(program: Program, mesh) -> Compiled:
     """Lowers and compiles ``program`` for the devices of ``mesh`` (the TPU's attention)."""
     start = time.perf_counter()
     with sharding.activate(mesh), compiling_for("tpu"):
         lowered = program.jitted.lower(*program.args)
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            return _refused(program, mesh, lowered, str(err), time.perf_counter() - start)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -138,7 +163,7 @@ def table(report: Report) -> str:
                      f"{parts} ({e.transient_what}) | {'splash' if c.fused_attention else 'XLA'} | "
                      f"{e.flops / report.topology.chips / 1e12:.3g} / {c.flops / 1e12:.3g} | "
                      f"{1e3 * report.roofline_s(c):.3g} | "
-                     f"{'yes' if c.total <= chip.hbm_bytes else '**NO**'} |")
+                     f"{'**NO**' if c in report.too_big() else 'yes'} |")
     return "\n".join(lines)
 
 
@@ -153,6 +178,6 @@ def to_json(report: Report) -> dict[str, Any]:
                                          "temporaries": c.temporaries, "code": c.code, "total": c.total},
                       "estimate": {**dataclasses.asdict(c.estimate), "total": c.estimate.total},
                       "xla_flops_per_chip": c.flops, "bytes_accessed_per_chip": c.bytes_accessed,
-                      "fused_attention": c.fused_attention,
-                      "roofline_s": report.roofline_s(c), "fits": c.total <= chip.hbm_bytes}
+                      "fused_attention": c.fused_attention, "refused_by_xla": c.refused,
+                      "roofline_s": report.roofline_s(c), "fits": c not in report.too_big()}
                      for c in report.programs]}

@@ -91,8 +91,9 @@ def main(argv: list[str]) -> int:
         return 0
     hbm = report.topology.chip.hbm_bytes
     for c in report.too_big():
+        why = f"; XLA:TPU refused it: {c.refused}" if c.refused else ""
         print(f"rlhf-jax compile: {c.stage}/{c.name} needs {c.total / 2 ** 30:.2f} GiB per chip "
               f"({c.total} bytes: arguments {c.arguments}, outputs {c.outputs - c.aliased}, temporaries "
-              f"{c.temporaries}), more than a {report.topology.chip.name} chip's {hbm / 2 ** 30:.0f} GiB",
+              f"{c.temporaries}), more than a {report.topology.chip.name} chip's {hbm / 2 ** 30:.0f} GiB{why}",
               file=sys.stderr)
     return EXIT_DOES_NOT_FIT if report.too_big() else 0
