@@ -135,9 +135,9 @@ def estimate(program, mesh: Mesh, output_bytes: int) -> Estimate:
         est.optimizer = device_bytes((state.policy.opt_state, state.value.opt_state))
     if program.trainable is not None:
         est.gradients = device_bytes(program.trainable)
-        # Observed in every train step compiled for TPU (docs/tpu.md): beyond its parameter
-        # shards, a step holds a compute-dtype copy of all the weights it trains, split only by
-        # tensor: XLA gathers the FSDP shards of the scanned blocks ahead of the loop.
+        # Observed in every train step compiled for TPU (docs/tpu.md): beyond the rest, a step
+        # holds about a compute-dtype copy of all the weights it trains, split only by tensor
+        # (most likely the FSDP shards of the scanned blocks gathered ahead of the loop).
         compute = jnp.dtype(program.passes[0][0].compute_dtype).itemsize
         elements = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(program.trainable))
         est.weights = elements * compute // tensor
