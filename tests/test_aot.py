@@ -80,3 +80,16 @@ def test_a_tiny_sft_compiles_for_v5e_2x2_and_what_does_not_fit_is_refused_by_nam
     for name in ("sft/train_step", "sft/eval_step"):
         total = programs[name.split("/")[1]]["bytes_per_chip"]["total"]
         assert f"{name} needs {total / 2 ** 30:.2f} GiB per chip ({total} bytes" in err
+
+
+@pytest.mark.parametrize("experiment, topology_name", [("llama_1b_v5e", "v5e-16"), ("llama3_8b_v5p", "v5p-64")])
+def test_the_pod_experiments_are_valid_configs_for_their_slices(experiment, topology_name):
+    """What `rlhf-jax compile` reads for docs/tpu.md's runs: valid configs whose batches
+    split over the slice's chips (the compiles themselves take minutes: documented commands)."""
+    from rlhf_jax.config import load_experiment
+
+    cfg = load_experiment(f"experiments/{experiment}.py").validate()
+    chips = parse_topology(topology_name).chips
+    batch_shards = chips // cfg.mesh.tensor
+    assert chips % cfg.mesh.tensor == 0 and cfg.sft.data.batch_size % batch_shards == 0
+    assert cfg.model.compute_dtype == "bfloat16" and cfg.model.stacked and cfg.model.max_len % 128 == 0
