@@ -233,7 +233,7 @@ def test_without_a_token_only_this_machine_s_names_and_pages_are_answered(tmp_pa
     cross_site = {"Host": "127.0.0.1:8765", "Origin": "http://evil.example"}
     assert client.post("/api/label", json=submission("ann", "0"), headers=cross_site).status_code == 403
     assert snapshot(workdir / "labels") == before
-    for host in ("127.0.0.1:8765", "localhost:8765", "[::1]:8765", "LOCALHOST"):
+    for host in ("127.0.0.1:8765", "127.0.0.2:8765", "localhost:8765", "[::1]:8765", "LOCALHOST"):
         same_origin = {"Host": host, "Origin": f"http://{host}"}
         assert client.post("/api/label", json=submission("ann", "0"), headers=same_origin).status_code == 200, host
     assert client.get("/api/queue?labeler=ann", headers={"Host": "127.0.0.1:8765"}).status_code == 200

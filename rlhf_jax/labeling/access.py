@@ -2,8 +2,8 @@
 
 - Labelers: with a token (a server others can reach), every labeler request carries it
   (``?token=`` or the ``X-Label-Token`` header). Without one (bound to a loopback address),
-  only requests addressed to this machine's loopback names are answered: ``Host`` must be
-  ``127.0.0.1``, ``localhost`` or ``[::1]`` (a DNS-rebinding page's requests carry its own
+  only requests addressed to a loopback name are answered: ``Host`` must be ``localhost`` or
+  a loopback address (``127.0.0.1``, ``[::1]``; a DNS-rebinding page's requests carry its own
   host name) and an ``Origin``, when sent, must be the page's own (another site's page).
 - The lead (``/admin``): always a token of its own, which the labelers' token does not open.
 - The access log shows ``token=<hidden>`` instead of any token, right or wrong.
@@ -27,7 +27,6 @@ from werkzeug.serving import WSGIRequestHandler
 from werkzeug.wrappers import Request
 
 MAX_BODY_BYTES = 16 * 1024  # a submission is ~100 bytes per response; nothing needs more
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 TOKENS_NAME = ".access.json"  # in the labels directory, readable by its owner only
 
 
@@ -87,7 +86,7 @@ def check_local(request: Request) -> None:
     """Raises 403 unless the request is addressed to a loopback name and, when it says where
     it comes from (``Origin``), comes from this server's own page."""
     host = _host_name(request.host)
-    if host not in LOOPBACK_NAMES:
+    if not is_loopback(host):
         raise Forbidden(f"this server answers only requests to 127.0.0.1 or localhost, not {host!r} "
                         "(start it with --host to serve other machines)")
     origin = request.headers.get("Origin")

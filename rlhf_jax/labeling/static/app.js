@@ -221,7 +221,10 @@ function select(step) {
   $("responses").querySelector(`li[data-response="${selected}"]`).focus();
 }
 
+let saving = false;  // one submission or skip at a time: a second Enter meanwhile does nothing
+
 async function submit(confirmed = false) {
+  if (saving) return;
   const it = item();
   const unrated = Ranking.flat(groups).filter((r) => !ratings[r]);
   if (unrated.length) {
@@ -231,12 +234,13 @@ async function submit(confirmed = false) {
     return;
   }
   if (!touched && !confirmed) { $("confirm").showModal(); return; }
-  const ranks = Ranking.ranks(groups);
+  saving = true;
   try {
-    const body = {labeler, item_id: it.id, ranks, ratings, flags, seconds: seconds()};
+    const body = {labeler, item_id: it.id, ranks: Ranking.ranks(groups), ratings, flags, seconds: seconds()};
     await api("/api/label", {method: "POST", body: JSON.stringify(body)});
-  } catch (err) { $("message").textContent = `Not saved: ${err.message}`; return; }
-  await afterSave(it.id, `Saved item ${index + 1}`);
+    await afterSave(it.id, `Saved item ${index + 1}`);
+  } catch (err) { $("message").textContent = `Not saved: ${err.message}`; }
+  finally { saving = false; }
 }
 
 async function afterSave(id, what) {
