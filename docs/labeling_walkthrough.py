@@ -113,7 +113,7 @@ class Labeler:
         _, prompt = self.item()
         item = items_by_prompt[prompt]
         scores = gold_scores([prompt] * len(item["responses"]), item["responses"])
-        ranks = plackett_luce_ranks(scores, DEFAULT_TEMPERATURE, self.rng)
+        ranks = [int(r) for r in plackett_luce_ranks(scores, DEFAULT_TEMPERATURE, self.rng)]  # ties where equal
         self.intended[item["id"]] = list(ranks)
         target = sorted(range(len(ranks)), key=lambda r: ranks[r])  # best first
         for position, response in enumerate(target):  # one card at a time to its place
@@ -122,11 +122,19 @@ class Labeler:
                 if self.phone:
                     self.tap(card.find_element("css selector", ".up"))
                 else:
-                    card.find_element("css selector", ".text").click()
+                    card.find_element("css selector", ".rank").click()
                     from selenium.webdriver.common.action_chains import ActionChains
 
                     ActionChains(self.d).key_down(Keys.SHIFT).send_keys(Keys.ARROW_UP).key_up(Keys.SHIFT).perform()
                 assert self.order().index(response) == at - 1
+        for above, response in zip(target, target[1:]):  # equal gold scores: a tie
+            if ranks[response] == ranks[above]:
+                card = self.css(f'#responses li[data-response="{response}"]')
+                if self.phone:
+                    self.tap(card.find_element("css selector", ".tie input"))
+                else:
+                    card.find_element("css selector", ".rank").click()
+                    self.press("=")
         for response, text in enumerate(item["responses"]):
             rating = int(np.clip(round(1 + 6 * scores[response]), 1, 7))
             a = assess(prompt, text)
@@ -134,7 +142,7 @@ class Labeler:
             if self.phone:
                 self.tap(card.find_element("css selector", f'.rate[data-value="{rating}"]'))
             else:
-                card.find_element("css selector", ".text").click()
+                card.find_element("css selector", ".rank").click()
                 self.press(str(rating))
             for flag, on in (("fails_instruction", not a.attempts_instruction),
                              ("fails_constraint", a.constraint_met is False),
@@ -146,8 +154,8 @@ class Labeler:
             self.d.execute_script("window.scrollTo(0, 0)")
             self.d.save_screenshot(str(shot))
         before = self.item()
-        if target == [int(x) for x in json.loads(self.d.execute_script(
-                "return JSON.stringify(queue.items[index].display_order)"))]:
+        shown = json.loads(self.d.execute_script("return JSON.stringify(queue.items[index].display_order)"))
+        if target == shown and len(set(ranks)) == len(ranks):  # untouched: the page asks first
             self.tap(self.css("#submit"))  # the shown order was already right: confirm it
             self.wait(lambda: self.d.execute_script("return document.getElementById('confirm').open"))
             self.tap(self.css("#confirm-submit"))
@@ -193,6 +201,7 @@ def main(out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = out / "walk"
     workdir = base / "runs" / "x"  # the README's run directory, fresh
+    base.mkdir()
     prompts = write_prompts_with_responses(base / "to_rank.jsonl", N_ITEMS, seed=29)
     port = free_port()
     server, addresses = start_server(workdir, port, "--prompts", str(prompts))
@@ -239,11 +248,13 @@ def main(out: pathlib.Path) -> None:
         server.send_signal(signal.SIGKILL)
         server.wait()
 
+    (out / "intended.json").write_text(json.dumps({p.name: p.intended for p in (alice, bob)}))
     for name, person in (("alice", alice), ("bob", bob)):  # the page saved what each one meant
         records = {json.loads(x)["item_id"]: json.loads(x) for x in
                    (workdir / "labels" / f"{name}.jsonl").read_text().splitlines()}
         assert len(records) == PER_LABELER, (name, len(records))
-        assert all(records[i]["ranks"] == person.intended[i] for i in records), name
+        wrong = {i: (records[i]["ranks"], person.intended[i]) for i in records if records[i]["ranks"] != person.intended[i]}
+        assert not wrong, (name, wrong)
     commands = readme_labeling_commands()
     for key, command in (("stats", next(c for c in commands if "--stats" in c)),
                          ("merge", next(c for c in commands if "--merge" in c)),

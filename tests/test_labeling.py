@@ -289,6 +289,27 @@ def test_non_overlap_items_go_to_one_labeler(tmp_path):
     assert ben == ["0", "1", "2", "4"] and ann == ["0", "1", "2", "3", "4"]
 
 
+def test_an_item_on_one_labelers_screen_leaves_the_others_queues_for_a_while(tmp_path):
+    from rlhf_jax.labeling.server import OPEN_SECONDS
+
+    workdir = tmp_path / "run"
+    make_run_items(workdir, n=4, overlap=1)  # item 0 in the overlap set
+    client = app_client(workdir)
+    now = [1000.0]
+    client.application.clock = lambda: now[0]
+
+    def queue(name):
+        return sorted(i["id"] for i in client.get(f"/api/queue?labeler={name}").json["items"])
+
+    for item_id in ("0", "2"):
+        assert client.post("/api/open", json={"labeler": "ann", "item_id": item_id}).status_code == 200
+    assert queue("ben") == ["0", "1", "3"] and queue("ann") == ["0", "1", "2", "3"]  # 0: everyone's
+    now[0] += OPEN_SECONDS + 1  # ann left it open and went away: it comes back
+    assert queue("ben") == ["0", "1", "2", "3"]
+    assert client.post("/api/open", json={"labeler": "ann", "item_id": "99"}).status_code == 404
+    assert not (workdir / "labels" / "ann.jsonl").exists()  # opening writes nothing
+
+
 def test_a_bad_line_in_one_labelers_file_stops_nobody(tmp_path):
     """A hand-edited line in ben's file: everyone still gets their queue and saves, a save
     says saved, the lead sees the line named, and ben's rewrite keeps it as it was."""

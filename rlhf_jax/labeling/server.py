@@ -16,6 +16,9 @@ Labelers' routes (with the labelers' token when the app has one; see :mod:`.acce
   (with the display order and the guidelines' version), answers ``{"done", "total"}``.
 - ``POST /api/skip`` with ``{"labeler", "item_id", "reason", "note", "seconds"}``: records a
   skip (``reason`` one of :data:`~.storage.SKIP_REASONS`; "other" needs a note).
+- ``POST /api/open`` with ``{"labeler", "item_id"}``: the page shows that item now. For
+  :data:`OPEN_SECONDS` it leaves the other labelers' queues (an overlap item stays), so two
+  people rarely label one item that needs one label. Kept in memory only.
 
 The lead's routes (the lead's token, always): ``GET /admin`` (the page) and ``GET /api/admin``
 (:func:`~.stats.label_stats` as JSON).
@@ -30,6 +33,8 @@ import html
 import importlib.resources
 import json
 import math
+import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -56,6 +61,7 @@ _HEADERS = {
 }
 MAX_NOTE_CHARS = 500
 MAX_SECONDS = 24 * 3600.0
+OPEN_SECONDS = 600.0  # an item on someone's screen is kept from the others this long (most take 1-2 min)
 LABELER, LEAD, EITHER = "labeler", "lead", "either"  # who may call a route
 
 
@@ -81,9 +87,13 @@ class LabelApp:
         self.token = token
         self.admin_token = admin_token
         self.guidelines = guidelines or load_guidelines(None)
+        self.clock = time.monotonic  # seconds; replaceable in tests
+        self._open: dict[str, tuple[str, float]] = {}  # item_id -> (labeler, when they opened it)
+        self._open_lock = threading.Lock()
         rules = [("/", "page", "GET", LABELER), ("/static/<name>", "static", "GET", EITHER),
                  ("/api/guidelines", "guidelines", "GET", LABELER), ("/api/queue", "queue", "GET", LABELER),
                  ("/api/label", "label", "POST", LABELER), ("/api/skip", "skip", "POST", LABELER),
+                 ("/api/open", "open_item", "POST", LABELER),
                  ("/admin", "admin_page", "GET", LEAD), ("/api/admin", "admin", "GET", LEAD)]
         self.who = {endpoint: who for _, endpoint, _, who in rules}
         self.url_map = Map([Rule(path, endpoint=endpoint, methods=[method]) for path, endpoint, method, _ in rules])
@@ -133,10 +143,15 @@ class LabelApp:
         return _json({"version": self.guidelines.version, "html": self.guidelines.html})
 
     def _taken_by_others(self, labeler: str) -> set[str]:
+        """Items another labeler has labeled, or has on screen (opened less than
+        :data:`OPEN_SECONDS` ago)."""
         taken = set()
         for other in self.store.labelers():
             if other != labeler:
                 taken |= self.store.labels(other).keys()
+        now = self.clock()
+        with self._open_lock:
+            taken |= {i for i, (who, since) in self._open.items() if who != labeler and now - since < OPEN_SECONDS}
         return taken
 
     def queue_for(self, labeler: str) -> list[str]:
@@ -208,6 +223,12 @@ class LabelApp:
         self.store.save_skip({"item_id": item["id"], "labeler": labeler, "reason": reason, "note": note,
                               "seconds": _seconds(body), "time": now()})
         return _json(self._progress(labeler))
+
+    def _open_item(self, request: Request) -> Response:
+        labeler, item = self._item(read_json_body(request), {"labeler", "item_id"})
+        with self._open_lock:
+            self._open[item["id"]] = (labeler, self.clock())
+        return _json({})
 
     def _admin(self, request: Request) -> Response:
         stats = label_stats(self.store, self.items_list)

@@ -84,6 +84,9 @@ function show(i) {
   selected = Ranking.flat(groups)[0];
   clock = {total: 0, since: document.hidden ? null : performance.now()};
   render();
+  if (!previous) {  // keeps it from the others' queues while it is on this screen
+    api("/api/open", {method: "POST", body: JSON.stringify({labeler, item_id: it.id})}).catch(() => {});
+  }
 }
 
 function button(text, className, label, onclick) {
@@ -133,6 +136,7 @@ function render(focus) {
     moves.append(up, down); head.append(moves);
 
     const text = document.createElement("div"); text.className = "text"; text.textContent = it.responses[response];
+    if (!it.responses[response].trim()) { text.classList.add("empty"); text.textContent = "(empty response)"; }
 
     const rate = document.createElement("div"); rate.className = "rating"; rate.setAttribute("role", "group");
     rate.setAttribute("aria-label", `Rate response ${letterOf[response]}, 1 worst to ${queue.rating_scale} best`);
