@@ -304,7 +304,8 @@ def test_a_tie_stays_with_its_responses_when_another_moves_past(driver, tmp_path
 
 def test_long_unbroken_text_wraps_and_code_keeps_its_indentation(driver, tmp_path):
     code = "def f(x):\n    if x:\n        return 1\n    return 2"
-    extra = [("Write a function", ["x" * 3000, code, "short", "plain"])]
+    conversation = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Write a function"}]
+    extra = [(conversation, ["x" * 3000, code, "short", "plain"])]
     workdir, app = _site(tmp_path, n=1, overlap=2, extra=extra)  # both items shown to everyone
     with serving(app) as server:
         page = Page(driver, f"http://127.0.0.1:{server.server_port}/")
@@ -313,7 +314,7 @@ def test_long_unbroken_text_wraps_and_code_keeps_its_indentation(driver, tmp_pat
             if "Write a function" in page.by("#prompt").text:
                 break
             page.by("#back").click()
-        assert "Write a function" in page.by("#prompt").text
+        assert page.by("#prompt").text == "system: You write Python.\n\nuser: Write a function"  # a conversation
         width = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
         assert width[0] <= width[1], width  # no sideways scrolling
         long_card = page.card(0)

@@ -109,16 +109,22 @@ def test_stats_on_a_constructed_example(tmp_path, capsys):
         assert line in out, (line, out)
 
 
-def test_stats_without_the_embedded_task_has_no_gold(tmp_path):
+@pytest.mark.parametrize("prompt", ["Say hi", [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Say hi"}]], ids=["text", "conversation"])
+def test_stats_without_the_embedded_task_has_no_gold(tmp_path, prompt):
     workdir = tmp_path / "run"
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "Say hi", "responses": ["hi", "hello", "hey"]}\n')
+    prompts.write_text(json.dumps({"prompt": prompt, "responses": ["hi", "hello", "hey"]}) + "\n")
     items = prepare_items(None, workdir, str(prompts), None, 3, 100, 1)
     client = Client(LabelApp(LabelStore(workdir / "labels"), items))
+    assert client.get("/api/queue?labeler=ann").json["items"][0]["prompt"] == prompt
     for name, ranks in (("ann", [0, 1, 2]), ("ben", [0, 2, 1])):
-        client.post("/api/label", json={"labeler": name, "item_id": "0", "ranks": ranks, "ratings": [4, 4, 4]})
+        body = {"labeler": name, "item_id": "0", "ranks": ranks, "ratings": [4, 4, 4]}
+        assert client.post("/api/label", json=body).status_code == 200
     stats = label_stats(LabelStore(workdir / "labels"))
     assert stats["inter_labeler_agreement"] == pytest.approx(2 / 3) and "gold_agreement" not in stats
+    assert stats["most_disagreement"][0]["prompt"] == prompt
+    assert [r["prompt"] for _, r in read_records(workdir / "labels" / "ann.jsonl", "comparisons")] == [prompt]
 
 
 def test_merge_writes_every_labelers_comparisons_for_the_rm(tmp_path, capsys):

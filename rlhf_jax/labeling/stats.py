@@ -35,10 +35,13 @@ def _fraction(counts) -> float | None:
     return float(counts[0] / counts[1]) if counts[1] else None
 
 
-def _gold_ranks(prompt: str, responses: list[str]) -> list[int] | None:
-    """:func:`rlhf_jax.tasks.gold_ranks`, or None if ``prompt`` is not a task prompt."""
+def _gold_ranks(prompt: str | list, responses: list[str]) -> list[int] | None:
+    """:func:`rlhf_jax.tasks.gold_ranks`, or None if ``prompt`` is not a task prompt (or is a
+    conversation)."""
     from rlhf_jax.tasks import gold_ranks
 
+    if not isinstance(prompt, str):
+        return None
     try:
         return gold_ranks(prompt, responses)
     except ValueError:  # not one of the embedded task's prompts

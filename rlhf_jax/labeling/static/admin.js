@@ -46,7 +46,8 @@ function render(s) {
   fill("pairs", Object.entries(s.by_labeler_pair).map(([pair, v]) => [[pair], [pct(v.agreement), "num"], [v.pairs, "num"]]),
     "needs two labelers");
   fill("disagreement", s.most_disagreement.map((d) => [
-    [d.item_id], [pct(d.agreement), "num"], [d.pairs, "num"], [d.prompt, "prompt-cell"],
+    [d.item_id], [pct(d.agreement), "num"], [d.pairs, "num"],
+    [Array.isArray(d.prompt) ? d.prompt.map((m) => `${m.role}: ${m.content}`).join(" / ") : d.prompt, "prompt-cell"],
     [Object.entries(d.ranks).map(([name, ranks]) => `${name}: ${ranks.join(" ")}`).join("; ")],
   ]), "no item has two labels yet");
   fill("skips", s.skips.map((k) => [

@@ -29,6 +29,9 @@ const labeled = (id) => id in queue.labels;
 const skippedForGood = (id) => !labeled(id) && id in queue.skips && queue.skips[id] !== "later";
 const done = (id) => labeled(id) || skippedForGood(id);
 
+// a prompt is a string, or a conversation: [{role, content}], shown one message a paragraph
+const promptText = (prompt) => Array.isArray(prompt) ? prompt.map((m) => `${m.role}: ${m.content}`).join("\n\n") : prompt;
+
 function announce(text) {  // read out by screen readers (an aria-live region)
   const region = $("announce");
   region.textContent = "";
@@ -75,7 +78,7 @@ function show(i) {
   $("item-id").textContent = `Item ${i + 1} of ${queue.items.length}`;
   $("item-status").textContent = previous ? "already labeled: submitting again replaces it"
     : it.id in queue.skips ? `skipped (${queue.skip_reasons[queue.skips[it.id]]}): you may label it now` : "";
-  $("prompt").textContent = it.prompt;
+  $("prompt").textContent = promptText(it.prompt);
   groups = previous ? Ranking.fromRanks(previous.ranks, it.display_order) : Ranking.fromOrder(it.display_order);
   ratings = previous && previous.ratings ? previous.ratings.slice() : new Array(k).fill(null);
   flags = Object.fromEntries(Object.keys(queue.flags).map((f) => [f, it.responses.map((_, r) =>
