@@ -228,7 +228,7 @@ function select(step) {
   $("responses").querySelector(`li[data-response="${selected}"]`).focus();
 }
 
-let saving = false;  // one submission or skip at a time: a second Enter meanwhile does nothing
+let saving = false;  // one submission at a time: a second Enter meanwhile does nothing
 
 async function submit(confirmed = false) {
   if (saving) return;
