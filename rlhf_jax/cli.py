@@ -14,6 +14,7 @@ import contextlib
 import pathlib
 import sys
 
+from rlhf_jax.cli_args import check_command_line
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 from rlhf_jax.distributed import maybe_initialize
 from rlhf_jax.host import keep_freed_memory
@@ -77,28 +78,54 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["convert"]:
         from rlhf_jax.convert import main as convert_main
 
-        return convert_main(argv[1:])
+        return _reported("convert", lambda: convert_main(argv[1:]))
     if argv[:1] == ["data"]:
         from rlhf_jax.data.cli import main as data_main
 
-        return data_main(argv[1:])
+        return _reported("data", lambda: data_main(argv[1:]))
+    if argv[:1] and argv[0] in STAGES and {"-h", "--help"} & set(argv[1:]):
+        from rlhf_jax.cli_args import stage_help
+
+        print(stage_help(argv[0], _parser()))
+        return 0
     args, overrides = _parser().parse_known_args(argv)
+    return _reported(args.command, lambda: _resolve_and_run(args, overrides))
+
+
+def _resolve_and_run(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf_jax.stages.loop import Interrupted
 
     try:
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
             raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
         cfg = resolve_config(args.config, args.workdir, overrides)  # validates every field first
+        check_command_line(args)
         maybe_initialize(cfg.distributed)  # before anything touches a device
         with _run_directory_lock(args.command, args.workdir):
             _run(args, cfg)
     except Interrupted as stop:  # a SIGTERM stopped the pipeline after the stage saved
         print(stop)
-        return 0
-    except (ConfigError, ValueError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf stop
-        print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
     return 0
+
+
+def _reported(command: str, run) -> int:
+    """``run()``'s exit status; a failure that is not a bug (a refused input, a full disk, a
+    NaN stop: see :mod:`rlhf_jax.failures`) is one line and status 2, Ctrl-C status 130."""
+    from rlhf_jax.failures import one_line, quiet_background_failures
+
+    quiet_background_failures()
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"rlhf-jax {command}: interrupted (Ctrl-C); rerun the same command to resume from the last "
+              "finished checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one_line decides; anything else is re-raised
+        message = one_line(err)
+        if message is None:
+            raise
+        print(f"rlhf-jax {command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _run_directory_lock(command: str, workdir: str):
