@@ -47,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--overlap", type=int, default=10,
                        help="label: the first N items are shown to every labeler (for agreement)")
     label.add_argument("--host", default=None,
-                       help="label: address to bind (default 127.0.0.1); any other prints an access token")
+                       help="label: address to bind (default 127.0.0.1); one that is not loopback (127.x, ::1, "
+                            "localhost) prints an address with an access token")
+    label.add_argument("--guidelines", help="label: a Markdown file of instructions shown to labelers "
+                                            "(default: the packaged ones)")
     label.add_argument("--port", type=int, default=8765, help="label: port (0: any free one)")
     label.add_argument("--stats", action="store_true", help="label: print agreement statistics and exit")
     label.add_argument("--merge", action="store_true",
@@ -208,7 +211,7 @@ def _label(args: argparse.Namespace, cfg: Config) -> None:
         return
     with hold_run_directory(labels_dir(workdir)):  # one labeling server per run directory
         items = command.prepare_items(cfg, workdir, args.prompts, args.policy, args.k, args.n_prompts, args.overlap)
-        command.serve(workdir, items, args.host, args.port)
+        command.serve(workdir, items, args.host, args.port, args.guidelines)
 
 
 if __name__ == "__main__":
