@@ -25,10 +25,11 @@ STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample", "
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    # convert and data have their own flags and parsers (rlhf_jax.convert, rlhf_jax.data.cli);
-    # listed here so --help names them
-    parser.add_argument("command", choices=(*STAGES, "convert", "data"),
-                        help="a stage, the whole pipeline, sample, label, convert or data (--help after it for its flags)")
+    # convert, data and compile have their own flags and parsers (rlhf_jax.convert, rlhf_jax.data.cli,
+    # rlhf_jax.aot.command); listed here so --help names them
+    parser.add_argument("command", choices=(*STAGES, "convert", "data", "compile"),
+                        help="a stage, the whole pipeline, sample, label, convert, data, or compile (for a TPU "
+                             "topology; --help after it for its flags)")
     parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_jax.data.cli import main as data_main
 
         return _reported("data", lambda: data_main(argv[1:]))
+    if argv[:1] == ["compile"]:  # ahead-of-time compilation for a TPU topology (docs/tpu.md)
+        from rlhf_jax.aot.command import main as compile_main
+
+        return _reported("compile", lambda: compile_main(argv[1:]))
     if argv[:1] and argv[0] in STAGES and {"-h", "--help"} & set(argv[1:]):
         from rlhf_jax.cli_args import stage_help
 
