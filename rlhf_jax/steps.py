@@ -134,9 +134,12 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
     b, k, t = batch.tokens.shape
     rows = lambda x: x.reshape(b * k, t)  # noqa: E731
     kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-    rewards, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
-                             rows(batch.segment_ids), right_padded=True, at=batch.last_index.reshape(b * k), **kwargs)
-    return rewards.reshape(b, k)
+    # The head reads every position and the reward is taken after it: gathering the hidden
+    # state first would save a [rows, T, E] f32 copy, but rounds the head's sum differently,
+    # and the embedded pipeline's report is kept identical to the digit.
+    values, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
+                            rows(batch.segment_ids), right_padded=True, **kwargs)
+    return jnp.take_along_axis(values.reshape(b, k, t), batch.last_index[..., None], axis=-1)[..., 0]
 
 
 def make_rm_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: Any,
@@ -174,9 +177,8 @@ def last_token_scores(model: nn.Module, params: Any, tokens, segment_ids, positi
     and positions ``[B, T]``; rows may be left- and right-padded). The reward model's score, in
     the RM stage and as PPO's reward. ``right_padded``: the caller declares every row one
     segment from position 0, then padding (a GPU may then take cuDNN's attention)."""
-    scores, _ = model.apply({"params": params}, tokens, positions, segment_ids, right_padded=right_padded,
-                            at=losses.last_index(segment_ids > 0))
-    return scores
+    values, _ = model.apply({"params": params}, tokens, positions, segment_ids, right_padded=right_padded)
+    return jnp.take_along_axis(values, losses.last_index(segment_ids > 0)[:, None], axis=1)[:, 0]
 
 
 def make_score_fn(model: nn.Module, mesh: Mesh, param_shardings: Any, right_padded: bool = False) -> Callable:

@@ -61,7 +61,7 @@ class LanguageModel(nn.Module):
 class ScalarModel(nn.Module):
     """The decoder with the unembedding replaced by a scalar head (reward or value).
 
-    Returns (scalars ``[B, T] f32``: one per position, or ``[B]`` with ``at``; cache). The head's ``bias`` is the
+    Returns (scalars ``[B, T] f32``: one per position, cache). The head's ``bias`` is the
     reward offset the RM stage sets so that demonstrations score mean 0.
     """
 
@@ -76,12 +76,8 @@ class ScalarModel(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("scalar",)))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 deterministic: bool = True, right_padded: bool = False, at=None):
-        """``at`` ``[B] int32`` (optional): read only that position of each row, returning
-        ``[B] f32`` (a reward at the last token) from one ``[B, E]`` hidden state."""
+                 deterministic: bool = True, right_padded: bool = False):
         hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic, right_padded)
-        if at is not None:
-            hidden = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
         return self.head(hidden.astype(jnp.float32))[..., 0], cache
 
 

@@ -79,10 +79,9 @@ def test_one_forward_pass_per_response_not_per_pair():
     calls = []
 
     class CountingModel:
-        def apply(self, variables, tokens, positions, segment_ids, at=None, **kwargs):
+        def apply(self, variables, tokens, positions, segment_ids, **kwargs):
             calls.append(tokens.shape)
-            values = jnp.sum(tokens, axis=-1, keepdims=True).astype(jnp.float32) * jnp.ones(tokens.shape)
-            return (values if at is None else jnp.take_along_axis(values, at[:, None], axis=1)[:, 0]), None
+            return jnp.sum(tokens, axis=-1, keepdims=True).astype(jnp.float32) * jnp.ones(tokens.shape), None
 
     b, k, t = 3, 9, 7  # 9 responses = 36 pairs per prompt
     batch = RankingBatch(tokens=jnp.ones((b, k, t), jnp.int32), segment_ids=jnp.ones((b, k, t), jnp.int32),
