@@ -149,8 +149,12 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tmp_path):
     command = [sys.executable, "-m", "rlhf_jax.cli", "sft", "--config", str(write_experiment(cfg, tmp_path / "x.py")),
                "--workdir", str(tmp_path / "run")]
     with tempfile.TemporaryFile("w+") as log:
+        # A shell runs a background job (CI's may) with SIGINT ignored, and a child inherits
+        # that: Python then installs no Ctrl-C handler and the run would finish its 400 steps.
+        # A terminal's Ctrl-C reaches a foreground process, whose SIGINT is the default.
         proc = subprocess.Popen(command, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not list((tmp_path / "run" / "sft" / "checkpoints").glob("[0-9]*")):
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
