@@ -66,6 +66,8 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
         eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params, right_padded)
         evaluate = lambda s: {"val/loss": mean_lm_loss(eval_fn, s.params, val, env.mesh)}  # noqa: E731
     logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
+    if start == 0:
+        logger.log(0, common.trainable_summary(state.params, state.opt_state))
     if start == 0 and getattr(train, "num_truncated", 0):
         logger.log(0, {"data/truncated_examples": train.num_truncated})
     state, finished = train_loop(
@@ -77,5 +79,6 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     ckpts.close()
     if not finished:
         return None
+    common.export_adapter(env, state.params, stage_cfg.init_from or cfg.model.hf_path)
     return checkpoint.export_params(env.stage_dir / "export", state.params, cfg.model,
                                     {"stage": stage, "steps": total_steps})
