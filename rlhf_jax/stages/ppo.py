@@ -152,13 +152,12 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         return metrics
 
     logger = MetricsLogger(env.stage_dir, start, ppo.iterations, stage, show_progress)
-    if start == 0:
-        logger.log(0, {f"policy/{k}": v for k, v in common.trainable_summary(state.policy.params,
-                                                                           state.policy.opt_state).items()})
-        logger.log(0, {f"value/{k}": v for k, v in common.trainable_summary(state.value.params,
-                                                                          state.value.opt_state).items()})
     if start == 0 and prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
         logger.log(0, {"data/truncated_prompts": prompts.num_truncated})
+    if start == 0:
+        for name, trained in (("policy", state.policy), ("value", state.value)):
+            summary = common.trainable_summary(trained.params, trained.opt_state)
+            logger.log(0, {f"{name}/{k}": v for k, v in summary.items()})
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
         logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
 

@@ -66,10 +66,10 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
         eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params, right_padded)
         evaluate = lambda s: {"val/loss": mean_lm_loss(eval_fn, s.params, val, env.mesh)}  # noqa: E731
     logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
-    if start == 0:
-        logger.log(0, common.trainable_summary(state.params, state.opt_state))
     if start == 0 and getattr(train, "num_truncated", 0):
         logger.log(0, {"data/truncated_examples": train.num_truncated})
+    if start == 0:
+        logger.log(0, common.trainable_summary(state.params, state.opt_state))
     state, finished = train_loop(
         env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
         start_step=start, log_every=stage_cfg.log_every, eval_every=stage_cfg.eval_every,
