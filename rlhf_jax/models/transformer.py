@@ -84,9 +84,11 @@ class Dense(nn.Module):
 
     ``lora`` (``model.lora`` when it targets this projection): a low-rank adapter beside the
     kernel, ``lora_a`` ``in_dims + [rank]`` and ``lora_b`` ``[rank] + features`` (zero when
-    fresh), adding ``scaling * dropout(x) lora_a lora_b``. The adapter runs when the params
-    hold it: params without ``lora_a``/``lora_b`` (``models.lora.base_params``, PPO's
-    reference policy) compute the base projection, the adapters off, with no copy of the base.
+    fresh), adding ``scaling * dropout(x) lora_a lora_b``. Adapters are float32 whatever
+    ``param_dtype`` (PEFT casts them so too: a bfloat16 base stays frozen, the small trained
+    matrices keep full precision). The adapter runs when the params hold it: params without
+    ``lora_a``/``lora_b`` (``models.lora.base_params``, PPO's reference policy) compute the
+    base projection, the adapters off, with no copy of the base.
     """
 
     features: tuple[int, ...]
@@ -115,9 +117,9 @@ class Dense(nn.Module):
     def _adapter(self, x, in_shape, deterministic):
         rank = self.lora.rank
         lora_a = self.param("lora_a", _init(_lora_a_init, self.in_axes + ("lora_rank",)), in_shape + (rank,),
-                            self.param_dtype)
+                            jnp.float32)
         lora_b = self.param("lora_b", _init(nn.initializers.zeros, ("lora_rank",) + self.out_axes),
-                            (rank,) + tuple(self.features), self.param_dtype)
+                            (rank,) + tuple(self.features), jnp.float32)
         x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
         low = jnp.tensordot(x.astype(self.dtype), lora_a.astype(self.dtype), axes=len(in_shape))  # [..., rank]
         return jnp.tensordot(low, lora_b.astype(self.dtype), axes=1) * jnp.asarray(self.lora.scaling, self.dtype)
