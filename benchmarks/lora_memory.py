@@ -5,8 +5,9 @@ every figure but the loss depends on shapes only, so no download is needed).
 Peak memory is XLA's account of the compiled step (``compiled.memory_analysis()``): its
 arguments + outputs - the donated buffers it writes in place + temporaries, i.e. what the
 step holds at once on the device; the same accounting on a CPU, GPU or TPU. Time is the
-median of the timed steps after warm-up. AdamW as the stages build it (``optim.make_optimizer``),
-LoRA at rank 16 on every projection (``all-linear``), f32, one device.
+median of the timed steps after warm-up, the two variants stepping in turns (so both see the
+same load on a shared machine). AdamW as the stages build it (``optim.make_optimizer``), LoRA
+at rank 16 on every projection (``all-linear``), f32, one device.
 
     python -m benchmarks.lora_memory --out benchmarks/results        # ~2-4 min on 2 CPU cores
     python -m benchmarks.lora_memory --quick --out /tmp/lora         # a tiny model, seconds
@@ -20,9 +21,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
-import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -49,11 +48,12 @@ class Workload:
     batch: int = 2
     seq: int = 128
     warmup_steps: int = 1
-    timed_steps: int = 3
+    timed_steps: int = 5
 
 
-def measure(work: Workload, adapters: LoRAConfig) -> dict[str, Any]:
-    """One variant (``adapters`` rank 0: full fine-tuning): sizes, compiled memory, step time."""
+def prepare(work: Workload, adapters: LoRAConfig) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """One variant (``adapters`` rank 0: full fine-tuning), compiled and warmed up. Returns
+    (``step()``: one step, waited on; its sizes and compiled memory)."""
     mesh = common.single_device_mesh()
     model = LanguageModel(dataclasses.replace(work.model, lora=adapters))
     tx = make_optimizer(OPTIM, 1000)
@@ -67,39 +67,43 @@ def measure(work: Workload, adapters: LoRAConfig) -> dict[str, Any]:
     step = steps.make_sft_step(model, tx, mesh, state_sh, right_padded=True)
     with sharding.activate(mesh):
         memory = step.jitted.lower(state, batch).compile().memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
+    sizes = {"trainable_params": lora.count_params(trainable),
+             "total_params": lora.count_params(trainable) + lora.count_params(frozen),
+             "params_bytes": lora.tree_bytes(state.params), "optimizer_state_bytes": lora.tree_bytes(state.opt_state),
+             "step_memory_bytes": {"peak": memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes,
+                                   "arguments": memory.argument_size_in_bytes,
+                                   "outputs": memory.output_size_in_bytes, "donated": memory.alias_size_in_bytes,
+                                   "temporaries": memory.temp_size_in_bytes}}
+    current = {"state": state}
+
+    def run_step() -> float:
+        current["state"], metrics = step(current["state"], batch)
+        return float(metrics["train/loss"])  # waits for the step
+
     for _ in range(work.warmup_steps):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(work.timed_steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-    return {"trainable_params": lora.count_params(trainable),
-            "total_params": lora.count_params(trainable) + lora.count_params(frozen),
-            "params_bytes": lora.tree_bytes(state.params), "optimizer_state_bytes": lora.tree_bytes(state.opt_state),
-            "step_memory_bytes": {"peak": peak, "arguments": memory.argument_size_in_bytes,
-                                  "outputs": memory.output_size_in_bytes, "donated": memory.alias_size_in_bytes,
-                                  "temporaries": memory.temp_size_in_bytes},
-            "step_s": {"median": statistics.median(times), "min": min(times), "n": len(times)},
-            "loss": float(metrics["train/loss"])}
+        run_step()
+    return run_step, sizes
 
 
 def run(work: Workload) -> dict[str, Any]:
-    full, adapted = measure(work, LoRAConfig()), measure(work, ADAPTERS)
+    variants = {"full_finetuning": LoRAConfig(), "lora_rank16": ADAPTERS}
+    prepared = {name: prepare(work, adapters) for name, adapters in variants.items()}
+    # in turns, so both see the same load of a shared machine
+    times, losses = common.take_turns({name: step for name, (step, _) in prepared.items()}, work.timed_steps)
+    rows = {name: {**sizes, "step_s": common.summary(times[name]), "last_loss": losses[name][-1]}
+            for name, (_, sizes) in prepared.items()}
+    full, adapted = rows["full_finetuning"], rows["lora_rank16"]
     ratio = lambda key: adapted[key] / full[key]  # noqa: E731
     return {
         "model": "SmolLM2-135M architecture" if work.model == SMOLLM2 else "quick (tiny) model",
         "model_config": dataclasses.asdict(work.model), "batch": work.batch, "seq": work.seq,
         "optimizer": "AdamW (optim.make_optimizer), f32", "lora": dataclasses.asdict(ADAPTERS),
-        "full_finetuning": full, "lora_rank16": adapted,
+        **rows,
         "lora_over_full": {"trainable_params": ratio("trainable_params"),
                            "optimizer_state_bytes": ratio("optimizer_state_bytes"),
                            "step_peak_memory": adapted["step_memory_bytes"]["peak"] / full["step_memory_bytes"]["peak"],
-                           "step_time": adapted["step_s"]["median"] / full["step_s"]["median"]},
+                           "step_time": adapted["step_s"]["median_s"] / full["step_s"]["median_s"]},
         "machine": common.machine_info(),
     }
 
