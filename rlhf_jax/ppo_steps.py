@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import lm_terms, losses, sharding
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.models import lora
-from rlhf_jax.policy import RewardFn, response_logits, response_logprobs, response_values, tempered
+from rlhf_jax.policy import RewardFn, response_terms, response_values
 from rlhf_jax.sampling import Samples
 from rlhf_jax.sharding import jit_under_mesh
 from rlhf_jax.steps import apply_gradients, split_microbatches, trainable_value_and_grad
@@ -50,10 +50,10 @@ def make_experience_fn(policy: nn.Module, value_model: nn.Module, reward_fn: Rew
         if takes_sampler_logprobs(cfg):
             old_logp = samples.logprobs * mask
         else:
-            old_logp = response_logprobs(response_logits(policy, policy_params, tokens, segments, positions,
-                                                         prompt_len), tokens, prompt_len, temperature) * mask
-        ref_logp = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, prompt_len),
-                                     tokens, prompt_len, temperature) * mask
+            old_logp = response_terms(policy, policy_params, tokens, segments, positions, prompt_len,
+                                      temperature).logprobs * mask
+        ref_logp = response_terms(policy, ref_params, tokens, segments, positions, prompt_len,
+                                  temperature).logprobs * mask
         values = response_values(value_model, value_params, tokens, segments, positions, prompt_len) * mask
         score = reward_fn(reward_params, samples)
         penalized = score - cfg.missing_eos_penalty * (1.0 - samples.ended.astype(jnp.float32))
@@ -96,17 +96,18 @@ def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.
     temperature = cfg.sampling.temperature
 
     def policy_objective(params, mb: Rollout, ptx: TokenBatch, prompt_len):
-        logits = response_logits(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len)
-        logp = response_logprobs(logits, mb.tokens, prompt_len, temperature)
-        pg, pg_metrics = losses.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, cfg.clip)
-        # the entropy of the distribution the episodes were sampled from, as the log-probs are
-        entropy, entropy_metrics = losses.entropy(tempered(logits[:, :-1], temperature), mb.response_mask)
+        # log-probs and entropy of the distribution the episodes were sampled from
+        terms = response_terms(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len, temperature,
+                               with_entropy=True)
+        pg, pg_metrics = losses.ppo_policy_loss(terms.logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                                cfg.clip)
+        entropy, entropy_metrics = losses.entropy_from_terms(terms.entropy, mb.response_mask)
         ptx_value, ptx_metrics = jnp.zeros(()), {}
         if cfg.ptx_coef:
             # unpacked pretraining rows are one piece then padding: a GPU may take cuDNN
-            ptx_logits, _ = policy.apply({"params": params}, ptx.tokens, ptx.positions, ptx.segment_ids,
-                                         right_padded=not cfg.pretrain.packing)
-            ptx_value, ptx_metrics = losses.ptx_loss(ptx_logits, ptx.tokens, ptx.loss_mask)
+            ptx_terms = lm_terms.next_token_terms(policy, params, ptx.tokens, ptx.positions, ptx.segment_ids,
+                                                  right_padded=not cfg.pretrain.packing)
+            ptx_value, ptx_metrics = losses.ptx_loss_from_terms(ptx_terms.logprobs, ptx_terms.is_top, ptx.loss_mask)
         total, terms = losses.ppo_objective(pg, entropy, ptx_value, entropy_coef=cfg.entropy_coef,
                                             ptx_coef=cfg.ptx_coef)
         return total, {**pg_metrics, **entropy_metrics, **ptx_metrics, **terms}

@@ -8,6 +8,7 @@ import math
 import pathlib
 from typing import Any
 
+from rlhf_jax.atomic import replace_file, write_text
 from rlhf_jax.logging import read_metrics
 
 PLOTS = ("sft_rm_loss.png", "rm_accuracy.png", "ppo_training.png", "gold_vs_sqrt_kl.png", "metadata.png")
@@ -96,11 +97,13 @@ def write_plots(workdir: pathlib.Path, report: dict[str, Any], ppo_stages: tuple
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig.tight_layout()
+    try:  # a full disk leaves the old plot, not a cut one
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -128,7 +131,7 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
                  ppo_stages: tuple[str, ...]) -> None:
     """Writes report.json, the plots and report.md into ``workdir``."""
     report = dict(report, non_finite=non_finite(report))
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text(workdir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_plots(workdir, report, ppo_stages)
     policies = _policies(report, ppo_stages)
     baselines = [b for b in ("sft", "sft_large") if b in report]
@@ -174,4 +177,4 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
         lines += ["", f"## Sample held-out responses ({decoding})", "",
                   "| prompt | " + " | ".join(policies) + " |", "|---" * (1 + len(policies)) + "|"]
         lines += [f"| {row['prompt']} | " + " | ".join(row[p] for p in policies) + " |" for row in rows]
-    (workdir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(workdir / "report.md", "\n".join(lines) + "\n")

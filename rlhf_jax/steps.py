@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import losses, parameters, sharding
+from rlhf_jax import lm_terms, losses, parameters, sharding
 from rlhf_jax.models import lora
 from rlhf_jax.types import RankingBatch, TokenBatch, TrainState
 
@@ -132,9 +132,9 @@ def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     """
 
     def loss_fn(params, batch: TokenBatch, rng, denominator):
-        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
-                                deterministic=False, rngs={"dropout": rng}, right_padded=right_padded)
-        return losses.sft_loss(logits, batch.tokens, batch.loss_mask, denominator)
+        terms = lm_terms.next_token_terms(model, params, batch.tokens, batch.positions, batch.segment_ids,
+                                          rngs={"dropout": rng}, right_padded=right_padded)
+        return losses.sft_loss_from_terms(terms.logprobs, terms.is_top, batch.loss_mask, denominator)
 
     return make_train_step(loss_fn, lambda b: losses.target_count(b.loss_mask), tx, mesh, state_shardings,
                            TokenBatch, grad_accum_steps, learning_rate)
@@ -151,6 +151,9 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
     b, k, t = batch.tokens.shape
     rows = lambda x: x.reshape(b * k, t)  # noqa: E731
     kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    # The head reads every position and the reward is taken after it: gathering the hidden
+    # state first would save a [rows, T, E] f32 copy, but rounds the head's sum differently,
+    # and the embedded pipeline's report is kept identical to the digit.
     values, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
                             rows(batch.segment_ids), right_padded=True, **kwargs)
     return jnp.take_along_axis(values.reshape(b, k, t), batch.last_index[..., None], axis=-1)[..., 0]
@@ -211,11 +214,10 @@ def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, right_
     ``right_padded``: as :func:`make_sft_step`."""
 
     def evaluate(params, batch: TokenBatch):
-        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
-                                right_padded=right_padded)
+        terms = lm_terms.next_token_terms(model, params, batch.tokens, batch.positions, batch.segment_ids,
+                                          right_padded=right_padded)
         target_mask = batch.loss_mask[:, 1:].astype(jnp.float32)
-        nll = -losses.next_token_logprobs(logits, batch.tokens)
-        return losses.masked_sum(nll, target_mask), jnp.sum(target_mask)
+        return losses.masked_sum(-terms.logprobs, target_mask), jnp.sum(target_mask)
 
     return sharding.jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, TokenBatch)),
                           out_shardings=sharding.replicated(mesh))

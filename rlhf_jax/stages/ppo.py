@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, parameters, sharding
+from rlhf_jax import parameters, provenance, sharding
 from rlhf_jax.config import Config, ConfigError, PPOConfig
 from rlhf_jax.data import PromptBatches, TextBatches
 from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summarize
@@ -64,6 +64,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     """
     ppo = ppo or cfg.ppo
     env = common.make_env(cfg, workdir, stage)
+    # a programmatic reward replaces the reward model: ppo.reward_init is not read then
+    inputs = ppo if reward_fn is None else dataclasses.replace(ppo, reward_init=None)
+    if (finished := provenance.begin(env, "ppo", inputs)) is not None:
+        return finished
     updates_per_iteration = check_ppo_config(ppo, env.mesh)
     prompts = env.batches(PromptBatches, ppo.prompts.train_path, "ppo.prompts.train_path",
                           ppo.prompts).require_one_batch("ppo.prompts.batch_size")
@@ -125,6 +129,7 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         if not ppo.ema_decay:
             return state.policy.params
         return lora.merge(state.ema_params, lora.split_trainable(state.policy.params)[1])
+
     ckpts, state, start = common.restore_or_start(env, ppo.checkpoint, state)
     common.write_run_config(env)
 
@@ -187,9 +192,8 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         return None
     final = final_policy(state)
     common.export_adapter(env, final, ppo.policy_init)
-    return checkpoint.export_params(env.stage_dir / "export", final, cfg.model,
-                                    {"stage": stage, "iterations": ppo.iterations,
-                                     "ptx_coef": ppo.ptx_coef, "kl_coef_final": float(state.kl_coef)})
+    return provenance.export(env, final, {"stage": stage, "iterations": ppo.iterations, "ptx_coef": ppo.ptx_coef,
+                                          "kl_coef_final": float(state.kl_coef)})
 
 
 class _PPOInputs:

@@ -247,3 +247,20 @@ def test_peft_loads_our_adapter_and_computes_our_logits(family, stacked, targets
                    jnp.asarray(tokens))
     assert float(np.abs(ours - np.asarray(base)).max()) > 0.1  # the adapter matters
     np.testing.assert_allclose(ours, theirs, atol=MERGE_TOL)
+
+
+def test_the_size_check_counts_what_lora_trains(monkeypatch, eight_devices):
+    """A training state is every parameter plus 3 copies (gradient, AdamW's moments) of what
+    trains: SmolLM2-135M's 4 x 538 MB in f32, or with rank-16 LoRA on a bfloat16 base
+    269 MB + 4 x 19.5 MB of float32 adapters. Under 1 GiB only the second fits."""
+    from rlhf_jax import sizing
+
+    monkeypatch.setattr(sizing, "device_memory_bytes", lambda devices: (2 ** 30, "1 GiB (test)"))
+    smollm2 = ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                          d_ff=1536, tie_embeddings=True)
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), eight_devices[:1])
+    with pytest.raises(ConfigError, match=r"134,515,008 parameters .* need at least 2.0 GiB"):
+        sizing.check_fits(smollm2, mesh)
+    adapted = dataclasses.replace(smollm2, param_dtype="bfloat16", lora=LoRAConfig(rank=16))
+    assert sizing.training_state_bytes(adapted) == (134_515_008 * 2 + 4 * 4 * 4_884_480, 4_884_480)
+    sizing.check_fits(adapted, mesh)
