@@ -24,9 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import models
-from rlhf_jax.models import vocab
+from rlhf_jax.models import lora, vocab
 from rlhf_jax.atomic import write_text
-from rlhf_jax.config import CheckpointConfig, ModelConfig
+from rlhf_jax.config import CheckpointConfig, LoRAConfig, ModelConfig
 from rlhf_jax.config.model import architecture_differences, model_config_from_dict
 
 EXPORT_META = "export.json"
@@ -250,7 +250,13 @@ def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelCo
                   extra: dict[str, Any] | None = None) -> pathlib.Path:
     """Writes ``params`` and their model config; replaces an older export atomically-enough
     (a new export is written beside it and renamed over it). A padded vocabulary
-    (``model.vocab_pad_multiple``) is stored at its real size."""
+    (``model.vocab_pad_multiple``) is stored at its real size. LoRA adapters are folded
+    into their kernels: an export is the plain model (``model.lora`` off), and
+    ``export.json`` records the adapter settings it was trained with under ``lora``."""
+    if lora.has_adapters(params):
+        params = lora.merge_adapters(params, model_cfg.lora.scaling)
+        extra = {**(extra or {}), "lora": dataclasses.asdict(model_cfg.lora)}
+        model_cfg = dataclasses.replace(model_cfg, lora=LoRAConfig())
     params = vocab.unpad_vocab(params, model_cfg)
     directory = pathlib.Path(directory).absolute()
     refuse_to_replace(directory)

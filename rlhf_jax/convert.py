@@ -2,15 +2,20 @@
 
     rlhf-jax convert --from-hf HF_DIR --out EXPORT_DIR [--overwrite]
     rlhf-jax convert --to-hf EXPORT_DIR --out HF_DIR [--tokenizer TOKENIZER_DIR] [--overwrite]
+    rlhf-jax convert --from-gguf MODEL.gguf --out HF_DIR
 
 An export (``checkpoint.export_params``) is what a stage's ``init_from`` reads; a HF
-directory is what ``transformers`` and other tools read. Params pass through a mesh of
-this host's devices (``--mesh``, default all devices on ``fsdp``), so a model larger than
-one device converts.
+directory is what ``transformers`` and other tools read (and ``model.hf_path`` /
+``tokenizer.path``). ``--from-gguf`` turns a llama.cpp GGUF file into a HF directory with
+its tokenizer (needs the ``gguf`` extra: ``pip install 'rlhf_jax[gguf]'``); quantised
+weights are dequantised to float32, so the model is the quantised one, not its original.
+Params pass through a mesh of this host's devices (``--mesh``, default all devices on
+``fsdp``), so a model larger than one device converts.
 
 Nothing of the user's is deleted: ``--out`` is a new or empty directory; an existing export
 (``--from-hf``) or existing HF files (``--to-hf``) are replaced only with ``--overwrite``, and
-``--to-hf`` touches no file but those it writes.
+``--to-hf`` touches no file but those it writes; ``--from-gguf`` writes only into a new or
+empty directory.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import shutil
 import sys
 
 from rlhf_jax import checkpoint, parameters, sharding
@@ -30,6 +36,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     source.add_argument("--from-hf", metavar="HF_DIR", help="a HF checkpoint directory to read")
     source.add_argument("--to-hf", metavar="SOURCE",
                         help="a language model to read: an export, or a stage's checkpoints directory")
+    source.add_argument("--from-gguf", metavar="FILE",
+                        help="a GGUF file to write as a HF directory with its tokenizer (the gguf extra)")
     parser.add_argument("--out", required=True,
                         help="the directory to write: new or empty (an existing export, or the files --to-hf "
                              "writes, only with --overwrite; nothing else in it is ever touched)")
@@ -85,6 +93,57 @@ def from_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, mesh, overwrite
     return checkpoint.export_params(out, params, dataclasses.replace(cfg, hf_path=None))
 
 
+def from_gguf(gguf_file: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
+    """A GGUF file -> a HF checkpoint directory (``config.json``, ``model.safetensors`` in
+    float32, the tokenizer with its chat template) that ``model.hf_path`` reads.
+
+    ``transformers`` reads GGUF (dequantising every tensor) but refuses to save a model it
+    loaded from one; the same architecture made from its config, without the quantisation
+    entry, takes the state dict and saves. ``out`` must be new or empty: the directory is
+    written beside it and renamed into place, and refused if our model cannot represent it."""
+    from rlhf_jax.models.hf_config import model_config_from_hf
+
+    gguf_file, out = pathlib.Path(gguf_file), pathlib.Path(out)
+    if not gguf_file.is_file():
+        raise ConfigError(f"--from-gguf {gguf_file}: no such file")
+    check_out(gguf_file, out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new or empty one "
+                          "(nothing in it was touched)")
+    try:
+        import accelerate  # noqa: F401  (transformers reads GGUF through gguf and accelerate)
+        import gguf  # noqa: F401
+        import torch
+        import transformers
+    except ImportError as err:
+        raise ConfigError(f"--from-gguf needs the gguf extra ({err.name} is missing): "
+                          "pip install 'rlhf_jax[gguf]'") from err
+    where = dict(pretrained_model_name_or_path=str(gguf_file.parent), gguf_file=gguf_file.name)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(**where)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - transformers and gguf raise many types for a file they cannot read
+        raise ConfigError(f"--from-gguf {gguf_file}: transformers cannot read it ({type(err).__name__}: "
+                          f"{str(err)[:300]})") from err
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    staging = out.with_name(f".{out.name}.from_gguf.tmp")  # ours: an interrupted conversion's leftover
+    if staging.exists():
+        shutil.rmtree(staging)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        model_config_from_hf(staging)  # refuses (naming the field) what our model cannot compute
+    except ValueError:
+        shutil.rmtree(staging)
+        raise
+    staging.rename(out)
+    return out
+
+
 def to_hf(export_dir: str | pathlib.Path, out: str | pathlib.Path, mesh,
           tokenizer_dir: str | None = None, overwrite: bool = False) -> pathlib.Path:
     """A language model's export (SFT or PPO policy) or stage checkpoints -> HF checkpoint.
@@ -111,13 +170,17 @@ def to_hf(export_dir: str | pathlib.Path, out: str | pathlib.Path, mesh,
 def convert_main(args: argparse.Namespace) -> int:
     """Runs a parsed ``convert`` command; returns the exit status."""
     try:
-        mesh = _mesh(args.mesh)
-        if args.from_hf:
+        if args.from_gguf:
+            if args.tokenizer or args.overwrite:
+                raise ConfigError("--tokenizer and --overwrite go with --to-hf / --from-hf (a GGUF file holds its "
+                                  "own tokenizer; --from-gguf writes only into a new or empty directory)")
+            written = from_gguf(args.from_gguf, args.out)
+        elif args.from_hf:
             if args.tokenizer:
                 raise ConfigError("--tokenizer goes with --to-hf (an export holds no tokenizer)")
-            written = from_hf(args.from_hf, args.out, mesh, args.overwrite)
+            written = from_hf(args.from_hf, args.out, _mesh(args.mesh), args.overwrite)
         else:
-            written = to_hf(args.to_hf, args.out, mesh, args.tokenizer, args.overwrite)
+            written = to_hf(args.to_hf, args.out, _mesh(args.mesh), args.tokenizer, args.overwrite)
     except ValueError as err:  # ConfigError, HFError, CheckpointError, ShardingError
         print(f"rlhf-jax convert: error: {err}", file=sys.stderr)
         return 2

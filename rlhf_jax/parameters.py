@@ -26,8 +26,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import ConfigError, ModelConfig
+from rlhf_jax.config import ConfigError, LoRAConfig, ModelConfig
 from rlhf_jax.config.model import model_config_from_dict
+from rlhf_jax.models import lora
 
 RUN_PREFIX = "run:"
 
@@ -118,14 +119,53 @@ def _checkpoint_step(path: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
-def load(spec: str, model: nn.Module, mesh: Mesh, field: str,
-         workdir: str | pathlib.Path | None = None) -> tuple[Any, Source]:
+def load(spec: str, model: nn.Module, mesh: Mesh, field: str, workdir: str | pathlib.Path | None = None,
+         adapter_rng: jax.Array | None = None) -> tuple[Any, Source]:
     """``model``'s params from what ``spec`` names, on ``mesh``. Refuses another
-    architecture, naming the fields. Returns (params, source)."""
+    architecture, naming the fields. Returns (params, source).
+
+    LoRA (``model.cfg.lora``): exports and HF checkpoints hold plain weights, which become
+    the frozen base under fresh adapters drawn from ``adapter_rng`` (default: key 0). A
+    stage's checkpoints may hold adapters: with this model's settings they load as they
+    are; otherwise they are folded into their base first (e.g. ``convert --to-hf`` of a
+    LoRA stage's checkpoints)."""
     src = source(spec, field, workdir)
+    stored = src.model.lora
+    if stored.enabled:  # a LoRA training state's params: base + adapters
+        params = _load_stored(src, model.clone(cfg=dataclasses.replace(model.cfg, lora=stored)), mesh, field, spec)
+        if stored == model.cfg.lora:
+            return params, src
+        params = _fold_adapters(params, stored.scaling, abstract(_without_adapters(model), mesh))
+    else:
+        params = _load_stored(src, _without_adapters(model), mesh, field, spec)
+    if model.cfg.lora.enabled:
+        params = lora.merge(params, fresh_adapters(model, mesh, jax.random.PRNGKey(0) if adapter_rng is None
+                                                   else adapter_rng))
+    return params, src
+
+
+def _without_adapters(model: nn.Module) -> nn.Module:
+    return model.clone(cfg=dataclasses.replace(model.cfg, lora=LoRAConfig()))
+
+
+def _fold_adapters(params: Any, scaling: float, target: Any) -> Any:
+    """``params`` with their adapters merged into the kernels, placed as ``target``."""
+    return jax.jit(lambda p: lora.merge_adapters(p, scaling), out_shardings=shardings_of(target))(params)
+
+
+def fresh_adapters(model: nn.Module, mesh: Mesh, rng: jax.Array) -> Any:
+    """The adapters of a fresh ``model`` (``lora_a`` drawn from ``rng``, ``lora_b`` zero),
+    born sharded; the base weights the same init would draw are never computed."""
+    tokens = sharding.sample_tokens(mesh)
+    params, _ = sharding.sharded_create(lambda key: lora.adapter_params(model.init(key, tokens)["params"]), mesh, rng)
+    return params
+
+
+def _load_stored(src: Source, model: nn.Module, mesh: Mesh, field: str, spec: str) -> Any:
+    """The params ``src`` stores, for ``model`` (whose adapters, if any, are the stored ones)."""
     target = abstract(model, mesh)
     if src.kind == "export":
-        return checkpoint.load_export(src.path, target, model.cfg), src
+        return checkpoint.load_export(src.path, target, model.cfg)
     stored = src.model
     if src.kind == "hf":  # HF tensors are cast on load; a RoPE model has no position table
         stored = dataclasses.replace(stored, param_dtype=model.cfg.param_dtype,
@@ -136,8 +176,8 @@ def load(spec: str, model: nn.Module, mesh: Mesh, field: str,
 
         if "backbone" not in target or "head" in target:  # a scalar model: see initial()
             raise ConfigError(f"{field}={spec!r}: a HF checkpoint holds a language model, not a {type(model).__name__}")
-        return load_hf_params(src.path, model.cfg, target), src
-    return _restore_checkpoint_params(src.path, target), src
+        return load_hf_params(src.path, model.cfg, target)
+    return _restore_checkpoint_params(src.path, target)
 
 
 def _restore_checkpoint_params(step_dir: pathlib.Path, target: Any) -> Any:
@@ -159,23 +199,29 @@ def scalar_head_rng(seed: int) -> jax.Array:
     return jax.random.PRNGKey(seed + 1)
 
 
+def lora_adapter_rng(seed: int) -> jax.Array:
+    """The key a run's fresh LoRA adapters are drawn from."""
+    return jax.random.PRNGKey(seed + 2)
+
+
 def initial(model: nn.Module, mesh: Mesh, spec: str | None, field: str, workdir: str | pathlib.Path | None,
-            rng: jax.Array | None = None) -> Any | None:
+            rng: jax.Array | None = None, adapter_rng: jax.Array | None = None) -> Any | None:
     """The params a stage starts from.
 
     A language model: what ``spec`` names, or None without one (the train state draws them).
     A scalar (reward or value) model, ``rng`` given: a scalar model's source as it is; a
     language model's source gives its backbone under the fresh (zero) head drawn from
-    ``rng``; no spec gives the fresh model.
+    ``rng``; no spec gives the fresh model. ``adapter_rng`` draws the fresh LoRA adapters
+    a model with ``model.lora`` gets on stored weights (see :func:`load`).
     """
     if rng is None:
-        return None if spec is None else load(spec, model, mesh, field, workdir)[0]
+        return None if spec is None else load(spec, model, mesh, field, workdir, adapter_rng)[0]
     if spec is not None and source(spec, field, workdir).scalar:
-        return load(spec, model, mesh, field, workdir)[0]
+        return load(spec, model, mesh, field, workdir, adapter_rng)[0]
     fresh, _ = create(model, mesh, rng)
     if spec is None:
         return fresh
     from rlhf_jax.models import LanguageModel
 
-    lm, _ = load(spec, LanguageModel(model.cfg), mesh, field, workdir)
+    lm, _ = load(spec, LanguageModel(model.cfg), mesh, field, workdir, adapter_rng)
     return dict(fresh, backbone=lm["backbone"])

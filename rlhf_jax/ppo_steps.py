@@ -18,10 +18,11 @@ from jax.sharding import Mesh
 
 from rlhf_jax import lm_terms, losses, sharding
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.models import lora
 from rlhf_jax.policy import RewardFn, response_terms, response_values
 from rlhf_jax.sampling import Samples
 from rlhf_jax.sharding import jit_under_mesh
-from rlhf_jax.steps import apply_gradients, split_microbatches
+from rlhf_jax.steps import apply_gradients, split_microbatches, trainable_value_and_grad
 from rlhf_jax.types import PPOState, Rollout, TokenBatch
 
 
@@ -118,14 +119,13 @@ def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.
     def minibatch_step(state: PPOState, xs):
         mb, ptx = xs
         prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
-        (_, p_metrics), p_grads = jax.value_and_grad(policy_objective, has_aux=True)(
-            state.policy.params, mb, ptx, prompt_len)
-        (_, v_metrics), v_grads = jax.value_and_grad(value_objective, has_aux=True)(
-            state.value.params, mb, prompt_len)
+        (_, p_metrics), p_grads = trainable_value_and_grad(policy_objective, state.policy.params, mb, ptx,
+                                                           prompt_len)
+        (_, v_metrics), v_grads = trainable_value_and_grad(value_objective, state.value.params, mb, prompt_len)
         policy_state = apply_gradients(state.policy, p_grads, policy_tx)
-        ema = state.ema_params
+        ema = state.ema_params  # of the trainable part: with LoRA, the adapters
         if cfg.ema_decay:
-            ema = optax.incremental_update(policy_state.params, ema, 1.0 - cfg.ema_decay)
+            ema = optax.incremental_update(lora.split_trainable(policy_state.params)[0], ema, 1.0 - cfg.ema_decay)
         metrics = {**p_metrics, **v_metrics, "optim/policy_grad_norm": optax.tree.norm(p_grads),
                    "optim/value_grad_norm": optax.tree.norm(v_grads)}
         return state.replace(policy=policy_state, value=apply_gradients(state.value, v_grads, value_tx),

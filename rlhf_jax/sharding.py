@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("positions", None),
     ("layers", None),
     ("scalar", None),
+    ("lora_rank", None),  # a LoRA adapter's rank: small; its in/out axes share the kernel's rules
 )
 KNOWN_LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
 

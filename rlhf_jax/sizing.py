@@ -4,7 +4,8 @@ memory after the first compile (``--model.n_layers=10000`` did, after 29 s, with
 ``config.json`` and the stage directory already written).
 
 The estimate is a lower bound: the parameters, their gradients and AdamW's two moments,
-four copies of the parameters in ``param_dtype``. Activations, the reference and value models
+four copies of the parameters in ``param_dtype``; with LoRA (``model.lora``) the parameters
+once and three copies of what trains (the float32 adapters). Activations, the reference and value models
 of PPO and XLA's temporaries come on top, so a model that passes may still not fit; one that
 fails cannot.
 """
@@ -25,14 +26,28 @@ STATE_COPIES = 4  # params, gradients, AdamW's mu and nu
 
 
 @functools.lru_cache(maxsize=16)
-def parameter_count(model_cfg: ModelConfig) -> int:
-    """The language model's parameter count, from shapes alone (scanned, so tracing costs
-    the same for any depth)."""
+def _parameter_shapes(model_cfg: ModelConfig):
+    """The language model's params as ShapeDtypeStructs (in their logical-axis boxes; scanned,
+    so tracing costs the same for any depth)."""
     from rlhf_jax.models import LanguageModel
 
     model = LanguageModel(dataclasses.replace(model_cfg, scan_layers=True))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 2), np.int32))["params"])
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 2), np.int32))["params"])
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """The language model's parameter count, from shapes alone."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(_parameter_shapes(model_cfg)))
+
+
+def training_state_bytes(model_cfg: ModelConfig) -> tuple[int, int]:
+    """(bytes of a training state at least, parameters that train): every parameter, and
+    the gradient and AdamW's two moments of each one that trains (``models.lora``)."""
+    from rlhf_jax.models import lora
+
+    shapes = _parameter_shapes(model_cfg)
+    trainable, _ = lora.split_trainable(shapes)
+    return lora.tree_bytes(shapes) + (STATE_COPIES - 1) * lora.tree_bytes(trainable), lora.count_params(trainable)
 
 
 def device_memory_bytes(devices: list) -> tuple[int | None, str]:
@@ -53,10 +68,13 @@ def check_fits(model_cfg: ModelConfig, mesh) -> None:
     if available is None:
         return
     count = parameter_count(model_cfg)
-    needed = STATE_COPIES * count * np.dtype(model_cfg.param_dtype).itemsize
+    needed, trained = training_state_bytes(model_cfg)
     if needed > available:
+        what_trains = ("params, gradients, AdamW moments in " + model_cfg.param_dtype if trained == count else
+                       f"params in {model_cfg.param_dtype}, gradients and AdamW moments of the {trained:,} "
+                       "LoRA parameters")
         raise ConfigError(
             f"model: {count:,} parameters (model.n_layers={model_cfg.n_layers}, d_model={model_cfg.d_model}, "
             f"d_ff={model_cfg.d_ff}, vocab_size={model_cfg.vocab_size}) need at least {needed / 2**30:,.1f} GiB "
-            f"for a training state (params, gradients, AdamW moments in {model_cfg.param_dtype}), more than "
-            f"the {available / 2**30:,.1f} GiB of {what}; use a smaller model or more devices")
+            f"for a training state ({what_trains}), more than the {available / 2**30:,.1f} GiB of {what}; use a "
+            "smaller model or more devices")

@@ -16,13 +16,16 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import lm_terms, losses, parameters, sharding
+from rlhf_jax.models import lora
 from rlhf_jax.types import RankingBatch, TokenBatch, TrainState
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
                        rng: jax.Array, params: Any = None) -> tuple[TrainState, Any]:
     """A sharded TrainState around ``params`` (placed, e.g. from :mod:`rlhf_jax.parameters`);
-    None draws fresh ones (``parameters.create``) from ``rng``'s first half.
+    None draws fresh ones (``parameters.create``) from ``rng``'s first half. The optimiser
+    state covers the trainable part only (``models.lora.split_trainable``: the adapters and
+    a scalar head when the model has LoRA adapters, else every parameter).
 
     Returns (state, state_shardings).
     """
@@ -37,7 +40,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
         boxed = model.init(init_rng, tokens)["params"]
         boxed = jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, given_params,
                              is_leaf=lambda x: isinstance(x, nn.Partitioned))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
+        trainable, _ = lora.split_trainable(boxed)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(trainable),
                           rng=state_rng)
 
     return sharding.sharded_create(create, mesh, params)
@@ -76,9 +80,20 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: Any, n_micro: in
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation) -> TrainState:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    """One optimiser step; ``grads`` are those of the trainable part of ``state.params``
+    (``models.lora.split_trainable``, see :func:`trainable_value_and_grad`)."""
+    trainable, frozen = lora.split_trainable(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    return state.replace(step=state.step + 1, params=lora.merge(optax.apply_updates(trainable, updates), frozen),
                          opt_state=opt_state)
+
+
+def trainable_value_and_grad(objective: Callable, params: Any, *args) -> tuple[tuple[Any, Any], Any]:
+    """``value_and_grad(objective, has_aux=True)`` with respect to the trainable part of
+    ``params`` only (``models.lora.split_trainable``): with adapters, no gradient of a
+    frozen base weight is ever formed. Returns ((value, aux), trainable grads)."""
+    trainable, frozen = lora.split_trainable(params)
+    return jax.value_and_grad(lambda t, *a: objective(lora.merge(t, frozen), *a), has_aux=True)(trainable, *args)
 
 
 def make_train_step(loss_fn: Callable, denominator_fn: Callable, tx: optax.GradientTransformation,
@@ -94,8 +109,10 @@ def make_train_step(loss_fn: Callable, denominator_fn: Callable, tx: optax.Gradi
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         denominator = denominator_fn(batch)
+        trainable, frozen = lora.split_trainable(state.params)  # gradients of the trainable part only
         (loss, metrics), grads = accumulate_gradients(
-            lambda p, b, r: loss_fn(p, b, r, denominator), state.params, batch, grad_accum_steps, rng)
+            lambda t, b, r: loss_fn(lora.merge(t, frozen), b, r, denominator), trainable, batch, grad_accum_steps,
+            rng)
         metrics = dict(metrics, **{"train/loss": loss, "optim/grad_norm": optax.tree.norm(grads)})
         if learning_rate is not None:
             metrics["optim/learning_rate"] = learning_rate(state.step)

@@ -21,3 +21,6 @@ def eight_devices():
     if len(devices) < 8:
         pytest.fail(f"tests need 8 host devices, got {len(devices)}: XLA_FLAGS was set too late")
     return devices
+
+
+from tests.real_model import smollm2_dir  # noqa: E402,F401  (the session fixture of the real-model tests)

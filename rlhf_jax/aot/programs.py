@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding, steps
-from rlhf_jax.config import Config, ModelConfig, PPOConfig, SFTConfig
+from rlhf_jax.config import Config, LoRAConfig, ModelConfig, PPOConfig, SFTConfig
 from rlhf_jax.evaluation import PolicyEvaluator
-from rlhf_jax.models import LanguageModel, ScalarModel
+from rlhf_jax.models import LanguageModel, ScalarModel, lora
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.policy import reward_model_score
 from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
@@ -87,7 +87,7 @@ def lm_programs(cfg: Config, stage: str, stage_cfg: SFTConfig, mesh: Mesh) -> li
     micro = data.batch_size // stage_cfg.optim.grad_accum_steps
     batch = token_batch(mesh, data.batch_size, data.max_len)
     return [Program(stage, "train_step", step.jitted, (state, batch), state,
-                    [(cfg.model, micro, data.max_len, True, True)], trainable=state.params, donates=True),
+                    [(cfg.model, micro, data.max_len, True, True)], trainable=lora.split_trainable(state.params)[0], donates=True),
             Program(stage, "eval_step", evaluate.jitted, (state.params, batch), state.params,
                     [(cfg.model, data.batch_size, data.max_len, False, True)])]
 
@@ -110,7 +110,7 @@ def rm_programs(cfg: Config, mesh: Mesh) -> list[Program]:
     rows = (_batch(mesh, (b, t)),) * 3
     micro = b // rm.optim.grad_accum_steps
     return [Program("rm", "train_step", step.jitted, (state, ranking), state,
-                    [(model_cfg, micro * k, t, True, False)], trainable=state.params, donates=True),
+                    [(model_cfg, micro * k, t, True, False)], trainable=lora.split_trainable(state.params)[0], donates=True),
             Program("rm", "eval_step", evaluate.jitted, (state.params, ranking), state.params,
                     [(model_cfg, b * k, t, False, False)]),
             Program("rm", "score", score.jitted, (state.params, *rows), state.params,
@@ -156,10 +156,15 @@ def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[
     policy_state, policy_sh = abstract_train_state(policy, policy_tx, mesh, cfg.seed)
     value_state, value_sh = abstract_train_state(scalar, value_tx, mesh, cfg.seed)
     replicated = sharding.replicated(mesh)
-    state = PPOState(policy=policy_state, value=value_state, ema_params=policy_state.params,
+    # as stages/ppo.py holds them: the EMA of what trains; with LoRA the KL reference is the
+    # policy's base (adapters off) and the reward model an export's merged weights
+    state = PPOState(policy=policy_state, value=value_state, ema_params=lora.split_trainable(policy_state.params)[0],
                      kl_coef=_replicated(mesh))
-    state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
-    reward_params = value_state.params
+    state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=lora.split_trainable(policy_sh.params)[0],
+                        kl_coef=replicated)
+    reference = lora.base_params(policy_state.params) if cfg.model.lora.enabled else policy_state.params
+    reward_model = ScalarModel(dataclasses.replace(scalar_cfg, lora=LoRAConfig()))
+    reward_params = (_abstract_params(reward_model, mesh)[0] if scalar_cfg.lora.enabled else value_state.params)
     b, p, n = ppo.prompts.batch_size, ppo.prompts.max_len, ppo.sampling.max_new_tokens
     samples = Samples(prompt_tokens=_batch(mesh, (b, p)), prompt_segments=_batch(mesh, (b, p)),
                       tokens=_batch(mesh, (b, n)), logprobs=_batch(mesh, (b, n), jnp.float32),
@@ -171,11 +176,11 @@ def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[
     ptx_rows, ptx_len = ((updates * ppo.pretrain.batch_size, ppo.pretrain.max_len) if ppo.ptx_coef
                          else (updates * shards, 2))
     sampler = make_sampler(policy, ppo.sampling, mesh, policy_sh.params, eos_id=1, pad_id=0)
-    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), ppo, 0.0, 1.0, mesh)
+    experience = make_experience_fn(policy, scalar, reward_model_score(reward_model), ppo, 0.0, 1.0, mesh)
     update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, mesh, state_sh)
     eval_temperature = ppo.sampling.temperature if ppo.eval_temperature is None else ppo.eval_temperature
     # the evaluator reads only the tokenizer's EOS and padding ids while building its programs
-    evaluator = PolicyEvaluator(policy, reward_model_score(scalar), mesh, policy_sh.params,
+    evaluator = PolicyEvaluator(policy, reward_model_score(reward_model), mesh, policy_sh.params,
                                 types.SimpleNamespace(eos_id=1, pad_id=0),
                                 dataclasses.replace(ppo.sampling, temperature=eval_temperature), cfg.seed,
                                 ppo.kl_estimator)
@@ -187,12 +192,13 @@ def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[
     programs = [
         _sampler_program("ppo", "sampler", sampler, cfg.model, policy_state.params, mesh, b, p, n),
         Program("ppo", "experience", experience.jitted,
-                (policy_state.params, policy_state.params, value_state.params, reward_params, samples,
-                 _replicated(mesh)), (policy_state.params, policy_state.params, value_state.params, reward_params),
+                (policy_state.params, reference, value_state.params, reward_params, samples,
+                 _replicated(mesh)), (policy_state.params, reference, value_state.params, reward_params),
                 [(cfg.model, b, length, False, True)] * logits_passes + [(scalar_cfg, b, length, False, False)] * 2),
         Program("ppo", "update", update.jitted,
                 (state, rollout, token_batch(mesh, ptx_rows, ptx_len), _replicated(mesh), _rng(mesh)), state,
-                update_passes, trainable=(policy_state.params, value_state.params), donates=True),
+                update_passes, trainable=(lora.split_trainable(policy_state.params)[0],
+                                          lora.split_trainable(value_state.params)[0]), donates=True),
     ]
     if eval_temperature != ppo.sampling.temperature:  # else the same program as the training sampler
         programs.append(_sampler_program("ppo", "eval_sampler", evaluator.sampler, cfg.model, policy_state.params,
@@ -201,7 +207,7 @@ def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[
                             [(scalar_cfg, b, length, False, False)]))
     if evaluator.kl is not None:
         programs.append(Program("ppo", "eval_kl", evaluator.kl.jitted,
-                                (policy_state.params, policy_state.params, samples), policy_state.params,
+                                (policy_state.params, reference, samples), policy_state.params,
                                 [(cfg.model, b, length, False, True)] * 2))
     if ppo.pretrain.val_path:
         programs.append(Program("ppo", "eval_pretrain_loss", evaluator.lm_eval.jitted,

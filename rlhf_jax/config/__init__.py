@@ -11,6 +11,7 @@ each stage's block, ``run`` the whole :class:`Config` and its files.
 """
 
 from rlhf_jax.config.checks import ConfigError
+from rlhf_jax.config.lora import LoRAConfig
 from rlhf_jax.config.model import REMAT_POLICIES, DistributedConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.config.run import (Config, apply_overrides, config_from_dict, load_config, load_experiment,
                                  save_config, to_dict)
@@ -19,7 +20,7 @@ from rlhf_jax.config.stages import (CheckpointConfig, ComparisonsConfig, DataCon
 
 __all__ = [
     "REMAT_POLICIES", "CheckpointConfig", "ComparisonsConfig", "Config", "ConfigError", "DataConfig",
-    "DistributedConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PPOConfig", "PipelineConfig", "RMConfig",
-    "SFTConfig", "SamplingConfig", "TokenizerConfig", "apply_overrides", "config_from_dict", "load_config",
+    "DistributedConfig", "LoRAConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PPOConfig", "PipelineConfig",
+    "RMConfig", "SFTConfig", "SamplingConfig", "TokenizerConfig", "apply_overrides", "config_from_dict", "load_config",
     "load_experiment", "save_config", "to_dict",
 ]

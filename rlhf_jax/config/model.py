@@ -4,10 +4,11 @@ tokenizer."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlhf_jax.config.checks import ConfigError
+from rlhf_jax.config.lora import LoRAConfig
 
 
 # scan_layers="auto" scans models this deep or deeper. Compile seconds of the SFT step on the
@@ -92,6 +93,9 @@ class ModelConfig:
     # unembedded a chunk of positions at a time (rlhf_jax.lm_terms). 256 MiB: a Llama-1B pass
     # of 4 x 2048 tokens per chip (1 GiB of logits) takes 4 chunks; every CPU run, one.
     logits_chunk_bytes: int = 256 * 2 ** 20
+    # low-rank adapters on the block's projections; rank 0 (the default): off, every weight
+    # trains. Exports hold the merged weights, so the next stage starts from them (docs/lora.md)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @property
     def remat_policy(self) -> str | None:
@@ -142,6 +146,7 @@ class ModelConfig:
             if why:
                 raise ConfigError(f"{where}.attention_impl='cudnn': {why}")
         self._check_remat(where)
+        self.lora.validate(self.family, f"{where}.lora")
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,10 @@ EXECUTION_FIELDS = ("remat", "compute_dtype", "attention_impl", "hf_path", "logi
 # How the params are laid out: an export is converted between layouts, a training-state
 # checkpoint is not (its optimiser state has the same layout).
 LAYOUT_FIELDS = ("scan_layers", "vocab_pad_multiple")
+# What trains on top of the weights: an export holds merged weights and no adapters, so a
+# load compares no adapter setting; a training-state checkpoint holds the adapters and their
+# optimiser state, so a resume compares them (with the layout).
+ADAPTER_FIELDS = ("lora",)
 # Fields older exports and checkpoints carry that ModelConfig no longer has (dropout was the
 # stage's setting, copied into the model config).
 _LEGACY_MODEL_FIELDS = ("dropout",)
@@ -215,8 +224,8 @@ def architecture_differences(saved: ModelConfig, current: ModelConfig,
                              include_layout: bool = False) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved, current)}`` for each architecture field that differs: the one rule
     for "same model" (a resume and an export load both use it). ``include_layout`` also
-    compares :data:`LAYOUT_FIELDS`, for a training-state checkpoint."""
-    ignored = set(EXECUTION_FIELDS) | (set() if include_layout else set(LAYOUT_FIELDS))
+    compares :data:`LAYOUT_FIELDS` and :data:`ADAPTER_FIELDS`, for a training-state checkpoint."""
+    ignored = set(EXECUTION_FIELDS) | (set() if include_layout else set(LAYOUT_FIELDS) | set(ADAPTER_FIELDS))
     # the layout is compared resolved: "auto" on 24 layers is the same layout as True
     value = lambda cfg, name: cfg.stacked if name == "scan_layers" else getattr(cfg, name)  # noqa: E731
     return {f.name: (value(saved, f.name), value(current, f.name)) for f in dataclasses.fields(ModelConfig)

@@ -344,7 +344,7 @@ def _make_array(src: Source, tensor, leaf: jax.ShapeDtypeStruct) -> jax.Array:
 # export
 
 
-def _to_host(x: Any) -> np.ndarray:
+def to_host(x: Any) -> np.ndarray:
     """A whole array on this host; gathers across processes when shards live elsewhere."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -359,7 +359,7 @@ def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     flat = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     if cfg.stacked:  # stacked [L, ...] leaves -> HF's per-layer tensors
         for path in [p for p in flat if _per_layer_paths(p, cfg) is not None]:
-            stacked = _to_host(flat.pop(path))
+            stacked = to_host(flat.pop(path))
             if stacked.ndim == 0 or stacked.shape[0] != cfg.n_layers:
                 raise HFError(f"{path}: shape {stacked.shape} is not stacked over model.n_layers="
                               f"{cfg.n_layers} (model.scan_layers=True)")
@@ -371,7 +371,7 @@ def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
                       f"unexpected {unexpected[:5]}")
     blocks: dict[str, list[np.ndarray]] = {}
     for path, src in sorted(table.items(), key=lambda item: item[1].part):  # fused parts in order
-        blocks.setdefault(src.name, []).append(src.to_hf(_to_host(flat[path])))
+        blocks.setdefault(src.name, []).append(src.to_hf(to_host(flat[path])))
     axes = {src.name: src.part_axis for src in table.values()}
     return {name: np.ascontiguousarray(np.concatenate(parts, axis=axes[name]))
             for name, parts in blocks.items()}

@@ -19,12 +19,14 @@ per-layer slice + ``jnp.stack`` copied the whole cache: together 2x slower at ba
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rlhf_jax.config import ModelConfig
+from rlhf_jax.config import LoRAConfig, ModelConfig
 from rlhf_jax.models.attention import cached_attention, choose_attention, self_attention, target_backend
 
 Array = jax.Array
@@ -79,6 +81,14 @@ class Dense(nn.Module):
 
     Written out (rather than ``nn.DenseGeneral``) so multi-dim kernels keep their logical
     names at full rank.
+
+    ``lora`` (``model.lora`` when it targets this projection): a low-rank adapter beside the
+    kernel, ``lora_a`` ``in_dims + [rank]`` and ``lora_b`` ``[rank] + features`` (zero when
+    fresh), adding ``scaling * dropout(x) lora_a lora_b``. Adapters are float32 whatever
+    ``param_dtype`` (PEFT casts them so too: a bfloat16 base stays frozen, the small trained
+    matrices keep full precision). The adapter runs when the params hold it: params without
+    ``lora_a``/``lora_b`` (``models.lora.base_params``, PPO's reference policy) compute the
+    base projection, the adapters off, with no copy of the base.
     """
 
     features: tuple[int, ...]
@@ -87,26 +97,48 @@ class Dense(nn.Module):
     use_bias: bool
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         n_in = len(self.in_axes)
-        shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+        in_shape = tuple(x.shape[-n_in:])
         kernel = self.param("kernel", _init(nn.initializers.normal(0.02), self.in_axes + self.out_axes),
-                            shape, self.param_dtype)
+                            in_shape + tuple(self.features), self.param_dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
         if self.use_bias:
             bias = self.param("bias", _init(nn.initializers.zeros, self.out_axes),
                               tuple(self.features), self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.lora is not None and (self.is_initializing() or self.has_variable("params", "lora_a")):
+            y = y + self._adapter(x, in_shape, deterministic)
         return y
+
+    def _adapter(self, x, in_shape, deterministic):
+        rank = self.lora.rank
+        lora_a = self.param("lora_a", _init(_lora_a_init, self.in_axes + ("lora_rank",)), in_shape + (rank,),
+                            jnp.float32)
+        lora_b = self.param("lora_b", _init(nn.initializers.zeros, ("lora_rank",) + self.out_axes),
+                            (rank,) + tuple(self.features), jnp.float32)
+        x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+        low = jnp.tensordot(x.astype(self.dtype), lora_a.astype(self.dtype), axes=len(in_shape))  # [..., rank]
+        return jnp.tensordot(low, lora_b.astype(self.dtype), axes=1) * jnp.asarray(self.lora.scaling, self.dtype)
+
+
+def _lora_a_init(key, shape, dtype=jnp.float32):
+    """PEFT's draw of ``lora_A``: ``kaiming_uniform_(a=sqrt(5))`` over its fan-in, i.e.
+    uniform in +-1/sqrt(fan_in), fan_in the product of every axis but the last (the rank)."""
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def dense(features, in_axes, out_axes, cfg, name, use_bias):
-    """A :class:`Dense` with logical ``in_axes`` -> ``out_axes`` in ``cfg``'s dtypes."""
+    """A :class:`Dense` with logical ``in_axes`` -> ``out_axes`` in ``cfg``'s dtypes, with an
+    adapter when ``cfg.lora`` targets ``name``."""
     features = (features,) if isinstance(features, int) else tuple(features)
+    lora = cfg.lora if cfg.lora.enabled and name in cfg.lora.targets(cfg.family) else None
     return Dense(features, tuple(in_axes), tuple(out_axes), use_bias,
-                 jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype), name=name)
+                 jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype), lora, name=name)
 
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -139,14 +171,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, cache_index, cache_valid, layer=None,
-                 right_padded=False):
+                 right_padded=False, deterministic=True):
         cfg = self.cfg
         layer = self.layer if layer is None else layer  # traced under nn.scan
         bias = cfg.family == "gpt2" or cfg.qkv_bias
         h, k, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-        q = dense((h, d), ("embed",), ("heads", "kv"), cfg, "query", bias)(x)
-        key = dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "key", bias)(x)
-        value = dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "value", bias)(x)
+        q = dense((h, d), ("embed",), ("heads", "kv"), cfg, "query", bias)(x, deterministic)
+        key = dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "key", bias)(x, deterministic)
+        value = dense((k, d), ("embed",), ("kv_heads", "kv"), cfg, "value", bias)(x, deterministic)
         if cfg.family == "llama":
             q = rotary(q, positions, cfg.rope_theta)
             key = rotary(key, positions, cfg.rope_theta)
@@ -170,7 +202,7 @@ class Attention(nn.Module):
             mask = cache_valid[:, None, :] & (slots[None, None, :] <= query_slot[None, :, None])
             out = cached_attention(q, all_k[layer], all_v[layer], mask)
             new_cache = (all_k, all_v)
-        out = dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out)
+        out = dense(cfg.d_model, ("heads", "kv"), ("embed",), cfg, "out", cfg.family == "gpt2")(out, deterministic)
         return out, new_cache
 
 
@@ -178,17 +210,17 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         cfg = self.cfg
         if cfg.family == "gpt2":
-            hidden = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "fc_in", True)(x)
+            hidden = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "fc_in", True)(x, deterministic)
             hidden = nn.gelu(hidden, approximate=True)  # GPT-2's "gelu_new"
         else:
-            gate = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "gate", False)(x)
-            up = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "up", False)(x)
+            gate = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "gate", False)(x, deterministic)
+            up = dense(cfg.d_ff, ("embed",), ("mlp",), cfg, "up", False)(x, deterministic)
             hidden = nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return dense(cfg.d_model, ("mlp",), ("embed",), cfg, "fc_out", cfg.family == "gpt2")(hidden)
+        return dense(cfg.d_model, ("mlp",), ("embed",), cfg, "fc_out", cfg.family == "gpt2")(hidden, deterministic)
 
 
 class Block(nn.Module):
@@ -204,9 +236,9 @@ class Block(nn.Module):
         cfg = self.cfg
         attn, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "norm_attn")(x).astype(x.dtype), positions, segment_ids,
-            cache, cache_index, cache_valid, layer, right_padded)
+            cache, cache_index, cache_valid, layer, right_padded, deterministic)
         x = x + nn.Dropout(self.dropout_rate)(attn, deterministic=deterministic)
-        mlp = MLP(cfg, name="mlp")(_norm(cfg, "norm_mlp")(x).astype(x.dtype))
+        mlp = MLP(cfg, name="mlp")(_norm(cfg, "norm_mlp")(x).astype(x.dtype), deterministic)
         x = x + nn.Dropout(self.dropout_rate)(mlp, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, new_cache

@@ -14,6 +14,7 @@ from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, 
 from rlhf_jax.config.model import model_config_from_dict
 from rlhf_jax.data import load_tokenizer
 from rlhf_jax.host import use_compilation_cache
+from rlhf_jax.models import lora
 from rlhf_jax.sizing import check_fits
 
 TASK_PREFIX = "task:"
@@ -60,16 +61,23 @@ class StageEnv:
 
     def load_params(self, spec: str, model: Any, field: str) -> tuple[Any, parameters.Source]:
         """``model``'s params from the export, HF or checkpoint directory ``spec`` names, on
-        this run's mesh (see :func:`rlhf_jax.parameters.load`)."""
-        return parameters.load(spec, model, self.mesh, field, self.workdir)
+        this run's mesh (see :func:`rlhf_jax.parameters.load`; with ``model.lora``, fresh
+        adapters on the stored weights)."""
+        return parameters.load(spec, model, self.mesh, field, self.workdir, parameters.lora_adapter_rng(self.cfg.seed))
 
     def initial_params(self, model: Any, init_from: str | None, field: str, rng: Any = None) -> Any | None:
         """What a stage's ``model`` starts from: ``init_from`` (a spec; ``field`` names it),
         else the HF checkpoint ``model.hf_path``, else fresh weights (see
-        :func:`rlhf_jax.parameters.initial`: ``rng`` draws a scalar model's fresh head)."""
+        :func:`rlhf_jax.parameters.initial`: ``rng`` draws a scalar model's fresh head).
+        With ``model.lora`` there must be weights to adapt: fresh ones are refused."""
         if init_from is None and self.cfg.model.hf_path:
             init_from, field = self.cfg.model.hf_path, "model.hf_path"
-        return parameters.initial(model, self.mesh, init_from, field, self.workdir, rng)
+        if init_from is None and model.cfg.lora.enabled:
+            raise ConfigError(f"model.lora.rank={model.cfg.lora.rank}: LoRA trains adapters on trained weights, but "
+                              f"{field} and model.hf_path are unset, so stage {self.stage} would adapt random "
+                              "weights; name a base model, or set model.lora.rank=0")
+        return parameters.initial(model, self.mesh, init_from, field, self.workdir, rng,
+                                  parameters.lora_adapter_rng(self.cfg.seed))
 
     def data_path(self, spec: str, field: str) -> str:
         """A JSONL path, ``run:<path>`` inside the run directory, or ``task:<split>`` for a
@@ -185,6 +193,27 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
         return ckpts, state, 0
     state, meta = saved
     return ckpts, state, int(meta["step"])
+
+
+def trainable_summary(params: Any, opt_state: Any) -> dict[str, int]:
+    """What a stage trains (metrics at its first step): parameters trained and in all, and
+    the optimiser state's bytes (with ``model.lora``, the adapters' and a scalar head's)."""
+    trainable, frozen = lora.split_trainable(params)
+    n_trainable = lora.count_params(trainable)
+    return {"params/trainable": n_trainable, "params/total": n_trainable + lora.count_params(frozen),
+            "optim/state_bytes": lora.tree_bytes(opt_state)}
+
+
+def export_adapter(env: StageEnv, params: Any, base_spec: str | None) -> pathlib.Path | None:
+    """With ``model.lora``: ``params``' adapters as a PEFT adapter in ``<stage>/adapter``, for
+    the base model ``base_spec`` names (written before the stage's export, which marks the
+    stage finished). None without adapters."""
+    if not env.cfg.model.lora.enabled:
+        return None
+    from rlhf_jax.models.peft import export_peft
+
+    base = str(env.resolve(base_spec).absolute()) if base_spec else ""
+    return export_peft(params, env.cfg.model, env.stage_dir / "adapter", base)
 
 
 def write_run_config(env: StageEnv) -> None:

@@ -21,7 +21,7 @@ from rlhf_jax.config import Config, ConfigError, PPOConfig
 from rlhf_jax.data import PromptBatches, TextBatches
 from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summarize
 from rlhf_jax.logging import MetricsLogger
-from rlhf_jax.models import LanguageModel, ScalarModel
+from rlhf_jax.models import LanguageModel, ScalarModel, lora
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.policy import RewardFn, reward_model_score
 from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
@@ -97,17 +97,39 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
                                else (ppo.reward_init, "ppo.reward_init") if reward_params is not None
                                else (ppo.policy_init, "ppo.policy_init"))
     # InstructGPT starts the value function from the RM, so it has the RM's architecture
-    scalar = ScalarModel(parameters.source(value_init, value_field, env.workdir).model)
+    # (and the policy's adapters, model.lora: an export holds merged weights)
+    value_cfg = dataclasses.replace(parameters.source(value_init, value_field, env.workdir).model, lora=cfg.model.lora)
+    scalar = ScalarModel(value_cfg)
     value_params = env.initial_params(scalar, value_init, value_field, rng=parameters.scalar_head_rng(cfg.seed))
     policy_tx = make_optimizer(ppo.policy_optim, ppo.iterations * updates_per_iteration)
     value_tx = make_optimizer(ppo.value_optim, ppo.iterations * updates_per_iteration)
     rng = jax.random.PRNGKey(cfg.seed)
-    policy_state, policy_sh = create_train_state(policy, policy_tx, env.mesh, rng, copy_params(sft_params))
+    # LoRA: the policy is the SFT weights (frozen) + fresh adapters, and the KL reference is
+    # those weights with the adapters off (lora.base_params), so no second copy is held
+    adapters = cfg.model.lora.enabled
+    policy_state, policy_sh = create_train_state(policy, policy_tx, env.mesh, rng,
+                                                 sft_params if adapters else copy_params(sft_params))
+    if adapters:
+        sft_params = None  # its buffers are the policy's base now; the train state is donated
     value_state, value_sh = create_train_state(scalar, value_tx, env.mesh, rng, value_params)
     replicated = sharding.replicated(env.mesh)
-    state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(sft_params),
+    # the EMA covers what trains: with LoRA the adapters (the base does not move)
+    state = PPOState(policy=policy_state, value=value_state,
+                     ema_params=copy_params(lora.split_trainable(policy_state.params)[0]),
                      kl_coef=jax.device_put(jnp.float32(ppo.kl_coef), replicated))
-    state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
+    state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=lora.split_trainable(policy_sh.params)[0],
+                        kl_coef=replicated)
+
+    def reference(state: PPOState):
+        """The KL reference policy's params: the SFT policy."""
+        return lora.base_params(state.policy.params) if adapters else sft_params
+
+    def final_policy(state: PPOState):
+        """The policy evaluated and exported: the EMA weights (over the frozen base), or the last."""
+        if not ppo.ema_decay:
+            return state.policy.params
+        return lora.merge(state.ema_params, lora.split_trainable(state.policy.params)[1])
+
     ckpts, state, start = common.restore_or_start(env, ppo.checkpoint, state)
     common.write_run_config(env)
 
@@ -125,10 +147,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     no_ptx = TokenBatch(*(jnp.zeros((updates_per_iteration * shards, 2), jnp.int32) for _ in range(4)))
 
     def evaluate(state: PPOState) -> dict[str, float]:
-        params = state.ema_params if ppo.ema_decay else state.policy.params
+        params = final_policy(state)
         metrics = {}
         if val_prompts is not None:
-            generations = evaluator.generate(params, sft_params, reward_params, val_prompts)
+            generations = evaluator.generate(params, reference(state), reward_params, val_prompts)
             metrics.update(summarize(generations, "eval", generation_metrics))
         if pretrain_val is not None:
             metrics["eval/pretrain_loss"] = evaluator.pretrain_loss(params, pretrain_val)
@@ -137,6 +159,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     logger = MetricsLogger(env.stage_dir, start, ppo.iterations, stage, show_progress)
     if start == 0 and prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
         logger.log(0, {"data/truncated_prompts": prompts.num_truncated})
+    if start == 0:
+        for name, trained in (("policy", state.policy), ("value", state.value)):
+            summary = common.trainable_summary(trained.params, trained.opt_state)
+            logger.log(0, {f"{name}/{k}": v for k, v in summary.items()})
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
         logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
 
@@ -149,7 +175,7 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
         samples = clock.lap("rollout", sampler(state.policy.params, prompt_batch.tokens, prompt_batch.segment_ids,
                                                jax.random.fold_in(iteration_rng, 0)))
         rollout, exp_metrics = clock.lap("scoring", experience(
-            state.policy.params, sft_params, state.value.params, reward_params, samples, state.kl_coef))
+            state.policy.params, reference(state), state.value.params, reward_params, samples, state.kl_coef))
         state, update_metrics = clock.lap("update", update(
             state, rollout, no_ptx if ptx_batch is None else ptx_batch, exp_metrics["ppo/kl_to_ref"],
             jax.random.fold_in(iteration_rng, 1)))
@@ -164,9 +190,10 @@ def run_ppo(cfg: Config, workdir: str | pathlib.Path, *, ppo: PPOConfig | None =
     logger.close()
     if not finished:
         return None
-    final = state.ema_params if ppo.ema_decay else state.policy.params
+    final = final_policy(state)
+    common.export_adapter(env, final, ppo.policy_init)
     return provenance.export(env, final, {"stage": stage, "iterations": ppo.iterations, "ptx_coef": ppo.ptx_coef,
-                                      "kl_coef_final": float(state.kl_coef)})
+                                          "kl_coef_final": float(state.kl_coef)})
 
 
 class _PPOInputs:

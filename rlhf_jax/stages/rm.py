@@ -88,6 +88,8 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     logger = MetricsLogger(env.stage_dir, start, total_steps, "rm", show_progress)
     if start == 0 and train.num_truncated:
         logger.log(0, {"data/truncated_responses": train.num_truncated})
+    if start == 0:
+        logger.log(0, common.trainable_summary(state.params, state.opt_state))
     state, finished = train_loop(
         env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
         start_step=start, log_every=rm_cfg.log_every,

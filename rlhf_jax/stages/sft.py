@@ -70,6 +70,8 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
     if start == 0 and getattr(train, "num_truncated", 0):
         logger.log(0, {"data/truncated_examples": train.num_truncated})
+    if start == 0:
+        logger.log(0, common.trainable_summary(state.params, state.opt_state))
     state, finished = train_loop(
         env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
         start_step=start, log_every=stage_cfg.log_every, eval_every=stage_cfg.eval_every,
@@ -79,4 +81,5 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     ckpts.close()
     if not finished:
         return None
+    common.export_adapter(env, state.params, stage_cfg.init_from or cfg.model.hf_path)
     return provenance.export(env, state.params, {"stage": stage, "steps": total_steps})
