@@ -51,6 +51,7 @@ PAD, EOS = 0, 1
 
 
 _DEFAULT_PPO = default_config().ppo
+_DEFAULT_SAMPLING = default_config().generation.sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class PPOWorkload:
 
     episodes: int = _DEFAULT_PPO.prompts.batch_size
     prompt_len: int = _DEFAULT_PPO.prompts.max_len
-    response_len: int = _DEFAULT_PPO.sampling.max_new_tokens
+    response_len: int = _DEFAULT_SAMPLING.max_new_tokens
     minibatch: int = _DEFAULT_PPO.minibatch_size
     epochs: int = _DEFAULT_PPO.epochs
     learning_rate: float = _DEFAULT_PPO.policy_optim.learning_rate
@@ -72,10 +73,13 @@ def model_config():
     return default_config().model
 
 
+def sampling_config(work: PPOWorkload) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=work.response_len, temperature=1.0)
+
+
 def ppo_config(work: PPOWorkload) -> PPOConfig:
     optim = OptimConfig(learning_rate=work.learning_rate, b2=0.95, final_lr_fraction=1.0, grad_clip=0.0)
-    return PPOConfig(sampling=SamplingConfig(max_new_tokens=work.response_len, temperature=1.0),
-                     policy_optim=optim, value_optim=optim, minibatch_size=work.minibatch, epochs=work.epochs,
+    return PPOConfig(policy_optim=optim, value_optim=optim, minibatch_size=work.minibatch, epochs=work.epochs,
                      kl_coef=0.02, kl_estimator="k1", gamma=1.0, lam=work.lam, clip=0.2, value_clip=0.2,
                      entropy_coef=0.0, whiten_advantages=True, missing_eos_penalty=1.0, ptx_coef=0.0,
                      ema_decay=0.0)  # TRL keeps no EMA of the policy
@@ -113,9 +117,10 @@ def build_ours(work: PPOWorkload, mesh, policy_params, value_params, reward_para
                      kl_coef=jax.device_put(jnp.float32(ppo.kl_coef), replicated))
     state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
     ref_params = copy_params(policy_params)
-    sampler = make_sampler(policy, ppo.sampling, mesh, policy_sh.params, NEVER, PAD)
-    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), ppo, 0.0, 1.0, mesh)
-    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, mesh, state_sh)
+    sampling = sampling_config(work)
+    sampler = make_sampler(policy, sampling, mesh, policy_sh.params, NEVER, PAD)
+    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), ppo, sampling, 0.0, 1.0, mesh)
+    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, sampling, mesh, state_sh)
     no_ptx = TokenBatch(*(jnp.zeros((updates, 2), jnp.int32) for _ in range(4)))
     batch = sharding.batch_sharding(mesh, 2)
     tokens = jax.device_put(jnp.asarray(prompt_tokens), batch)
@@ -126,11 +131,9 @@ def build_ours(work: PPOWorkload, mesh, policy_params, value_params, reward_para
         t0 = time.perf_counter()
         samples = jax.block_until_ready(sampler(state.policy.params, tokens, segments, jax.random.fold_in(it_rng, 0)))
         t1 = time.perf_counter()
-        rollout, metrics = jax.block_until_ready(experience(state.policy.params, ref_params, state.value.params,
-                                                            reward_params, samples, state.kl_coef))
+        rollout, observed_kl, _ = jax.block_until_ready(experience(state, ref_params, reward_params, samples))
         t2 = time.perf_counter()
-        state, _ = jax.block_until_ready(update(state, rollout, no_ptx, metrics["ppo/kl_to_ref"],
-                                                jax.random.fold_in(it_rng, 1)))
+        state, _ = jax.block_until_ready(update(state, rollout, no_ptx, observed_kl, jax.random.fold_in(it_rng, 1)))
         t3 = time.perf_counter()
         return state, {"rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2, "iteration_s": t3 - t0}
 

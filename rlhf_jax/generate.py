@@ -19,23 +19,23 @@ from rlhf_jax.stages import common
 
 def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str,
                          prompts: list[str]) -> list[tuple[str, str]]:
-    """(prompt, response) for each prompt (default: the held-out prompts of ``cfg.ppo``),
-    sampled with ``cfg.ppo.sampling`` from the params in ``export``."""
+    """(prompt, response) for each prompt (default: the first held-out prompts,
+    ``generation.prompts``), sampled with ``generation.sampling`` from the params in ``export``."""
     env = common.make_env(cfg, workdir, "sample")
     if parameters.source(export, "--export", env.workdir).scalar:
         raise ConfigError(f"--export {export}: a reward-model export, not a policy")
     model = LanguageModel(cfg.model)
     params, _ = env.load_params(export, model, "--export")
-    ppo = cfg.ppo
+    gen = cfg.generation
     with tempfile.TemporaryDirectory() as tmp:
         if prompts:
             path = pathlib.Path(tmp) / "prompts.jsonl"
             path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         else:
-            path = env.data_path(ppo.prompts.val_path or ppo.prompts.train_path, "ppo.prompts.val_path")
-        batches = PromptBatches(str(path), env.tokenizer, ppo.prompts, seed=cfg.seed,
+            path = env.data_path(gen.prompts.val_path or gen.prompts.train_path, "generation.prompts.val_path")
+        batches = PromptBatches(str(path), env.tokenizer, gen.prompts, seed=cfg.seed,
                                 cache_dir=str(pathlib.Path(tmp) / "cache"), **env.process)
-        sampler = make_sampler(model, ppo.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
+        sampler = make_sampler(model, gen.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
                                env.tokenizer.eos_id, env.tokenizer.pad_id)
         out = []
         for i, local in enumerate(batches.eval_batches()):
