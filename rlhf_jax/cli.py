@@ -135,7 +135,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
         from rlhf_jax.stages.table import RunOptions
 
         stage = stage_named(args.command, "command")
-        result = stage.run(cfg, args.workdir, RunOptions(stage=args.stage, stop_after=args.stop_after_steps))
+        result = stage.run(cfg, args.workdir, RunOptions(stage=args.stage, stop_after=args.stop_after_steps,
+                                                         generation_metrics=_task_metrics(cfg, stage)))
         name = args.stage or stage.name
         print(f"{name}: {result}" if result else f"{name}: stopped early; rerun to resume")
     elif args.command == "sample":
@@ -147,6 +148,16 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
             print(f"{prompt} {response}")
     elif args.command == "label":
         _label(args, cfg)
+
+
+def _task_metrics(cfg: Config, stage):
+    """The gold score and flaw rates of an online method's held-out evaluations when they
+    are the embedded task's prompts (the gold scorer reads only those); else None."""
+    if not stage.online or not (getattr(cfg, stage.block).prompts.val_path or "").startswith("task:"):
+        return None
+    from rlhf_jax.task_eval import task_metrics
+
+    return task_metrics
 
 
 def _label(args: argparse.Namespace, cfg: Config) -> None:
