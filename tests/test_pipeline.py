@@ -137,3 +137,11 @@ def test_ppo_ptx_coef_which_the_pipeline_sets_itself_is_refused_not_ignored(tmp_
     with pytest.raises(ConfigError, match="pipeline.ptx_coef"):
         run_pipeline(cfg, tmp_path, show_progress=False)
     assert not (tmp_path / "pretrain").exists()
+
+
+def test_an_unknown_method_is_refused_before_any_stage_runs(tmp_path):
+    cfg = micro_config()
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, methods=("ppo", "ppo2")))
+    with pytest.raises(ConfigError, match=r"pipeline.methods=\['ppo', 'ppo2'\]: \['ppo2'\] not a method"):
+        run_pipeline(cfg, tmp_path, show_progress=False)
+    assert not (tmp_path / "pretrain").exists()
