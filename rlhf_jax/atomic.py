@@ -11,19 +11,26 @@ import tempfile
 from typing import Any, Callable, Iterable
 
 
-def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
-    """Replaces ``path`` with ``text`` (its directory must exist); returns the path."""
+def replace_file(path: str | os.PathLike, write: Callable[[pathlib.Path], Any]) -> pathlib.Path:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path``
+    (its directory must exist). The file is readable as an ordinary one: 0644, not the 0600
+    of a temporary file. Returns the path."""
     path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        write(pathlib.Path(tmp))
+        os.chmod(tmp, 0o644)  # these are ordinary data files
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Replaces ``path`` with ``text`` (its directory must exist); returns the path."""
+    return replace_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any],

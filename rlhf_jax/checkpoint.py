@@ -241,6 +241,7 @@ def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelCo
     (``model.vocab_pad_multiple``) is stored at its real size."""
     params = vocab.unpad_vocab(params, model_cfg)
     directory = pathlib.Path(directory).absolute()
+    refuse_to_replace(directory)
     staging = directory.with_name(directory.name + ".tmp")
     primary = jax.process_index() == 0  # with several processes, only process 0 moves files
     if primary:
@@ -258,6 +259,16 @@ def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelCo
         staging.rename(directory)
     _sync_processes("rlhf_jax export: renamed into place")  # no process reads it any earlier
     return directory
+
+
+def refuse_to_replace(directory: pathlib.Path) -> None:
+    """An export replaces its directory whole, so that directory must be absent, empty or an
+    export already: anything else is someone's files, which are never deleted."""
+    if directory.is_file():
+        raise CheckpointError(f"{directory}: is a file, not a directory; an export needs a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / EXPORT_META).is_file():
+        raise CheckpointError(f"{directory}: holds files that are not an export (no {EXPORT_META}); "
+                              "refusing to replace it: choose a new or empty directory")
 
 
 def _sync_processes(name: str) -> None:

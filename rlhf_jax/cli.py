@@ -1,5 +1,6 @@
-"""``rlhf-jax {sft, rm, ...} [--config experiments/x.py] [--workdir DIR] [--a.b=value ...]``
-and ``rlhf-jax convert --from-hf DIR --out DIR`` / ``--to-hf EXPORT --out DIR``.
+"""``rlhf-jax {sft, rm, ...} [--config experiments/x.py] [--workdir DIR] [--a.b=value ...]``,
+``rlhf-jax convert --from-hf DIR --out DIR`` / ``--to-hf EXPORT --out DIR`` and
+``rlhf-jax data convert --format NAME --out DIR INPUT...`` (public data sets into our JSONL).
 
 ``--config`` names an experiment file (default: the run directory's saved ``config.json`` if
 there is one, else the embedded default that ``experiments/tiny_cpu.py`` also returns);
@@ -26,9 +27,10 @@ STAGES = ("pipeline", *STAGE_COMMANDS, "sample", "label")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    # convert has its own flags and parser (rlhf_jax.convert); listed here so --help names it
-    parser.add_argument("command", choices=(*STAGES, "convert"),
-                        help="a stage, the whole pipeline, sample, label, or convert (--help after it for its flags)")
+    # convert and data have their own flags and parsers (rlhf_jax.convert, rlhf_jax.data.cli);
+    # listed here so --help names them
+    parser.add_argument("command", choices=(*STAGES, "convert", "data"),
+                        help="a stage, the whole pipeline, sample, label, convert or data (--help after it for its flags)")
     parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_jax.convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv[:1] == ["data"]:
+        from rlhf_jax.data.cli import main as data_main
+
+        return data_main(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
     from rlhf_jax.stages.loop import Interrupted
 
@@ -144,8 +150,10 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
 
         if not args.export:
             raise ConfigError("sample: --export DIR (a policy export) is required")
-        for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt):
-            print(f"{prompt} {response}")
+        from rlhf_jax.data.chat import prompt_text
+
+        for prompt, response in generate_from_export(cfg, args.workdir, args.export, args.prompt, chat_prompts=True):
+            print(f"{prompt_text(prompt)} {response}")
     elif args.command == "label":
         _label(args, cfg)
 

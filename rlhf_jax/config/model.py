@@ -165,10 +165,18 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """``task``: the embedded task's tokenizer; ``hf``: ``AutoTokenizer`` from local ``path``."""
+    """``task``: the embedded task's tokenizer; ``hf``: ``AutoTokenizer`` from local ``path``.
+
+    ``chat_template``: ``auto`` renders conversation prompts (message lists) with the
+    tokenizer's own chat template when it has one, and every response then ends with the
+    template's end-of-turn token, where sampling stops; ``none`` never uses a template (a
+    conversation prompt is refused). One setting for the run, so SFT, the RM, PPO, sampling
+    and evaluation agree on the stop token. Text prompts are encoded as they stand either way.
+    """
 
     kind: Literal["task", "hf"] = "task"
     path: str | None = None
+    chat_template: Literal["auto", "none"] = "auto"
 
 
 # How a model runs, not what it computes: a resume or an export may change these. Every other

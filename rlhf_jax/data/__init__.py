@@ -3,7 +3,9 @@
 JSONL files are validated (:mod:`.jsonl`), stored once as TFDS array_record datasets
 (:mod:`.tfds_store`) and served as deterministic process-local batches
 (:mod:`.loader`, :mod:`.ranking`, :mod:`.prompts`) that :func:`to_global` turns into
-sharded global arrays.
+sharded global arrays. A prompt is text or a conversation (:mod:`.chat`), rendered by the
+tokenizer's chat template (:mod:`.tokenizer`); :mod:`.public` converts the public preference
+and demonstration sets into these files (``rlhf-jax data convert``, :mod:`.cli`).
 """
 
 from rlhf_jax.data.jsonl import DataError, iter_records, read_records

@@ -13,6 +13,11 @@ One record per line; empty lines are skipped. Schemas (``kind``):
   A compared response may be empty: a policy sample that stops at once is real data the
   reward model must learn to score (its row is ``prompt + EOS``).
 
+Every ``prompt`` may instead be a conversation, a list of ``{"role", "content"}`` messages
+(roles ``system``, ``user``, ``assistant``; the last is ``user``), which the tokenizer renders
+with its chat template (:mod:`rlhf_jax.data.chat`); the response is then the assistant's
+reply, plain text.
+
 Unknown extra fields are ignored (labeling tools add metadata). Every bad record raises
 :class:`DataError` naming the file, the 1-based line and what is wrong, e.g.
 ``demos.jsonl:17: field "response" is empty``.
@@ -23,6 +28,8 @@ from __future__ import annotations
 import json
 import pathlib
 from typing import Any, Callable, Iterator, Literal
+
+from rlhf_jax.data.chat import MessageError, Prompt, check_messages
 
 Kind = Literal["demonstrations", "text", "prompts", "responses", "comparisons"]
 KINDS: tuple[str, ...] = ("demonstrations", "text", "prompts", "responses", "comparisons")
@@ -49,6 +56,16 @@ def _string(obj: dict, name: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+def _prompt_field(obj: dict, *, allow_empty: bool = False) -> Prompt:
+    """``obj["prompt"]``: a string, or a conversation (a list of messages)."""
+    if isinstance(obj.get("prompt"), list):
+        try:
+            return check_messages(obj["prompt"])
+        except MessageError as err:
+            raise _RecordError(str(err)) from None
+    return _string(obj, "prompt", allow_empty=allow_empty)
+
+
 def _list(obj: dict, name: str) -> list:
     if name not in obj:
         raise _RecordError(f'missing field "{name}"')
@@ -60,8 +77,7 @@ def _list(obj: dict, name: str) -> list:
 
 def _demonstration(obj: dict) -> dict[str, Any]:
     # An empty prompt is legal: the response is then trained unconditionally.
-    return {"prompt": _string(obj, "prompt", allow_empty=True),
-            "response": _string(obj, "response")}
+    return {"prompt": _prompt_field(obj, allow_empty=True), "response": _string(obj, "response")}
 
 
 def _text(obj: dict) -> dict[str, Any]:
@@ -70,7 +86,7 @@ def _text(obj: dict) -> dict[str, Any]:
 
 def _prompt(obj: dict) -> dict[str, Any]:
     # The sampler needs at least one prompt token to start from.
-    return {"prompt": _string(obj, "prompt")}
+    return {"prompt": _prompt_field(obj)}
 
 
 def _responses(obj: dict) -> dict[str, Any]:
@@ -82,11 +98,11 @@ def _responses(obj: dict) -> dict[str, Any]:
         if not isinstance(response, str):
             raise _RecordError(f'field "responses"[{i}] must be a string, '
                                f"got {type(response).__name__}")
-    return {"prompt": _string(obj, "prompt", allow_empty=True), "responses": list(responses)}
+    return {"prompt": _prompt_field(obj, allow_empty=True), "responses": list(responses)}
 
 
 def _comparison(obj: dict) -> dict[str, Any]:
-    prompt = _string(obj, "prompt", allow_empty=True)
+    prompt = _prompt_field(obj, allow_empty=True)
     if "responses" not in obj and ("chosen" in obj or "rejected" in obj):
         return {"prompt": prompt, "ranks": [0, 1],
                 "responses": [_string(obj, "chosen", allow_empty=True),
@@ -112,6 +128,15 @@ _VALIDATORS: dict[str, Callable[[dict], dict[str, Any]]] = {
     "responses": _responses,
     "comparisons": _comparison,
 }
+
+
+def validate_record(obj: dict, kind: Kind) -> dict[str, Any]:
+    """``obj`` checked as one ``kind`` record (what a reader would return for its line);
+    raises :class:`DataError` saying what is wrong, for writers checking what they write."""
+    try:
+        return _VALIDATORS[kind](obj)
+    except _RecordError as err:
+        raise DataError(f"{kind} record: {err}") from None
 
 
 def _parse(raw: bytes, is_last_unterminated: bool) -> dict:

@@ -31,7 +31,7 @@ from rlhf_jax.config import DataConfig
 from rlhf_jax.data.jsonl import DataError
 from rlhf_jax.data.rows import example_piece, first_fit, fit_example, pack_row, text_chunks
 from rlhf_jax.data.tfds_store import RecordSource, open_store
-from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids
+from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids, prompt_ids
 from rlhf_jax.sharding import batch_sharding
 from rlhf_jax.types import RankingBatch, TokenBatch
 
@@ -60,10 +60,10 @@ class RowBatches(abc.ABC):
         self.steps_per_epoch = self.num_rows // batch_size
         self._process_index, self._process_count = process_index, process_count
         ordered = grain.MapDataset.source(self._rows)
-        ordered = ordered.shuffle(seed=seed) if shuffle else ordered
+        self._ordered = ordered.shuffle(seed=seed) if shuffle else ordered  # [i]: i-th row drawn, all epochs
         # Grain batches within an epoch of rows: with drop_remainder it has
         # num_rows // local_batch_size local batches per epoch.
-        self._train = ordered.map(self._assemble).batch(self.local_batch_size, drop_remainder=True)
+        self._train = self._ordered.map(self._assemble).batch(self.local_batch_size, drop_remainder=True)
         self._local_per_epoch = self.num_rows // self.local_batch_size
 
     def require_one_batch(self, field: str) -> "RowBatches":
@@ -92,6 +92,14 @@ class RowBatches(abc.ABC):
         index = epoch * self._local_per_epoch + k * self._process_count + self._process_index
         return self._to_batch(self._train[index])
 
+    def global_rows(self, step: int) -> list[tuple]:
+        """The rows of global batch ``step``, every process's in process order: row ``r`` of
+        the gathered batch is ``global_rows(step)[r]`` (what ``_assemble`` was given)."""
+        epoch, k = divmod(int(step), self.steps_per_epoch)
+        # local batch j of an epoch holds drawn rows [j*b, (j+1)*b) of it (grain's batch)
+        first = epoch * self.num_rows + k * self._process_count * self.local_batch_size
+        return [self._ordered[first + i] for i in range(self.global_batch_size)]
+
     def num_eval_batches(self) -> int:
         return math.ceil(self.num_rows / self.global_batch_size)
 
@@ -108,6 +116,15 @@ class RowBatches(abc.ABC):
             yield self._to_batch(batches[b * self._process_count + self._process_index])
 
 
+def record_prompt_ids(source: RecordSource, record: dict, tokenizer: TextTokenizer) -> np.ndarray:
+    """A stored record's prompt ids (:func:`~rlhf_jax.data.tokenizer.prompt_ids`); an error
+    names the record's file and line."""
+    try:
+        return prompt_ids(tokenizer, record["prompt"])
+    except DataError as err:
+        raise DataError(f"{source.path}:{record['line']}: {err}") from None
+
+
 def too_long_error(source: RecordSource, record: dict, what: str, n: int,
                    max_len: int) -> DataError:
     """The error ``on_too_long='error'`` raises: ``file:line: <what> is n tokens, ...``."""
@@ -119,8 +136,9 @@ class SFTBatches(RowBatches):
     """Demonstrations as :class:`TokenBatch` rows ``[B/P, max_len]``.
 
     A row is ``prompt + response + EOS``, loss on response and EOS, padded with
-    ``pad_id``. Too long: ``on_too_long='error'`` raises naming file and line;
-    ``'truncate'`` applies :func:`rlhf_jax.data.rows.fit_example` (prompt tail, response
+    ``pad_id``; EOS is the tokenizer's ``eos_id`` (a chat template's end-of-turn after a
+    rendered conversation prompt and its reply). Too long: ``on_too_long='error'`` raises
+    naming file and line; ``'truncate'`` applies :func:`rlhf_jax.data.rows.fit_example` (prompt tail, response
     head) and counts it in ``num_truncated``. ``packing``: first-fit in file order, each
     example its own segment. Packed rows are fixed once, then shuffled per epoch.
     """
@@ -134,7 +152,7 @@ class SFTBatches(RowBatches):
         lengths = []
         self._ids = []  # per record: (prompt ids, response ids)
         for record in source:
-            ids = (encode_ids(tokenizer, record["prompt"]), encode_ids(tokenizer, record["response"]))
+            ids = (record_prompt_ids(source, record, tokenizer), encode_ids(tokenizer, record["response"]))
             self._ids.append(ids)
             n = len(ids[0]) + len(ids[1]) + 1
             if n > cfg.max_len:
@@ -161,7 +179,8 @@ class SFTBatches(RowBatches):
 class TextBatches(RowBatches):
     """Pretraining text as language-model :class:`TokenBatch` rows ``[B/P, max_len]``.
 
-    Each text is ``tokens + EOS``, split by :func:`rlhf_jax.data.rows.text_chunks` into
+    Each text is ``tokens + EOS`` (the tokenizer's ``text_eos_id``, not a chat template's
+    end-of-turn), split by :func:`rlhf_jax.data.rows.text_chunks` into
     pieces of at most ``max_len`` (nothing is truncated); loss on every token but a
     piece's first. Without ``packing`` each piece is a row; with it, first-fit.
     """
@@ -174,7 +193,7 @@ class TextBatches(RowBatches):
         pieces, lengths = [], []
         self._ids = [encode_ids(tokenizer, record["text"]) for record in source]  # per record
         for index, ids in enumerate(self._ids):
-            chunks = text_chunks(ids.tolist(), tokenizer.eos_id, cfg.max_len)
+            chunks = text_chunks(ids.tolist(), tokenizer.text_eos_id, cfg.max_len)
             for c, (tokens, _) in enumerate(chunks):
                 pieces.append((index, c))
                 lengths.append(len(tokens))
@@ -185,7 +204,7 @@ class TextBatches(RowBatches):
                          process_index=process_index, process_count=process_count)
 
     def _assemble(self, row: tuple[tuple[int, int], ...]) -> dict[str, np.ndarray]:
-        chunks = {index: text_chunks(self._ids[index].tolist(), self.tokenizer.eos_id, self.max_len)
+        chunks = {index: text_chunks(self._ids[index].tolist(), self.tokenizer.text_eos_id, self.max_len)
                   for index in sorted({index for index, _ in row})}
         pieces = [chunks[index][c] for index, c in row]
         return pack_row(pieces, self.max_len, self.tokenizer.pad_id)

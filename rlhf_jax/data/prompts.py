@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from rlhf_jax.config import DataConfig
+from rlhf_jax.data.chat import Prompt
 from rlhf_jax.data.jsonl import DataError
-from rlhf_jax.data.loader import RowBatches, too_long_error
+from rlhf_jax.data.loader import RowBatches, record_prompt_ids, too_long_error
 from rlhf_jax.data.tfds_store import open_store
-from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids
+from rlhf_jax.data.tokenizer import TextTokenizer
 
 
 class PromptBatches(RowBatches):
@@ -20,6 +21,7 @@ class PromptBatches(RowBatches):
     prompt; loss_mask: all 0 (a prompt token is never a target). Too long:
     ``on_too_long='truncate'`` keeps the prompt's tail (the words the response follows)
     and counts it in ``num_truncated``; ``'error'`` raises naming file and line.
+    ``prompts[i]`` is record ``i``'s prompt as the file gives it (text or a conversation).
     """
 
     def __init__(self, path: str, tokenizer: TextTokenizer, cfg: DataConfig, *, seed: int,
@@ -31,8 +33,10 @@ class PromptBatches(RowBatches):
         self.prompt_len = cfg.max_len
         self.num_truncated = 0
         self._ids = []  # per record: the prompt's ids
+        self.prompts: list[Prompt] = []
         for record in source:
-            self._ids.append(encode_ids(tokenizer, record["prompt"]))
+            self.prompts.append(record["prompt"])
+            self._ids.append(record_prompt_ids(source, record, tokenizer))
             n = len(self._ids[-1])
             if n == 0:
                 raise DataError(f"{source.path}:{record['line']}: the prompt encodes to no tokens")
@@ -44,6 +48,10 @@ class PromptBatches(RowBatches):
                          batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
+
+    def global_prompts(self, step: int) -> list[Prompt]:
+        """The prompts of global batch ``step`` as the file gives them, in gathered-row order."""
+        return [self.prompts[row[0]] for row in self.global_rows(step)]
 
     def _assemble(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         length = self.prompt_len

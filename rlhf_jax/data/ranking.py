@@ -6,7 +6,7 @@ import numpy as np
 
 from rlhf_jax.config import DataConfig
 from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES, DataError
-from rlhf_jax.data.loader import RowBatches, too_long_error
+from rlhf_jax.data.loader import RowBatches, record_prompt_ids, too_long_error
 from rlhf_jax.data.rows import example_piece, fit_example
 from rlhf_jax.data.tfds_store import open_store
 from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids
@@ -47,7 +47,7 @@ class RankingBatches(RowBatches):
             if len(record["responses"]) > k_max:
                 raise DataError(f"{source.path}:{record['line']}: {len(record['responses'])} "
                                 f"responses, more than k_max={k_max}")
-            prompt = encode_ids(tokenizer, record["prompt"])
+            prompt = record_prompt_ids(source, record, tokenizer)
             responses = [encode_ids(tokenizer, response) for response in record["responses"]]
             self._records.append((prompt, responses, list(record["ranks"])))
             for i, response in enumerate(responses):

@@ -6,12 +6,14 @@ second call with the same file content finds it there and skips the build. It is
 with ``tfds.builder_from_directory(...).as_data_source()``, which needs only
 ``array_record`` (``as_dataset`` would need TensorFlow). Records keep file order
 (``disable_shuffling``) and their source line number, so later errors can name
-``file:line``.
+``file:line``. A conversation prompt (a message list) is kept as its JSON text in
+``prompt_messages`` (empty for a text prompt) and read back as the list.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 from typing import Any, Iterator, Sequence
 
@@ -21,14 +23,32 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data.jsonl import KINDS, DataError, Kind, iter_records
 
 _TEXT = tfds.features.Text
+_PROMPT = lambda: {"prompt": _TEXT(), "prompt_messages": _TEXT()}  # noqa: E731
 _FIELDS = {
-    "demonstrations": lambda: {"prompt": _TEXT(), "response": _TEXT()},
+    "demonstrations": lambda: {**_PROMPT(), "response": _TEXT()},
     "text": lambda: {"text": _TEXT()},
-    "prompts": lambda: {"prompt": _TEXT()},
-    "comparisons": lambda: {"prompt": _TEXT(),
+    "prompts": lambda: _PROMPT(),
+    "comparisons": lambda: {**_PROMPT(),
                             "responses": tfds.features.Sequence(_TEXT()),
                             "ranks": tfds.features.Sequence(np.int32)},
 }
+
+
+def _to_features(record: dict[str, Any]) -> dict[str, Any]:
+    """A validated record as stored: a conversation prompt goes to ``prompt_messages``."""
+    if "prompt" not in record:
+        return record
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        return {**record, "prompt_messages": ""}
+    return {**record, "prompt": "", "prompt_messages": json.dumps(prompt)}
+
+
+def _from_features(record: dict[str, Any]) -> dict[str, Any]:
+    messages = record.pop("prompt_messages", "")
+    if messages:
+        record["prompt"] = json.loads(messages)
+    return record
 
 
 class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -38,7 +58,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     stored datasets are read back from their directory.
     """
 
-    VERSION = tfds.core.Version("1.0.0")  # bump when validation or features change
+    VERSION = tfds.core.Version("1.1.0")  # bump when validation or features change (1.1: prompt_messages)
     KIND: str = ""
 
     def __init__(self, *, jsonl_path: pathlib.Path, **kwargs):
@@ -75,7 +95,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         count = 0
         for line, record in iter_records(self._jsonl_path, self.KIND):
             count += 1
-            yield line, {**record, "line": line}
+            yield line, {**_to_features(record), "line": line}
         if not count:
             raise DataError(f"{self._jsonl_path}: no records (the file is empty)")
 
@@ -138,7 +158,8 @@ def _decode(value: Any) -> Any:
 
 
 class RecordSource:
-    """Random access to a stored file's records as plain Python (str, int, lists).
+    """Random access to a stored file's records as plain Python (str, int, lists; a
+    conversation prompt as its message list).
 
     ``source[i]`` is the i-th record of the file (file order) with its ``line``; ``path``
     is the JSONL file, for error messages. Usable as a grain data source.
@@ -153,7 +174,7 @@ class RecordSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {k: _decode(v) for k, v in self._source[int(index)].items()}
+        return _from_features({k: _decode(v) for k, v in self._source[int(index)].items()})
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         # One read per record: array_record's batched read starts a thread pool per call,

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax import sharding
+from rlhf_jax.atomic import replace_file, write_text
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.models import vocab
 from rlhf_jax.models.hf_config import HFError, hf_config
@@ -361,24 +362,55 @@ def hf_tensors(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
             for name, parts in blocks.items()}
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "*.gguf")
+
+
+def hf_files_written(tokenizer_dir: str | pathlib.Path | None = None) -> list[str]:
+    """The names :func:`export_hf` writes: the config, the weights and ``tokenizer_dir``'s
+    tokenizer files (an error if it has none)."""
+    names = ["config.json", SINGLE_FILE]
+    if tokenizer_dir is not None:
+        found = [n for n in TOKENIZER_FILES if (pathlib.Path(tokenizer_dir) / n).is_file()]
+        if not found:
+            raise HFError(f"{tokenizer_dir}: no tokenizer files (looked for {list(TOKENIZER_FILES)})")
+        names += found
+    return names
+
+
+def check_hf_destination(directory: str | pathlib.Path, names: list[str], overwrite: bool = False) -> None:
+    """Refuses to write ``names`` into ``directory`` when that would replace a file without
+    ``overwrite``, or leave other weights beside ours (``transformers`` could load those)."""
+    directory = pathlib.Path(directory)
+    if directory.is_file():
+        raise HFError(f"{directory}: is a file, not a directory")
+    if not directory.is_dir():
+        return
+    present = [n for n in names if (directory / n).exists()]
+    if present and not overwrite:
+        raise HFError(f"{directory}: already holds {present}; pass --overwrite to replace those files "
+                      "(nothing else in it is touched), or choose a new directory")
+    others = sorted({p.name for pattern in WEIGHT_FILES for p in directory.glob(pattern)} - set(names))
+    if others:
+        raise HFError(f"{directory}: holds other weights ({', '.join(others[:3])}) that a loader could take "
+                      "for this model's; choose a new or empty directory")
+
+
 def export_hf(params: Any, cfg: ModelConfig, directory: str | pathlib.Path,
-              tokenizer_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+              tokenizer_dir: str | pathlib.Path | None = None, overwrite: bool = False) -> pathlib.Path:
     """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads with
     ``AutoModelForCausalLM.from_pretrained(directory)``, plus the tokenizer files of
-    ``tokenizer_dir`` if given. Every process gathers; process 0 writes."""
+    ``tokenizer_dir`` if given. Every process gathers; process 0 writes. A file already there
+    is replaced only with ``overwrite``, and nothing else in ``directory`` is touched."""
     directory = pathlib.Path(directory)
+    names = hf_files_written(tokenizer_dir)
+    check_hf_destination(directory, names, overwrite)
     config, tensors = hf_config(cfg), hf_tensors(params, cfg)
-    tokenizer_files = []
-    if tokenizer_dir is not None:
-        tokenizer_files = [pathlib.Path(tokenizer_dir) / n for n in TOKENIZER_FILES
-                           if (pathlib.Path(tokenizer_dir) / n).is_file()]
-        if not tokenizer_files:
-            raise HFError(f"{tokenizer_dir}: no tokenizer files (looked for {list(TOKENIZER_FILES)})")
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True))
         # transformers refuses safetensors files whose metadata does not name a framework
-        save_file(tensors, directory / SINGLE_FILE, metadata={"format": "pt"})
-        for file in tokenizer_files:
-            shutil.copy(file, directory / file.name)
+        replace_file(directory / SINGLE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        for name in names[2:]:
+            replace_file(directory / name, lambda tmp, name=name: shutil.copyfile(
+                pathlib.Path(tokenizer_dir) / name, tmp))
     return directory

@@ -125,11 +125,11 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
         use_compilation_cache(cache)
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.tokenizer.kind == "task":
-        tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"])
+        tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"], cfg.tokenizer.chat_template)
     else:
         if not cfg.tokenizer.path:
             raise ConfigError("tokenizer.path must name a local tokenizer directory when tokenizer.kind='hf'")
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        tokenizer = load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.chat_template)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")

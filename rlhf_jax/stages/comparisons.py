@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from rlhf_jax.atomic import write_jsonl
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, read_records, to_global
+from rlhf_jax.data.chat import Prompt, is_conversation
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
@@ -27,7 +28,9 @@ from rlhf_jax.stages.table import RunOptions
 
 
 class Labeler(Protocol):
-    def rank(self, prompt: str, responses: Sequence[str]) -> list[int]: ...
+    """``prompt`` is text, or a conversation (a message list) when the prompts file holds one."""
+
+    def rank(self, prompt: Prompt, responses: Sequence[str]) -> list[int]: ...
 
 
 def task_labeler(cfg: Config) -> Labeler:
@@ -84,8 +87,11 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
                                                         tiled=True)
             responses.append([env.tokenizer.decode(t[m]) for t, m in zip(samples.tokens, samples.mask)])
         tokens, segments = multihost_utils.process_allgather((local.tokens, local.segment_ids), tiled=True)
+        given = prompts.global_prompts(step)
         for i in range(tokens.shape[0]):
-            prompt = env.tokenizer.decode(tokens[i][segments[i] > 0])
+            # a conversation is recorded as given (its rendering cannot be decoded back into
+            # messages); text as the policy saw it
+            prompt = given[i] if is_conversation(given[i]) else env.tokenizer.decode(tokens[i][segments[i] > 0])
             k = int(rng.integers(c.k_min, c.k_max + 1))
             # interleave the policies: response r comes from policy r % len(policies)
             candidates = [responses[r % len(policies)][i * per_policy + r // len(policies)] for r in range(k)]

@@ -11,14 +11,20 @@ COMPARISONS = [
     {"prompt": "p é ünïcode", "responses": ["a", "b", "c"], "ranks": [1, 0, 1]},
     {"prompt": "", "chosen": "x", "rejected": "y"},
     {"prompt": "q", "responses": [f"r{i}" for i in range(9)], "ranks": list(range(9))},
+    {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "ü"}],
+     "responses": ["a", "b"], "ranks": [0, 0]},
 ]
+CONVERSATION = [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "b"}]
 
 
 @pytest.mark.parametrize("kind, records", [
     ("comparisons", COMPARISONS),
-    ("demonstrations", [{"prompt": "p", "response": "r"}, {"prompt": "", "response": "s t"}]),
+    ("demonstrations", [{"prompt": "p", "response": "r"}, {"prompt": "", "response": "s t"},
+                        {"prompt": CONVERSATION, "response": "c"}]),
     ("text", [{"text": "one"}, {"text": "two three"}]),
-    ("prompts", [{"prompt": "a b"}]),
+    # a text prompt that reads as JSON stays text
+    ("prompts", [{"prompt": "a b"}, {"prompt": CONVERSATION}, {"prompt": '[{"role": "user"}]'}]),
 ])
 def test_round_trip_equals_jsonl(write_jsonl, cache_dir, kind, records):
     path = write_jsonl(f"{kind}.jsonl", records[:1] + [""] + records[1:])  # an empty line 2
@@ -33,7 +39,7 @@ def test_round_trip_equals_jsonl(write_jsonl, cache_dir, kind, records):
 def test_built_once_per_content(write_jsonl, cache_dir):
     path = write_jsonl("d.jsonl", [{"prompt": "p", "response": "r"}])
     first = build_store(path, "demonstrations", cache_dir)
-    assert first == pathlib.Path(cache_dir) / "demonstrations" / content_hash(path) / "1.0.0"
+    assert first == pathlib.Path(cache_dir) / "demonstrations" / content_hash(path) / "1.1.0"
     stamp = (first / "dataset_info.json").stat().st_mtime_ns
     assert build_store(path, "demonstrations", cache_dir) == first
     assert (first / "dataset_info.json").stat().st_mtime_ns == stamp  # not rebuilt
