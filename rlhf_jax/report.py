@@ -202,9 +202,9 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
     get = lambda policy, split, key: report[policy].get(split, {}).get(key, "-")  # noqa: E731
     lines = [f"# rlhf_jax report: {report.get('name', '')}", "", f"Wall time: {report['wall_seconds']:.0f} s.", "",
              f"Held-out prompts ({ev['prompts']}): *sampled* is {ev['samples_per_prompt']} responses per prompt at "
-             f"PPO's training temperature {ev['temperature']}, *greedy* one; win rates pair each response with the "
-             f"baseline's to the same prompt (and draw), ties half. KL to SFT: the summed per-token "
-             f"{ev['kl_estimator']} estimate on sampled responses, at the training temperature.", ""]
+             f"the sampling temperature {ev['temperature']} (generation.sampling, the online methods' too), *greedy* "
+             f"one; win rates pair each response with the baseline's to the same prompt (and draw), ties half. KL to SFT: the summed per-token "
+             f"{ev['kl_estimator']} estimate on sampled responses, at that temperature.", ""]
     lines += _table(["policy", "gold (sampled)", *[f"win vs {b} (sampled)" for b in baselines], "gold (greedy)",
                      *[f"win vs {b} (greedy)" for b in baselines], "KL to SFT", "pretraining loss", "RM score (sampled)"],
                     [[p, get(p, "sampled", "gold_score"), *[get(p, "sampled", f"win_rate_vs_{b}") for b in baselines],

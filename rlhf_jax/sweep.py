@@ -10,7 +10,7 @@ met or not per seed) and ``<workdir>/sweep.md``.
         --workdir runs/sweep_large --seeds 0 1 2
 
 Targets (the paper's findings in miniature, judged on *sampled* held-out responses: several
-per prompt at PPO's training temperature; greedy numbers are in every report beside them):
+per prompt at the sampling temperature; greedy numbers are in every report beside them):
 
 - per seed: ``rm_accuracy`` (held-out accuracy on noisy labels >= 0.66; the paper's 6B RM:
   72.4%), ``rm_best_of_n`` (its best-of-n pick among SFT samples beats a random sample's gold

@@ -1,24 +1,27 @@
 """The pipeline's evaluation on the embedded task: every policy on held-out prompts, judged
 by the gold scorer with the paper's metadata (Fig. 4), greedily and sampled.
 
-For each policy (``sft``, ``sft_large`` when the RM has a larger base, each PPO run) the
-report holds, per decoding (``greedy``; ``sampled``: ``pipeline.eval_samples`` draws per
-prompt at PPO's training temperature) and per prompt set (the trained families; with a
+For each policy (``sft``, ``sft_large`` when the RM has a larger base, each method of
+``pipeline.methods`` that trains one) the report holds, per decoding (``greedy``; ``sampled``:
+``pipeline.eval_samples`` draws per prompt at the sampling temperature, ``generation.sampling``)
+and per prompt set (the trained families; with a
 ``heldout_`` prefix, the families only pretraining text asks):
 
-- ``gold_score`` and, for the PPO runs, ``win_rate_vs_sft`` (and ``win_rate_vs_sft_large``):
+- ``gold_score`` and, for the methods, ``win_rate_vs_sft`` (and ``win_rate_vs_sft_large``):
   per prompt and draw, ties half;
 - the flaw rates of :func:`rlhf_jax.tasks.flaw_rates` (``constraint_violation``,
   ``hallucination``, ``offensive_respectful``, ``offensive``, ``rambling``) and
   ``attempts_instruction``;
 - ``rm_score``, ``response_length``, ``eos_rate``; for sampled responses of the policies
   that share the SFT model's architecture, ``kl_to_sft``: the summed per-token estimate
-  ``ppo.kl_estimator`` of KL(policy || SFT) at the training temperature, what PPO's
-  ``ppo/kl_to_ref`` measures on training episodes.
+  ``generation.kl_estimator`` of KL(policy || SFT) at that temperature, what the online
+  methods' ``<method>/kl_to_ref`` measures on training episodes.
 
 Plus each policy's pretraining loss (the alignment tax), the RM's held-out accuracy and
-best-of-n picks among SFT samples, and how far the labels agree with a second labeler and
-with the gold order.
+best-of-n picks among SFT samples, the best-of-n frontier (``frontier``: the RM's pick of n
+SFT samples at each n of ``pipeline.frontier``, against the analytic KL), best-of-n as a
+method (``best_of_n``: ``best_of_n.n``, sampled only), and how far the labels agree with a
+second labeler and with the gold order.
 """
 
 from __future__ import annotations
