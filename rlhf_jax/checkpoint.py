@@ -4,9 +4,10 @@
 whole TrainState, sharded) and ``meta`` (JSON: data position, the resolved config). A
 rerun of the same command restores the latest step onto the current mesh.
 
-``<workdir>/<stage>/export``: ``params/`` (Orbax) and ``export.json`` (model config and any
-stage extras, e.g. the reward normalisation). Exports are always restored with a target,
-so they land on whatever mesh the next stage runs on.
+``<workdir>/<stage>/export``: ``params/`` (Orbax), ``export.json`` (model config and any
+stage extras, e.g. the reward normalisation) and ``rlhf_jax_checksums.json`` (CRC32 of every
+other file, checked before each load). Exports are always restored with a target, so they
+land on whatever mesh the next stage runs on.
 """
 
 from __future__ import annotations
@@ -154,21 +155,32 @@ class StageCheckpoints:
         self.manager.close()
 
 
+def checksum_damage(directory: pathlib.Path) -> str | None:
+    """Which file of ``directory`` is missing or changed since its ``rlhf_jax_checksums.json``
+    was written (None: none, or no checksums to compare)."""
+    sums_path = directory / CHECKSUMS
+    if not sums_path.is_file():
+        return None
+    try:
+        saved = json.loads(sums_path.read_text())
+    except ValueError:
+        return f"its {CHECKSUMS} is not valid JSON"
+    now = _file_sums(directory)
+    for name in sorted(saved):
+        if name not in now:
+            return f"{name} is missing"
+        if now[name] != saved[name]:
+            return f"{name} changed since it was written (checksum mismatch)"
+    return None
+
+
 def step_damage(step_dir: pathlib.Path) -> str | None:
     """What is wrong with the finished checkpoint ``step_dir`` on disk, or None: a file
-    missing or changed since its checksums were written, or Orbax's metadata unreadable."""
-    sums_path = step_dir / CHECKSUMS
-    if sums_path.is_file():  # absent only if the run died between a save and its seal
-        try:
-            saved = json.loads(sums_path.read_text())
-        except ValueError:
-            return f"its {CHECKSUMS} is not valid JSON"
-        now = _file_sums(step_dir)
-        for name in sorted(saved):
-            if name not in now:
-                return f"{name} is missing"
-            if now[name] != saved[name]:
-                return f"{name} changed since it was written (checksum mismatch)"
+    missing or changed since its checksums were written (they are absent only if the run
+    died between a save and its seal), or Orbax's metadata unreadable."""
+    why = checksum_damage(step_dir)
+    if why:
+        return why
     try:
         read_step_state_metadata(step_dir)
     except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage
@@ -253,7 +265,8 @@ def export_params(directory: str | pathlib.Path, params: Any, model_cfg: ModelCo
         ckptr.save(staging / "params", params)  # every process writes its shards
     meta = {"model": dataclasses.asdict(model_cfg), **(extra or {})}
     if primary:
-        (staging / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_text(staging / EXPORT_META, json.dumps(meta, indent=2, sort_keys=True))
+        write_text(staging / CHECKSUMS, json.dumps(_file_sums(staging), indent=0, sort_keys=True))
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)
@@ -282,7 +295,25 @@ def read_export_meta(directory: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(directory) / EXPORT_META
     if not path.is_file():
         raise CheckpointError(f"{directory}: not an export (no {EXPORT_META}); did the stage finish?")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the export is damaged"
+                              + (f" ({export_damage(path.parent)})" if export_damage(path.parent) else "")) from None
+
+
+def export_damage(directory: str | pathlib.Path) -> str | None:
+    """What is wrong with an export on disk (a file missing or changed since it was written),
+    None if nothing is, or if it has no checksums (written before exports had them)."""
+    return checksum_damage(pathlib.Path(directory))
+
+
+def verify_export(directory: str | pathlib.Path) -> None:
+    """Refuses a damaged export, naming the file."""
+    why = export_damage(directory)
+    if why:
+        raise CheckpointError(f"{directory} is damaged: {why}; rerun the stage that wrote it (it exports again "
+                              "from its last checkpoint), or restore the export from a copy")
 
 
 def export_model_config(directory: str | pathlib.Path) -> ModelConfig:
@@ -299,6 +330,7 @@ def load_export(directory: str | pathlib.Path, target_params: Any,
     ShapeDtypeStructs). With ``model_cfg``, first checks the export was made for the same
     architecture and names the fields that differ."""
     directory = pathlib.Path(directory).absolute()
+    verify_export(directory)
     saved_cfg = export_model_config(directory)
     if model_cfg is not None:  # scan_layers is a layout, not architecture: converted below
         check_same_model(saved_cfg, model_cfg, f"{directory} (export)")

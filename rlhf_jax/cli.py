@@ -14,11 +14,12 @@ import contextlib
 import pathlib
 import sys
 
+from rlhf_jax.cli_args import REWARD_BLOCKS, check_command_line
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 from rlhf_jax.distributed import maybe_initialize
 from rlhf_jax.host import keep_freed_memory
 from rlhf_jax.stages.table import STAGES as TABLE  # the table imports no model
-from rlhf_jax.stages.table import stage_named
+from rlhf_jax.stages.table import BY_NAME, stage_named
 
 STAGE_COMMANDS = tuple(stage.cli_name for stage in TABLE if stage.command)
 STAGES = ("pipeline", *STAGE_COMMANDS, "sample", "label")
@@ -27,10 +28,11 @@ STAGES = ("pipeline", *STAGE_COMMANDS, "sample", "label")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    # convert and data have their own flags and parsers (rlhf_jax.convert, rlhf_jax.data.cli);
-    # listed here so --help names them
-    parser.add_argument("command", choices=(*STAGES, "convert", "data"),
-                        help="a stage, the whole pipeline, sample, label, convert or data (--help after it for its flags)")
+    # convert, data and compile have their own flags and parsers (rlhf_jax.convert, rlhf_jax.data.cli,
+    # rlhf_jax.aot.command); listed here so --help names them
+    parser.add_argument("command", choices=(*STAGES, "convert", "data", "compile"),
+                        help="a stage, the whole pipeline, sample, label, convert, data, or compile (for a TPU "
+                             "topology; --help after it for its flags)")
     parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -51,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--overlap", type=int, default=10,
                        help="label: the first N items are shown to every labeler (for agreement)")
     label.add_argument("--host", default=None,
-                       help="label: address to bind (default 127.0.0.1); any other prints an access token")
+                       help="label: address to bind (default 127.0.0.1); one that is not loopback (127.x, ::1, "
+                            "localhost) prints an address with an access token")
+    label.add_argument("--guidelines", help="label: a Markdown file of instructions shown to labelers "
+                                            "(default: the packaged ones)")
     label.add_argument("--port", type=int, default=8765, help="label: port (0: any free one)")
     label.add_argument("--stats", action="store_true", help="label: print agreement statistics and exit")
     label.add_argument("--merge", action="store_true",
@@ -80,33 +85,63 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["convert"]:
         from rlhf_jax.convert import main as convert_main
 
-        return convert_main(argv[1:])
+        return _reported("convert", lambda: convert_main(argv[1:]))
     if argv[:1] == ["data"]:
         from rlhf_jax.data.cli import main as data_main
 
-        return data_main(argv[1:])
+        return _reported("data", lambda: data_main(argv[1:]))
+    if argv[:1] == ["compile"]:  # ahead-of-time compilation for a TPU topology (docs/tpu.md)
+        from rlhf_jax.aot.command import main as compile_main
+
+        return _reported("compile", lambda: compile_main(argv[1:]))
+    if argv[:1] and argv[0] in STAGES and {"-h", "--help"} & set(argv[1:]):
+        from rlhf_jax.cli_args import stage_help
+
+        print(stage_help(argv[0], _parser()))
+        return 0
     args, overrides = _parser().parse_known_args(argv)
+    return _reported(args.command, lambda: _resolve_and_run(args, overrides))
+
+
+def _resolve_and_run(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf_jax.stages.loop import Interrupted
 
     try:
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
             raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
         if args.reward is not None:
-            stage = stage_named(args.command, "--reward")
-            if stage.block not in ("ppo", "rloo", "grpo", "best_of_n"):
+            stage = BY_NAME.get(args.command.replace("-", "_"))
+            if stage is None or stage.block not in REWARD_BLOCKS:
                 raise ConfigError(f"--reward applies to ppo, rloo, grpo and best-of-n, not {args.command}")
             overrides = [*overrides, f"--{stage.block}.reward_init={args.reward}"]
         cfg = resolve_config(args.config, args.workdir, overrides)  # validates every field first
+        check_command_line(args)
         maybe_initialize(cfg.distributed)  # before anything touches a device
         with _run_directory_lock(args.command, args.workdir):
             _run(args, cfg)
     except Interrupted as stop:  # a SIGTERM stopped the pipeline after the stage saved
         print(stop)
-        return 0
-    except (ConfigError, ValueError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf stop
-        print(f"rlhf-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
     return 0
+
+
+def _reported(command: str, run) -> int:
+    """``run()``'s exit status; a failure that is not a bug (a refused input, a full disk, a
+    NaN stop: see :mod:`rlhf_jax.failures`) is one line and status 2, Ctrl-C status 130."""
+    from rlhf_jax.failures import one_line, quiet_background_failures
+
+    quiet_background_failures()
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"rlhf-jax {command}: interrupted (Ctrl-C); rerun the same command to resume from the last "
+              "finished checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one_line decides; anything else is re-raised
+        message = one_line(err)
+        if message is None:
+            raise
+        print(f"rlhf-jax {command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _run_directory_lock(command: str, workdir: str):
@@ -144,7 +179,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
         result = stage.run(cfg, args.workdir, RunOptions(stage=args.stage, stop_after=args.stop_after_steps,
                                                          generation_metrics=_task_metrics(cfg, stage)))
         name = args.stage or stage.name
-        print(f"{name}: {result}" if result else f"{name}: stopped early; rerun to resume")
+        done = f"{name} export: {result}" if stage.trains and stage.name != "comparisons" else f"{name}: {result}"
+        print(done if result else f"{name}: stopped early; rerun to resume")
     elif args.command == "sample":
         from rlhf_jax.generate import generate_from_export
 
@@ -182,7 +218,7 @@ def _label(args: argparse.Namespace, cfg: Config) -> None:
         return
     with hold_run_directory(labels_dir(workdir)):  # one labeling server per run directory
         items = command.prepare_items(cfg, workdir, args.prompts, args.policy, args.k, args.n_prompts, args.overlap)
-        command.serve(workdir, items, args.host, args.port)
+        command.serve(workdir, items, args.host, args.port, args.guidelines)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def default_config() -> Config:
             # SFT policy's own samples at chance even on noise-free labels (held-out accuracy
             # 0.55); at 2e-4, 0.62. A third epoch gained nothing.
             optim=OptimConfig(learning_rate=2e-4), k_max=9, epochs=2, log_every=10),
+        # Every policy samples (and is evaluated) with these settings: PPO's, RLOO's and GRPO's
+        # episodes, the held-out evaluation (its 256-prompt batches: the evaluator's keys are per
+        # batch), best-of-n, `rlhf-jax sample`.
+        generation=GenerationConfig(
+            sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+            prompts=DataConfig(train_path="task:prompts", val_path="task:prompts_val", batch_size=256,
+                               max_len=PROMPT_LEN)),
         # PPO on a tiny model needs large minibatches: Adam moves every weight by about the
         # learning rate per step whatever the gradient's noise, and with 16-episode minibatches
         # (lr 2e-4) even the gold scorer as reward left the gold score flat (0.643 -> 0.644 in
@@ -59,13 +66,6 @@ def default_config() -> Config:
         # nats of KL on what the RM cannot judge and over-optimised it (one RM, seed 0, 30
         # iterations: sampled gold 0.731 -> 0.720 at beta 0.02, 0.734 at 0.05, 0.749 at 0.1,
         # 0.758 at 0.2, 0.754 at 0.4); with 60 iterations instead of 30, 0.750 -> 0.759.
-        # Every policy samples (and is evaluated) with these settings: PPO's, RLOO's and GRPO's
-        # episodes, the held-out evaluation (its 256-prompt batches: the evaluator's keys are per
-        # batch), best-of-n, `rlhf-jax sample`.
-        generation=GenerationConfig(
-            sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
-            prompts=DataConfig(train_path="task:prompts", val_path="task:prompts_val", batch_size=256,
-                               max_len=PROMPT_LEN)),
         ppo=PPOConfig(
             prompts=_prompts(256),
             pretrain=_pretrain(),

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from rlhf_jax import losses
 from rlhf_jax.config import SamplingConfig
 from rlhf_jax.data import to_global
-from rlhf_jax.policy import RewardFn, response_logits, response_logprobs
+from rlhf_jax.policy import RewardFn, response_terms
 from rlhf_jax.sampling import Samples, make_sampler
 from rlhf_jax.sharding import jit_under_mesh
 from rlhf_jax.steps import make_lm_eval_step
@@ -65,10 +65,8 @@ class PolicyEvaluator:
             tokens, segments, positions = samples.full_sequences()
             p = samples.prompt_tokens.shape[1]
             mask = samples.mask.astype(jnp.float32)
-            logp = response_logprobs(response_logits(policy, params, tokens, segments, positions, p), tokens, p,
-                                     temperature)
-            ref = response_logprobs(response_logits(policy, ref_params, tokens, segments, positions, p), tokens, p,
-                                    temperature)
+            logp = response_terms(policy, params, tokens, segments, positions, p, temperature).logprobs
+            ref = response_terms(policy, ref_params, tokens, segments, positions, p, temperature).logprobs
             return jnp.sum(losses.kl_estimate(logp, ref, kl_estimator) * mask, axis=1)
 
         self.kl = jit_under_mesh(kl_to_reference, mesh) if temperature > 0 else None

@@ -14,6 +14,7 @@ from rlhf_jax import parameters
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, to_global
 from rlhf_jax.data.chat import Prompt, is_conversation, user_message
+from rlhf_jax.data.tokenizer import prompt_ids
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
@@ -36,6 +37,10 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str, 
         if prompts:
             if chat_prompts and env.tokenizer.uses_chat_template:
                 prompts = [user_message(p) if isinstance(p, str) else p for p in prompts]
+            for i, prompt in enumerate(prompts, 1):  # checked here, so no error names the temporary file
+                if not len(prompt_ids(env.tokenizer, prompt)):
+                    raise ConfigError(f"--prompt number {i} ({prompt!r}) encodes to no tokens; the sampler needs "
+                                      "one to start from")
             path = pathlib.Path(tmp) / "prompts.jsonl"
             path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         else:

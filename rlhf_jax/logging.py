@@ -2,6 +2,11 @@
 
 Only process 0 writes. Values arrive as device scalars and are fetched here, at the log
 interval, so the train loop itself never waits on the device.
+
+Both files are written in the caller's thread, each record in whole ``os.write`` calls: a
+write that fails (a full disk) raises here, at the step that logged. tensorboardX's
+``SummaryWriter`` wrote from a thread of its own instead; on a full disk that thread died
+and the next ``add_scalar`` blocked forever on its queue, a process no SIGTERM ended.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import json
 import math
 import os
 import pathlib
+import socket
+import struct
 import sys
 import time
 from typing import Any, Mapping
@@ -38,6 +45,56 @@ def _encode(record: Mapping[str, Any]) -> str:
 
 def _decode(record: dict[str, Any]) -> dict[str, Any]:
     return {k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()}
+
+
+def append_whole(path: pathlib.Path, data: bytes) -> None:
+    """Appends ``data`` to ``path`` (created if needed); a short write is continued, and a
+    write that cannot go on (no space left) raises ``OSError`` naming the file."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    finally:
+        os.close(fd)
+
+
+class EventsFile:
+    """TensorBoard scalars in ``<directory>/events.out.tfevents.<time>.<host>``: TFRecord
+    framing (length, masked CRC32C, payload, masked CRC32C) of ``Event`` protos, each event
+    appended with :func:`append_whole`. ``purge_step``: TensorBoard hides the events an
+    earlier run logged from that step on (a resumed run logs them again)."""
+
+    def __init__(self, directory: pathlib.Path, purge_step: int | None = None):
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        events = [Event(wall_time=time.time(), file_version="brain.Event:2")]
+        if purge_step is not None:
+            events.append(Event(wall_time=time.time(), step=purge_step,
+                                session_log=SessionLog(status=SessionLog.START)))
+        self._write(events)
+
+    def _write(self, events: list) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
+        records = []
+        for event in events:
+            payload = event.SerializeToString()
+            header = struct.pack("Q", len(payload))
+            records += [header, struct.pack("I", masked_crc32c(header)), payload,
+                        struct.pack("I", masked_crc32c(payload))]
+        append_whole(self.path, b"".join(records))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        self._write([Event(wall_time=now, step=step, summary=scalar(k, v)) for k, v in values.items()])
 
 
 def _key(record: Mapping[str, Any]) -> tuple:
@@ -94,9 +151,7 @@ class MetricsLogger:
             if torn or len(kept) < len(records):
                 write_jsonl(self.path, kept, _encode)
             self._earlier = {_key(r): i for i, r in enumerate(kept)}
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=resume_step or None)
+        self._tb = EventsFile(self.stage_dir / "tensorboard", purge_step=resume_step or None)
         if show_progress:
             from tqdm.auto import tqdm
 
@@ -112,17 +167,12 @@ class MetricsLogger:
         record = {"step": step, **values}
         index = self._earlier.pop(_key(record), None)
         if index is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, (_encode(record) + "\n").encode())
-            finally:
-                os.close(fd)
+            append_whole(self.path, (_encode(record) + "\n").encode())
         else:  # logged by the run being resumed: replace that line (rare, so rewrite the file)
             records, _ = _read(self.path)
             records[index] = record
             write_jsonl(self.path, records, _encode)
-        for key, value in values.items():
-            self._tb.add_scalar(key, value, step)
+        self._tb.scalars(step, values)
         return values
 
     def progress(self, step: int, **postfix: float) -> None:
@@ -134,8 +184,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, float]]:

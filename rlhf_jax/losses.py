@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,22 +51,78 @@ def last_index(mask: Array) -> Array:
     return (t - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
 
 
-def _next_token_terms(logits: Array, tokens: Array) -> tuple[Array, Array]:
-    """(``[B, T-1] f32`` log-probability of each next token, ``[B, T-1] bool`` whether it
-    has the highest logit) from logits ``[B, T, V] f32`` and tokens ``[B, T] int32``.
+def _token_terms(logits: Array, targets: Array, with_entropy: bool = False) -> tuple[Array, Array, Array | None]:
+    """(``[B, T] f32`` log-probability of each target, ``[B, T] bool`` whether it has the
+    highest logit, ``[B, T] f32`` entropy of each position's distribution or None) from
+    logits ``[B, T, V] f32`` and targets ``[B, T] int32``.
 
-    Computed on all T positions and sliced after the vocabulary reduction, with the target
-    logit picked by a compare-and-sum: slicing ``logits[:, :-1]`` first, or picking with
-    ``take_along_axis``, makes the backward pass pad and scatter a ``[B, T, V]`` gradient
-    (on CPU, 6% of a GPT-2 SFT step at V = 8192). "Highest" is ``target >= max``, the
-    argmax test except on exact ties.
+    The target logit is picked by a compare-and-sum: picking with ``take_along_axis`` makes
+    the backward pass scatter a ``[B, T, V]`` gradient (on CPU, 6% of a GPT-2 SFT step at
+    V = 8192). "Highest" is ``target >= max``, the argmax test except on exact ties.
     """
-    targets = jnp.roll(tokens, -1, axis=1)  # position t's target is token t+1; the last is unused
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     log_normaliser = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
     vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
     target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-    return (target_logit - log_normaliser)[:, :-1], (target_logit >= top)[:, :-1]
+    entropy = token_entropy(logits) if with_entropy else None
+    return target_logit - log_normaliser, target_logit >= top, entropy
+
+
+def _next_token_terms(logits: Array, tokens: Array) -> tuple[Array, Array]:
+    """(``[B, T-1] f32`` log-probability of each next token, ``[B, T-1] bool`` whether it
+    has the highest logit) from logits ``[B, T, V] f32`` and tokens ``[B, T] int32``.
+
+    Computed on all T positions and sliced after the vocabulary reduction: slicing
+    ``logits[:, :-1]`` first makes the backward pass pad a ``[B, T, V]`` gradient.
+    """
+    logprobs, is_top, _ = _token_terms(logits, jnp.roll(tokens, -1, axis=1))  # the last target is unused
+    return logprobs[:, :-1], is_top[:, :-1]
+
+
+class TokenTerms(NamedTuple):
+    """What a language model says about the next token at each position, ``[B, T-1]``:
+    logprobs (f32, of the token that follows), is_top (bool, it has the highest logit) and
+    entropy (f32, of the whole next-token distribution; None when not asked for)."""
+
+    logprobs: Array
+    is_top: Array
+    entropy: Array | None
+
+
+def chunked_next_token_terms(hidden: Array, unembed: Callable[[Array], Array], tokens: Array, chunk: int,
+                             temperature: float = 1.0, with_entropy: bool = False) -> TokenTerms:
+    """:class:`TokenTerms` of ``tokens`` ``[B, T] int32`` from the final hidden states
+    ``hidden`` ``[B, T, E]`` without ever holding more than ``[B, chunk, V]`` f32 logits.
+
+    ``unembed``: ``[B, c, E] -> [B, c, V] f32`` logits (the model's unembedding, padded ids
+    masked); they are divided by ``temperature`` (the sampling distribution's, 1: as is).
+    The sequence is cut in chunks of ``chunk`` positions (the last one padded) and a
+    ``lax.scan`` computes each chunk's logits, reduces them to the three ``[B, c]`` terms and
+    drops them; the chunk body is rematerialised, so the backward pass recomputes one
+    chunk's logits at a time and the unembedding's gradient accumulates chunk by chunk
+    (MaxText's vocabulary tiling, Liger's fused linear cross-entropy, along the sequence).
+    Every position's terms are those :func:`sft_loss` and :func:`entropy` compute from the
+    whole ``[B, T, V]`` logits; with ``chunk >= T`` this *is* that computation, unchunked.
+    """
+    targets = jnp.roll(tokens, -1, axis=1)  # position t's target is token t+1; the last is unused
+
+    def terms(h: Array, target: Array) -> tuple[Array, Array, Array | None]:
+        logits = unembed(h)
+        return _token_terms(logits if temperature == 1.0 else logits / temperature, target, with_entropy)
+
+    b, t = tokens.shape
+    if chunk >= t:
+        out = terms(hidden, targets)
+    else:
+        n = -(-t // chunk)
+        pad = n * chunk - t  # padded positions compute terms that are sliced off: no gradient
+        split = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+            b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        body = jax.checkpoint(terms, prevent_cse=False)  # scan already keeps the recomputation apart
+        _, out = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None, (split(hidden), split(targets)))
+        out = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], out)
+    logprobs, is_top, entropy = jax.tree.map(lambda x: x[:, :-1], out)
+    return TokenTerms(logprobs, is_top, entropy)
 
 
 def next_token_logprobs(logits: Array, tokens: Array) -> Array:
@@ -86,8 +143,14 @@ def sft_loss(logits: Array, tokens: Array, loss_mask: Array,
     denominator: target count to divide by (default: this batch's).
     Returns (mean NLL per target token, metrics).
     """
+    return sft_loss_from_terms(*_next_token_terms(logits, tokens), loss_mask, denominator)
+
+
+def sft_loss_from_terms(logprobs: Array, is_top: Array, loss_mask: Array,
+                        denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """:func:`sft_loss` from the next-token terms (``[B, T-1]``, e.g. of
+    :func:`chunked_next_token_terms`): logprobs f32, is_top bool; loss_mask ``[B, T]``."""
     target_mask = loss_mask[:, 1:].astype(jnp.float32)
-    logprobs, is_top = _next_token_terms(logits, tokens)
     nll = -logprobs
     loss = masked_mean(nll, target_mask, denominator)
     metrics = {  # over this batch alone, whatever ``denominator`` is
@@ -377,13 +440,23 @@ def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
     return 1.0 - var_residual / jnp.maximum(var_returns, 1e-8)
 
 
+def token_entropy(logits: Array) -> Array:
+    """``[...] f32``: the entropy of each softmax distribution of logits ``[..., V] f32``."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
 def entropy(logits: Array, mask: Array, denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Mean entropy of the policy's next-token distributions over the mask.
 
     logits: ``[B, T, V] f32``; mask: ``[B, T]``.
     """
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    per_token = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return entropy_from_terms(token_entropy(logits), mask, denominator)
+
+
+def entropy_from_terms(per_token: Array, mask: Array, denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """:func:`entropy` from each position's entropy ``[B, T] f32`` (e.g. the ``entropy`` of
+    :func:`chunked_next_token_terms`)."""
     value = masked_mean(per_token, mask, denominator)
     return value, {"entropy": value}
 
@@ -399,7 +472,13 @@ def ptx_loss(logits: Array, tokens: Array, loss_mask: Array,
              denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """The pretraining term of PPO-ptx: next-token NLL on pretraining text (shapes as
     :func:`sft_loss`); minimising it maximises ``E_pretrain[log pi(x)]``."""
-    loss, metrics = sft_loss(logits, tokens, loss_mask, denominator)
+    return ptx_loss_from_terms(*_next_token_terms(logits, tokens), loss_mask, denominator)
+
+
+def ptx_loss_from_terms(logprobs: Array, is_top: Array, loss_mask: Array,
+                        denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """:func:`ptx_loss` from the next-token terms (as :func:`sft_loss_from_terms`)."""
+    loss, metrics = sft_loss_from_terms(logprobs, is_top, loss_mask, denominator)
     return loss, {"loss": loss, "accuracy": metrics["accuracy"]}
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import OnlineConfig, SamplingConfig
-from rlhf_jax.policy import RewardFn, response_logits, response_logprobs
+from rlhf_jax.policy import RewardFn, response_terms
 from rlhf_jax.sampling import Samples
 from rlhf_jax.sharding import jit_under_mesh
 from rlhf_jax.steps import apply_gradients, split_microbatches
@@ -48,8 +48,7 @@ def episode_logprobs(policy: nn.Module, params: Any, ref_params: Any, samples: S
     temperature = sampling.temperature
 
     def logprobs(p):
-        return response_logprobs(response_logits(policy, p, tokens, segments, positions, prompt_len), tokens,
-                                 prompt_len, temperature) * mask
+        return response_terms(policy, p, tokens, segments, positions, prompt_len, temperature).logprobs * mask
 
     old_logp = samples.logprobs * mask if takes_sampler_logprobs(cfg, sampling) else logprobs(params)
     return old_logp, logprobs(ref_params)
@@ -172,8 +171,8 @@ def make_group_update(method: CriticFree, policy: nn.Module, tx: optax.GradientT
         prompt_len = mb.tokens.shape[1] - mb.response_mask.shape[1]
 
         def objective(params):
-            logits = response_logits(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len)
-            return method.loss(response_logprobs(logits, mb.tokens, prompt_len, temperature), mb)
+            terms = response_terms(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len, temperature)
+            return method.loss(terms.logprobs, mb)
 
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.policy.params)
         policy_state, ema = policy_step(state.policy, state.ema_params, grads, tx, cfg.ema_decay)

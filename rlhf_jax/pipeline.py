@@ -90,6 +90,7 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool, preempt
     def stage(name: str, run: Callable[[], Any]) -> None:
         """Runs ``run`` unless stage ``name`` is finished; stops the pipeline on a SIGTERM."""
         if _stage_done(workdir, name):
+            run()  # returns at once, having checked it was made from this run's inputs (else refuses)
             return
         if preemption.signalled:
             raise Interrupted(f"before stage {name}")
@@ -119,7 +120,8 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool, preempt
     if preemption.signalled:
         raise Interrupted("before the evaluation (every stage finished)")
     started = time.perf_counter()
-    report, samples = evaluate(cfg, workdir, methods)
+    with preemption.raising("during the evaluation (every stage finished; a rerun evaluates again)"):
+        report, samples = evaluate(cfg, workdir, methods)
     # every training stage's seconds over all invocations, and this run's evaluation (a rerun repeats it)
     timings = {**_read_timings(workdir), "evaluation": time.perf_counter() - started}
     report["stage_seconds"] = timings

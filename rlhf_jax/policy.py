@@ -14,7 +14,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from rlhf_jax import losses
+from rlhf_jax import lm_terms, losses
 from rlhf_jax.sampling import Samples
 from rlhf_jax.steps import last_token_scores
 
@@ -34,6 +34,15 @@ def response_logprobs(logits, tokens, prompt_len: int, temperature: float):
     """``[B, N]`` log-probs of the response tokens under the sampling distribution at
     ``temperature``, from :func:`response_logits`' output."""
     return losses.next_token_logprobs(tempered(logits, temperature), tokens[:, prompt_len - 1:])
+
+
+def response_terms(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int,
+                   temperature: float, with_entropy: bool = False) -> losses.TokenTerms:
+    """``[B, N]`` log-probs (and top-1 hits, entropies) of the response tokens under the
+    sampling distribution at ``temperature``, a chunk of logits at a time (``rlhf_jax.lm_terms``):
+    what :func:`response_logprobs` computes from all of :func:`response_logits` at once."""
+    return lm_terms.next_token_terms(model, params, tokens, positions, segment_ids, start=prompt_len - 1,
+                                     temperature=temperature, with_entropy=with_entropy)
 
 
 def response_values(model: nn.Module, params: Any, tokens, segment_ids, positions, prompt_len: int):

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import losses
+from rlhf_jax import lm_terms, losses
 from rlhf_jax.config import PPOConfig, SamplingConfig
 from rlhf_jax.online_steps import (episode_logprobs, episode_metrics, make_update, penalized_scores, policy_step,
                                    shardings_of_batch)
-from rlhf_jax.policy import RewardFn, response_logits, response_logprobs, response_values, tempered
+from rlhf_jax.policy import RewardFn, response_terms, response_values
 from rlhf_jax.sampling import Samples
 from rlhf_jax.sharding import jit_under_mesh
 from rlhf_jax.steps import apply_gradients
@@ -80,17 +80,18 @@ def make_ppo_update(policy: nn.Module, value_model: nn.Module, policy_tx: optax.
     temperature = sampling.temperature
 
     def policy_objective(params, mb: Rollout, ptx: TokenBatch, prompt_len):
-        logits = response_logits(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len)
-        logp = response_logprobs(logits, mb.tokens, prompt_len, temperature)
-        pg, pg_metrics = losses.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, cfg.clip)
-        # the entropy of the distribution the episodes were sampled from, as the log-probs are
-        entropy, entropy_metrics = losses.entropy(tempered(logits[:, :-1], temperature), mb.response_mask)
+        # log-probs and entropy of the distribution the episodes were sampled from
+        terms = response_terms(policy, params, mb.tokens, mb.segment_ids, mb.positions, prompt_len, temperature,
+                               with_entropy=True)
+        pg, pg_metrics = losses.ppo_policy_loss(terms.logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                                cfg.clip)
+        entropy, entropy_metrics = losses.entropy_from_terms(terms.entropy, mb.response_mask)
         ptx_value, ptx_metrics = jnp.zeros(()), {}
         if cfg.ptx_coef:
             # unpacked pretraining rows are one piece then padding: a GPU may take cuDNN
-            ptx_logits, _ = policy.apply({"params": params}, ptx.tokens, ptx.positions, ptx.segment_ids,
-                                         right_padded=not cfg.pretrain.packing)
-            ptx_value, ptx_metrics = losses.ptx_loss(ptx_logits, ptx.tokens, ptx.loss_mask)
+            ptx_terms = lm_terms.next_token_terms(policy, params, ptx.tokens, ptx.positions, ptx.segment_ids,
+                                                  right_padded=not cfg.pretrain.packing)
+            ptx_value, ptx_metrics = losses.ptx_loss_from_terms(ptx_terms.logprobs, ptx_terms.is_top, ptx.loss_mask)
         total, terms = losses.ppo_objective(pg, entropy, ptx_value, entropy_coef=cfg.entropy_coef,
                                             ptx_coef=cfg.ptx_coef)
         return total, {**losses.named("ppo", {**pg_metrics, **entropy_metrics, **terms}),

@@ -8,6 +8,7 @@ import math
 import pathlib
 from typing import Any
 
+from rlhf_jax.atomic import replace_file, write_text
 from rlhf_jax.logging import read_metrics
 
 PLOTS = ("sft_rm_loss.png", "rm_accuracy.png", "ppo_training.png", "gold_vs_sqrt_kl.png", "metadata.png",
@@ -137,11 +138,13 @@ def frontier_plot(workdir: pathlib.Path, report: dict[str, Any], methods: tuple[
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig.tight_layout()
+    try:  # a full disk leaves the old plot, not a cut one
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -194,7 +197,7 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
     """Writes report.json, the plots and report.md into ``workdir``; ``methods``: the stages
     of :mod:`rlhf_jax.stages.table` the run has (``pipeline.methods``)."""
     report = dict(report, non_finite=non_finite(report))
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text(workdir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_plots(workdir, report, methods)
     policies = _policies(report, methods)
     baselines = [b for b in ("sft", "sft_large") if b in report]
@@ -203,8 +206,9 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
     lines = [f"# rlhf_jax report: {report.get('name', '')}", "", f"Wall time: {report['wall_seconds']:.0f} s.", "",
              f"Held-out prompts ({ev['prompts']}): *sampled* is {ev['samples_per_prompt']} responses per prompt at "
              f"the sampling temperature {ev['temperature']} (generation.sampling, the online methods' too), *greedy* "
-             f"one; win rates pair each response with the baseline's to the same prompt (and draw), ties half. KL to SFT: the summed per-token "
-             f"{ev['kl_estimator']} estimate on sampled responses, at that temperature.", ""]
+             f"one; win rates pair each response with the baseline's to the same prompt (and draw), ties half. "
+             f"KL to SFT: the summed per-token {ev['kl_estimator']} estimate on sampled responses, at that "
+             "temperature.", ""]
     lines += _table(["policy", "gold (sampled)", *[f"win vs {b} (sampled)" for b in baselines], "gold (greedy)",
                      *[f"win vs {b} (greedy)" for b in baselines], "KL to SFT", "pretraining loss", "RM score (sampled)"],
                     [[p, get(p, "sampled", "gold_score"), *[get(p, "sampled", f"win_rate_vs_{b}") for b in baselines],
@@ -242,4 +246,4 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
         lines += ["", f"## Sample held-out responses ({decoding})", "",
                   "| prompt | " + " | ".join(policies) + " |", "|---" * (1 + len(policies)) + "|"]
         lines += [f"| {row['prompt']} | " + " | ".join(row[p] for p in policies) + " |" for row in rows]
-    (workdir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(workdir / "report.md", "\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ Everything here checks its inputs before anything compiles.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Any, Callable
 
@@ -166,16 +167,35 @@ def logical_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+_ABSTRACT_CREATION: contextvars.ContextVar[bool] = contextvars.ContextVar("abstract_creation", default=False)
+
+
+@contextlib.contextmanager
+def abstract_creation():
+    """Inside, :func:`sharded_create` allocates nothing and returns ``ShapeDtypeStruct``s
+    with their shardings: how ``rlhf_jax.aot`` builds a stage's own train state for devices
+    it cannot run on (a TPU slice described on a CPU host)."""
+    token = _ABSTRACT_CREATION.set(True)
+    try:
+        yield
+    finally:
+        _ABSTRACT_CREATION.reset(token)
+
+
 def sharded_create(create_fn: Callable[..., Any], mesh: Mesh, *args) -> tuple[Any, Any]:
     """Runs ``create_fn(*args)`` jitted so that its outputs are born sharded.
 
     ``create_fn`` may return ``nn.Partitioned`` boxes (as ``model.init`` and ``tx.init`` on
-    boxed params do); the result is unboxed. Returns (state, shardings).
+    boxed params do); the result is unboxed. Returns (state, shardings); under
+    :func:`abstract_creation` the state is abstract.
     """
     with activate(mesh):
         boxed = jax.eval_shape(create_fn, *args)
         shardings = logical_shardings(boxed, mesh)
         check_divisible(strip_boxes(boxed), shardings)
+        if _ABSTRACT_CREATION.get():
+            return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shardings,
+                                strip_boxes(boxed)), shardings
         state = jax.jit(lambda *a: strip_boxes(create_fn(*a)), out_shardings=shardings)(*args)
     return state, shardings
 

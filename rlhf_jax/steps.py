@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rlhf_jax import losses, parameters, sharding
+from rlhf_jax import lm_terms, losses, parameters, sharding
 from rlhf_jax.types import RankingBatch, TokenBatch, TrainState
 
 
@@ -117,9 +117,9 @@ def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     """
 
     def loss_fn(params, batch: TokenBatch, rng, denominator):
-        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
-                                deterministic=False, rngs={"dropout": rng}, right_padded=right_padded)
-        loss, metrics = losses.sft_loss(logits, batch.tokens, batch.loss_mask, denominator)
+        terms = lm_terms.next_token_terms(model, params, batch.tokens, batch.positions, batch.segment_ids,
+                                          rngs={"dropout": rng}, right_padded=right_padded)
+        loss, metrics = losses.sft_loss_from_terms(terms.logprobs, terms.is_top, batch.loss_mask, denominator)
         return loss, losses.named("sft", metrics)
 
     return make_train_step(loss_fn, lambda b: losses.target_count(b.loss_mask), tx, mesh, state_shardings,
@@ -142,6 +142,9 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
     b, k, t = batch.tokens.shape
     rows = _rows
     kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    # The head reads every position and the reward is taken after it: gathering the hidden
+    # state first would save a [rows, T, E] f32 copy, but rounds the head's sum differently,
+    # and the embedded pipeline's report is kept identical to the digit.
     values, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
                             rows(batch.segment_ids), right_padded=True, **kwargs)
     return jnp.take_along_axis(values.reshape(b, k, t), batch.last_index[..., None], axis=-1)[..., 0]
@@ -150,14 +153,14 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
 def ranking_logprobs(model: nn.Module, params: Any, batch: RankingBatch, rng: jax.Array | None = None) -> jax.Array:
     """``[B, K] f32``: each response's summed log-prob ``log pi(y | x)`` (its tokens and EOS,
     ``batch.response_mask``) under a language model, all ``B*K`` rows in one forward pass
-    (right-padded, as :func:`ranking_rewards`). ``rng`` enables dropout."""
-    b, k, t = batch.tokens.shape
+    (right-padded, as :func:`ranking_rewards`), a chunk of logits at a time
+    (``rlhf_jax.lm_terms``). ``rng`` enables dropout."""
+    b, k, _ = batch.tokens.shape
     rows = _rows
-    kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-    logits, _ = model.apply({"params": params}, rows(batch.tokens), rows(batch.positions),
-                            rows(batch.segment_ids), right_padded=True, **kwargs)
-    logprobs = losses.next_token_logprobs(logits, rows(batch.tokens))  # [B*K, T-1]: of token t+1
-    return jnp.sum(logprobs * rows(batch.response_mask)[:, 1:], axis=1).reshape(b, k)
+    terms = lm_terms.next_token_terms(model, params, rows(batch.tokens), rows(batch.positions),
+                                      rows(batch.segment_ids), rngs=None if rng is None else {"dropout": rng},
+                                      right_padded=True)  # [B*K, T-1]: of token t+1
+    return jnp.sum(terms.logprobs * rows(batch.response_mask)[:, 1:], axis=1).reshape(b, k)
 
 
 PreferenceLoss = Callable[[jax.Array, Any, Any], tuple[jax.Array, dict]]  # (scores, batch, denominator)
@@ -286,11 +289,10 @@ def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, right_
     ``right_padded``: as :func:`make_sft_step`."""
 
     def evaluate(params, batch: TokenBatch):
-        logits, _ = model.apply({"params": params}, batch.tokens, batch.positions, batch.segment_ids,
-                                right_padded=right_padded)
+        terms = lm_terms.next_token_terms(model, params, batch.tokens, batch.positions, batch.segment_ids,
+                                          right_padded=right_padded)
         target_mask = batch.loss_mask[:, 1:].astype(jnp.float32)
-        nll = -losses.next_token_logprobs(logits, batch.tokens)
-        return losses.masked_sum(nll, target_mask), jnp.sum(target_mask)
+        return losses.masked_sum(-terms.logprobs, target_mask), jnp.sum(target_mask)
 
     return sharding.jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, TokenBatch)),
                           out_shardings=sharding.replicated(mesh))

@@ -10,6 +10,45 @@ import numpy as np
 from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
                              OptimConfig, SFTConfig, TokenizerConfig)
 
+# float32 spacing at 1 (2**-23): one rounding is off by at most eps/2 of its value
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def f32_rtol(*sums: int, ops: int = 2) -> float:
+    """Relative tolerance between two float32 evaluations of one quantity that differ in how
+    they add up (one device against a sharded all-reduce, a scan against a loop, blocked
+    against whole attention, another formula for the same value).
+
+    A sum of n terms computed in any order is off by at most (n - 1) * eps/2 times the sum of
+    its terms' magnitudes (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed.,
+    eq. 4.4), so two orders differ by at most (n - 1) * eps; ``sums`` lists the sizes of the
+    sums on the way to the value (their bounds add). ``ops``: the other roundings on the way
+    (a product, an exp, a log: at most an eps each, for both sides together). The result is
+    relative to the magnitude of the terms, which the tests take from the compared values
+    (their terms do not cancel: probabilities, normalised activations, squared norms)."""
+    return (sum(n - 1 for n in sums) + ops) * F32_EPS
+
+
+def forward_sums(cfg: ModelConfig, length: int) -> list[int]:
+    """The sums one forward pass of ``cfg`` over ``length`` positions adds up, for
+    :func:`f32_rtol`: per layer the two norms (d_model each), the attention scores (head
+    dim), their softmax and the weighted values (length each), the output projection and the
+    MLP's two matmuls (d_model, d_model, d_ff); then the final norm and the logits (d_model)."""
+    d = cfg.d_model
+    return [d, cfg.dim_per_head, length, length, d, d, cfg.d_ff, d] * cfg.n_layers + [d, d]
+
+
+def assert_f32_close(got, want, sums, ops: int = 2, scale: float | None = None, err_msg: str = "") -> None:
+    """``got`` equals ``want`` to ``f32_rtol(*sums, ops=ops)`` times ``scale``, the magnitude
+    of the compared sums' terms (default: the largest magnitude in ``want``; pass the scale of
+    a whole gradient tree where a leaf's terms cancel, e.g. a key bias's, whose gradient is 0
+    up to rounding)."""
+    want = np.asarray(want, np.float64)
+    scale = float(np.max(np.abs(want))) if scale is None else scale
+    atol = f32_rtol(*sums, ops=ops) * scale
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=atol, err_msg=err_msg)
+
+
 TINY_MODEL = ModelConfig(family="llama", vocab_size=168, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          d_ff=64, max_len=64, tie_embeddings=False)
 
@@ -40,6 +79,14 @@ def tiny_config(train_path, val_path=None, *, steps=8, batch_size=8, mesh=MeshCo
             checkpoint=CheckpointConfig(save_every=save_every, keep=2),
             epochs=1000, max_steps=steps, dropout=dropout, eval_every=steps, log_every=2),
     )
+
+
+def tree_digest(root: pathlib.Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path: what "nothing changed" compares."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def write_experiment(cfg: Config, path: pathlib.Path) -> pathlib.Path:

@@ -25,8 +25,8 @@ from rlhf_jax.optim import make_optimizer
 from rlhf_jax.stages import common
 from rlhf_jax.stages.rm import run_rm
 from rlhf_jax.stages.sft import run_sft
-from tests.helpers import (TINY_MODEL, rm_config, tiny_config, write_demonstrations, write_experiment,
-                           write_marker_comparisons)
+from tests.helpers import (TINY_MODEL, f32_rtol, forward_sums, rm_config, tiny_config, write_demonstrations,
+                           write_experiment, write_marker_comparisons)
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 REPO = pathlib.Path(__file__).parents[1]
@@ -157,19 +157,31 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[str]:
     return outputs
 
 
-# The two runs differ only in the order partial sums are added: across processes gloo
-# all-reduces them, within one process XLA does, and float32 addition is not associative.
-# Seen: losses and rewards differ by up to 3e-7 relative (a few ulps), weights of ~0.08 by up
-# to 6e-8 after four steps (8 ulps; Adam's eps is raised below so that noise is not
-# amplified). Tolerances are about 5x that; a lost shard, a batch read twice or a wrong
-# reduction moves a loss by >1e-3 and weights by ~lr = 3e-3.
-METRIC_RTOL, METRIC_ATOL = 2e-6, 1e-7
-PARAM_ATOL = 3e-7
-
-
 # One block: a whole transformer still, at half the compile time of two (compiling is most
 # of what these tests cost on a 2-core machine).
 MODEL = dataclasses.replace(TINY_MODEL, n_layers=1)
+STEPS, BATCH, LENGTH, LR, ADAM_EPS = 4, 8, 32, 3e-3, 1e-3
+
+# The two runs differ only in the order partial sums are added: across processes gloo
+# all-reduces them, within one process XLA does, and float32 addition is not associative
+# (tests.helpers.f32_rtol: (n - 1) eps per reordered sum of n terms).
+# - A step's loss or reward: the forward pass's sums, the 168-word softmax and the mean over
+#   the batch's targets; over STEPS small Adam steps each adds at most as much again.
+#   Metrics near 0 (a margin, a reward mean at the start) are sums of O(1) terms: the same
+#   bound, absolute.
+_STEP_RTOL = f32_rtol(*forward_sums(MODEL, LENGTH), TINY_MODEL.vocab_size, BATCH * LENGTH)
+METRIC_RTOL = METRIC_ATOL = STEPS * _STEP_RTOL
+# - Weights: a gradient entry sums the forward and backward chains and the batch's tokens,
+#   with terms of at most 1 (gradients are clipped to global norm 1). Adam's step
+#   lr * m / (sqrt(v) + eps) moves by at most lr / eps per unit of gradient (eps raised to
+#   1e-3 below, so the step is smooth), over STEPS steps. That bound (~2e-3) is too loose
+#   to see a wrong reduction, which the metrics catch; it still catches what the weights
+#   comparison is for, a shard lost, zeroed or misplaced by the two processes' checkpoint and
+#   export writes (it moves a weight by its own size, ~0.02 at init).
+_GRAD_RTOL = f32_rtol(*forward_sums(MODEL, LENGTH), *forward_sums(MODEL, LENGTH), TINY_MODEL.vocab_size,
+                      BATCH * LENGTH)
+PARAM_ATOL = STEPS * (LR / ADAM_EPS) * _GRAD_RTOL
+
 
 
 def _cfg(tmp_path):
@@ -177,7 +189,7 @@ def _cfg(tmp_path):
     # fsdp 4 x tensor 2: the fsdp axis spans both processes, so every parameter is split
     # between them and each process writes only its half of each checkpoint. Dropout: each
     # process must draw its shards' part of the same masks.
-    cfg = tiny_config(demos, steps=4, batch_size=8, mesh=MeshConfig(data=1, fsdp=-1, tensor=2),
+    cfg = tiny_config(demos, steps=STEPS, batch_size=BATCH, mesh=MeshConfig(data=1, fsdp=-1, tensor=2),
                       save_every=2, dropout=0.1, model=MODEL)
     return dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, optim=ADAM))
 
@@ -186,7 +198,7 @@ def _cfg(tmp_path):
 # whose gradient cancels over the batch to ~1e-9 (the reward head starts at zero: many do)
 # takes a full lr-sized step whose sign the summation order decides, and the two runs could
 # only be compared to ~lr.
-ADAM = OptimConfig(learning_rate=3e-3, eps=1e-3)
+ADAM = OptimConfig(learning_rate=LR, eps=ADAM_EPS)
 
 
 def _with_task_files(tmp_path: pathlib.Path, *workdirs: pathlib.Path) -> None:

@@ -18,6 +18,7 @@ from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.steps import create_train_state
 from rlhf_jax.types import PPOState, TokenBatch, TrainState
+from tests.helpers import assert_f32_close, f32_rtol, forward_sums
 
 MODEL = ModelConfig(family="llama", vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                     max_len=32)
@@ -68,8 +69,17 @@ def test_sampler_logprobs_equal_a_recomputed_forward_pass():
         mask = np.asarray(taken.response_mask)
         assert mask.sum() > 20
         np.testing.assert_array_equal(taken.old_logprobs, samples.logprobs * mask)
-        np.testing.assert_allclose(taken.old_logprobs, recomputed.old_logprobs, atol=2e-5)
-        np.testing.assert_allclose(taken.advantages, recomputed.advantages, atol=2e-4)
+        # decoding over the cache's 14 slots against one pass over 14 positions, then a
+        # log-softmax over 37 words (tests.helpers.f32_rtol), at the log-probabilities' scale
+        sums = [*forward_sums(MODEL, 14), MODEL.vocab_size]
+        assert_f32_close(taken.old_logprobs, recomputed.old_logprobs, sums, ops=3)
+        # that difference moves each token's KL reward by kl_coef times it, an advantage by up to
+        # 8 such tokens, divided by the raw advantages' std when they are whitened
+        logprob_bound = f32_rtol(*sums, ops=3) * float(np.max(np.abs(recomputed.old_logprobs)))
+        raw = np.asarray(recomputed.returns - recomputed.old_values)[mask > 0]
+        np.testing.assert_allclose(taken.advantages, recomputed.advantages, rtol=0,
+                                   atol=8 * PPOConfig().kl_coef * logprob_bound / raw.std()
+                                   + f32_rtol(8, 64, ops=4) * float(np.max(np.abs(recomputed.advantages))))
         np.testing.assert_array_equal(taken.ref_logprobs, recomputed.ref_logprobs)
 
 
@@ -112,7 +122,16 @@ def test_update_entropy_is_that_of_the_tempered_sampling_distribution():
     mask = np.asarray(rollout.response_mask)
     tempered, untempered = _entropy_numpy(logits / temperature, mask), _entropy_numpy(logits, mask)
     assert abs(tempered - untempered) > 0.1  # the two differ, so the check below can tell them apart
-    np.testing.assert_allclose(float(update_metrics["ppo/entropy"]), tempered, rtol=1e-5)
+    # the update's forward pass may add up otherwise (tests.helpers.f32_rtol), moving a logit by
+    # at most delta, a tempered one by delta / T; an entropy moves by at most sum_i p_i |z_i - mean z|
+    # times that (its gradient in the tempered logits z), plus its own sums (37 words, the tokens)
+    delta = f32_rtol(*forward_sums(MODEL, rollout.tokens.shape[1]), ops=2) * float(np.abs(logits).max()) / temperature
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    spread = (p * np.abs(z - (p * z).sum(-1, keepdims=True))).sum(-1)[mask > 0].max()
+    np.testing.assert_allclose(float(update_metrics["ppo/entropy"]), tempered, rtol=0,
+                               atol=spread * delta + f32_rtol(MODEL.vocab_size, int(mask.sum()), ops=4) * tempered)
 
 
 class _Batches:
@@ -149,7 +168,18 @@ def test_evaluator_kl_is_the_training_estimate_on_sampled_responses():
         experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, sampling, 0.0, 1.0, mesh)
         _, _, metrics = experience(_state(policy_params, value_params), ref_params, value_params, samples)
         assert len(generations.kl) == 8 and abs(float(metrics["ppo/kl_to_ref"])) > 0.05
-        np.testing.assert_allclose(generations.kl.mean(), float(metrics["ppo/kl_to_ref"]), rtol=1e-4)
+        # both recompute the policy's and the reference's log-probs in passes of their own
+        # (tests.helpers.f32_rtol); a sequence's KL sums up to 8 tokens' log-ratios r, each off by
+        # both bounds, k3's by |1 - e^-r| times that
+        full, segs, pos = samples.full_sequences()
+        logp, ref = (np.asarray(jax.nn.log_softmax(response_logits(policy, p, full, segs, pos, prompts.shape[1])
+                                                   [:, :-1] / sampling.temperature, -1))
+                     for p in (policy_params, ref_params))
+        bound = f32_rtol(*forward_sums(MODEL, full.shape[1]), MODEL.vocab_size, ops=3) * max(
+            np.abs(logp).max(), np.abs(ref).max())
+        slope = 1.0 if estimator == "k1" else float(np.exp(np.abs(logp - ref).max()))
+        np.testing.assert_allclose(generations.kl.mean(), float(metrics["ppo/kl_to_ref"]), rtol=0,
+                                   atol=8 * 2 * bound * slope + f32_rtol(8, 8) * float(np.abs(generations.kl).max()))
     assert (generations.kl >= 0).all()  # k3 is never negative
     greedy = PolicyEvaluator(policy, reward_model_score(scalar), mesh, policy_sh, _Decoder(),
                              dataclasses.replace(sampling, temperature=0.0))
@@ -193,5 +223,11 @@ def test_ptx_rows_take_the_lengths_path_on_a_gpu_and_rollouts_do_not(monkeypatch
     by_lengths = one_update(model)
     assert calls and set(calls) == {(rows, t)}  # the ptx rows, in every layer; no rollout
     assert np.isfinite(float(by_lengths["ptx/loss"]))
+    # bfloat16 compute: a sum added up otherwise can move each rounding of a result to bfloat16
+    # (2**-8) by a step, 9 a layer and the head's, at the scale of the loss's terms (the policy
+    # loss's are whitened advantages, about 1; the others are their own magnitude)
+    steps = (9 * model.n_layers + 1) * 2.0 ** -8
     for key in ("ptx/loss", "ppo/policy_loss", "ppo/entropy"):
-        np.testing.assert_allclose(float(by_lengths[key]), float(by_mask[key]), rtol=1e-5, err_msg=key)
+        scale = 1.0 if key == "ppo/policy_loss" else abs(float(by_mask[key]))
+        np.testing.assert_allclose(float(by_lengths[key]), float(by_mask[key]), rtol=0, atol=steps * scale,
+                                   err_msg=key)

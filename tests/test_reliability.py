@@ -7,7 +7,6 @@ or a second process is the point). ``docs/fault_tolerance.md`` lists what each o
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -24,8 +23,8 @@ from rlhf_jax.cli import main
 from rlhf_jax.config import save_config
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.stages import common
-from tests.helpers import (REPO, cli_env, finish_cli, rm_config, start_cli, tiny_config, write_demonstrations,
-                           write_experiment)
+from tests.helpers import (REPO, cli_env, finish_cli, rm_config, start_cli, tiny_config, tree_digest,
+                           write_demonstrations, write_experiment)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +41,6 @@ def run(tmp_path, task_dir):
     workdir = tmp_path / "run"
     shutil.copytree(task_dir, workdir / "data" / "task")
     return workdir, write_demonstrations(tmp_path / "demos.jsonl", 64)
-
-
-def _digest(root: pathlib.Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _logged_steps(path: pathlib.Path) -> list[int]:
@@ -104,10 +98,10 @@ def test_sigterm_in_the_pipeline_stops_after_the_stage_saves_and_a_rerun_finishe
 def test_bad_values_are_refused_naming_the_field_and_config_json_is_kept(run, capsys, override, field):
     workdir, demos = run
     save_config(tiny_config(demos, steps=4), workdir / "config.json")
-    before = _digest(workdir)
+    before = tree_digest(workdir)
     assert main(["sft", "--workdir", str(workdir), override]) == 2
     assert field in capsys.readouterr().err
-    assert _digest(workdir) == before  # config.json not rewritten, nothing else written
+    assert tree_digest(workdir) == before  # config.json not rewritten, nothing else written
 
 
 def test_a_training_file_smaller_than_one_batch_is_refused(run, capsys):
@@ -160,11 +154,11 @@ def test_a_second_command_in_one_workdir_is_refused_and_a_dead_holders_lock_is_n
         env=cli_env(), stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
-        before = _digest(workdir)
+        before = tree_digest(workdir)
         assert main(["sft", "--config", experiment, "--workdir", str(workdir)]) == 2
         err = capsys.readouterr().err
         assert f"--workdir {workdir} is in use by process {holder.pid} on " in err, err
-        assert _digest(workdir) == before
+        assert tree_digest(workdir) == before
     finally:
         holder.kill()  # like kill -9: no cleanup, the lock file stays
         holder.wait()

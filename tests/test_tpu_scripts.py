@@ -85,9 +85,13 @@ def _launched(remote: str) -> list[str]:
 @pytest.mark.parametrize("stage", [s for s in cli.STAGES if s not in ("sample", "label")])
 def test_launch_runs_the_stage_on_every_worker_and_the_cli_accepts_it(capsys, stage):
     experiment = "experiments/llama_tpu_pod.py"
-    (ssh,) = dry_run(capsys, "launch", "--env", "RLHF_JAX_DATA_DIR=/mnt/disks/b/data", "--",
-                     stage, "--config", experiment, "--workdir", "/mnt/disks/b/runs/my run",
-                     "--ppo.kl_coef=0.05", "--sft.optim.learning_rate=2e-5")
+    check, ssh = dry_run(capsys, "launch", "--topology", "v5p-32", "--env", "RLHF_JAX_DATA_DIR=/mnt/disks/b/data",
+                         "--", stage, "--config", experiment, "--workdir", "/mnt/disks/b/runs/my run",
+                         "--ppo.kl_coef=0.05", "--sft.optim.learning_rate=2e-5")
+    # first, here: every program of the stage compiled for the slice (a non-zero exit stops the launch)
+    assert check[check.index("-m"):] == ["-m", "rlhf_jax.cli", "compile", "--config", str(REPO / experiment),
+                                         "--topology", "v5p-32", "--stages", tpu.COMPILED_STAGES[stage],
+                                         "--ppo.kl_coef=0.05", "--sft.optim.learning_rate=2e-5"]
     assert "--worker=all" in ssh
     remote = _remote(ssh)
     assert "export RLHF_JAX_DATA_DIR=/mnt/disks/b/data" in remote
@@ -110,16 +114,33 @@ def test_launch_runs_the_stage_on_every_worker_and_the_cli_accepts_it(capsys, st
     (["sample", "--workdir", "w"], "one worker"),
     (["label", "--workdir", "w"], "one worker"),
     ([], "after --"),
+    (["sft", "--workdir", "w", "--config", "experiments/nowhere.py"], "nowhere.py is not here to compile"),
 ])
 def test_launch_refuses_what_rlhf_jax_would_refuse(capsys, args, message):
-    assert tpu.main(["launch", *WHERE, "--dry-run", "--", *args]) == 2
+    assert tpu.main(["launch", *WHERE, "--dry-run", "--topology", "v5p-32", "--", *args]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing to run
     assert message in captured.err
 
 
+def test_launch_needs_a_topology_to_compile_for_or_an_explicit_skip(capsys):
+    assert tpu.main(["launch", *WHERE, "--dry-run", "--", "sft", "--workdir", "w"]) == 2
+    assert "pass --topology" in capsys.readouterr().err
+    assert tpu.main(["launch", *WHERE, "--dry-run", "--topology", "v5p-31", "--", "sft", "--workdir", "w"]) == 2
+    assert "v5p-31" in capsys.readouterr().err
+
+
+def test_a_failing_compile_check_stops_the_launch(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(tpu.subprocess, "run", lambda command: ran.append(command) or
+                        type("Result", (), {"returncode": 3 if "compile" in command else 0})())
+    assert tpu.main(["launch", *WHERE, "--topology", "v5e-16", "--", "sft", "--workdir", "/w"]) == 3
+    assert len(ran) == 1 and "compile" in ran[0]  # the ssh launch never ran
+
+
 def test_launch_keeps_an_explicit_distributed_mode(capsys):
-    (ssh,) = dry_run(capsys, "launch", "--run", "x", "--", "rm", "--workdir", "/w", "--distributed.mode=on")
+    (ssh,) = dry_run(capsys, "launch", "--skip-compile-check", "--run", "x", "--", "rm", "--workdir", "/w",
+                     "--distributed.mode=on")
     launched = _launched(_remote(ssh))
     assert launched == ["rm", "--workdir", "/w", "--distributed.mode=on"]
     assert "$HOME/rlhf_jax_runs/x.log" in _remote(ssh)

@@ -3,7 +3,7 @@
 
     python tpu_scripts/tpu.py create --name rlhf --zone us-east5-a --accelerator-type v5p-32 [--queued] [--spot]
     python tpu_scripts/tpu.py setup  --name rlhf --zone us-east5-a [--git-url URL --ref main] [--mount-bucket B]
-    python tpu_scripts/tpu.py launch --name rlhf --zone us-east5-a -- \\
+    python tpu_scripts/tpu.py launch --name rlhf --zone us-east5-a --topology v5p-32 -- \\
         sft --config experiments/llama_tpu_pod.py --workdir /mnt/disks/B/runs/llama --sft.epochs=2
     python tpu_scripts/tpu.py logs   --name rlhf --zone us-east5-a --run sft
     python tpu_scripts/tpu.py stop   --name rlhf --zone us-east5-a --run sft
@@ -14,7 +14,10 @@ nothing. ``launch`` runs ``rlhf-jax <the arguments after -->`` on every worker (
 background, logging to ``$HOME/rlhf_jax_runs/<run>.log``), with ``--distributed.mode=auto`` so
 the workers of a pod slice join one ``jax.distributed`` run; the arguments are first checked
 here with the CLI's own parser and config overrides, so a typo fails before any TPU time is
-spent. ``stop`` sends SIGTERM: every process saves a checkpoint at one agreed step and exits;
+spent, and then every program the stage runs is compiled here for ``--topology`` (the
+slice's accelerator type: ``rlhf-jax compile``, which needs the ``tpu`` extra), so a program
+that does not fit a chip's memory stops the launch with its numbers (``--skip-compile-check``
+launches without). ``stop`` sends SIGTERM: every process saves a checkpoint at one agreed step and exits;
 the same ``launch`` resumes. On a pod slice the ``--workdir`` must be one directory every
 worker sees (``setup --mount-bucket`` mounts a GCS bucket at ``/mnt/disks/<bucket>``).
 """
@@ -159,8 +162,45 @@ def check_rlhf_jax_args(cli_args: Sequence[str]) -> list[str]:
     return cli_args
 
 
+# the stages whose programs `rlhf-jax compile` checks before each command is launched
+COMPILED_STAGES = {"pipeline": "pretrain,sft,comparisons,rm,ppo", "pretrain": "pretrain", "sft": "sft",
+                   "comparisons": "comparisons", "rm": "rm", "ppo": "ppo"}
+
+
+def compile_check(args, cli_args: Sequence[str]) -> list[Command]:
+    """``rlhf-jax compile`` of the launched stage's programs for ``--topology``, run here
+    first: its non-zero exit (a program that does not fit, naming it and its bytes) stops
+    the launch. Empty with ``--skip-compile-check``."""
+    if args.skip_compile_check:
+        return []
+    if not args.topology:
+        raise ScriptError("launch: pass --topology (the slice's accelerator type, e.g. v5p-32) so every program "
+                          "is compiled for it here first, or --skip-compile-check")
+    from rlhf_jax import cli
+    from rlhf_jax.aot.topology import parse_topology
+    from rlhf_jax.config import ConfigError
+
+    try:
+        parse_topology(args.topology)
+    except ConfigError as err:
+        raise ScriptError(f"launch: {err}") from err
+    parsed, overrides = cli._parser().parse_known_args(list(cli_args))
+    config = []
+    if parsed.config:
+        local = pathlib.Path(parsed.config)
+        local = local if local.is_absolute() else REPO / local
+        if not local.is_file():
+            raise ScriptError(f"launch: {parsed.config} is not here to compile; run from the checkout that holds "
+                              "it, or pass --skip-compile-check")
+        config = ["--config", str(local)]
+    overrides = [o for o in overrides if not o.startswith("--distributed.")]  # the workers' business
+    return [["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "rlhf_jax.cli", "compile", *config,
+             "--topology", args.topology, "--stages", COMPILED_STAGES[parsed.command], *overrides]]
+
+
 def launch(args) -> list[Command]:
     cli_args = check_rlhf_jax_args(args.rlhf_jax_args)
+    check = compile_check(args, cli_args)
     run = args.run or cli_args[0]
     exports = [f"export {shlex.quote(kv)}" for kv in args.env]
     remote = " && ".join([
@@ -168,7 +208,7 @@ def launch(args) -> list[Command]:
         # in the background, so ssh returns; the pid file is what `stop` signals
         f"(nohup rlhf-jax {shlex.join(cli_args)} > {RUNS_DIR}/{run}.log 2>&1 < /dev/null & "
         f"echo $! > {RUNS_DIR}/{run}.pid)"])
-    return [_ssh(args, remote)]
+    return [*check, _ssh(args, remote)]
 
 
 def logs(args) -> list[Command]:
@@ -225,6 +265,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="name of the log and pid files (default: the stage)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for rlhf-jax on the workers (repeatable)")
+    p.add_argument("--topology", help="the slice's accelerator type (v5p-32, v5litepod-16, v4-8): the stage's "
+                                      "programs are compiled for it here before anything is launched")
+    p.add_argument("--skip-compile-check", action="store_true",
+                   help="launch without compiling the programs for the topology first")
     p.add_argument("rlhf_jax_args", nargs=argparse.REMAINDER, help="-- <stage> --config ... --workdir ...")
 
     p = sub("logs", logs, "show a run's log on one worker")

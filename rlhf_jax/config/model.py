@@ -81,11 +81,17 @@ class ModelConfig:
     # docs/attention.md). "default": "chunked" on CPU (causal query chunks, upper blocks
     # skipped); on a GPU cuDNN flash attention for batches the caller declares right-padded
     # (right_padded=True: one segment a row, then padding) in bfloat16, else XLA's masked path;
-    # on TPU XLA's path. "cudnn": as default on a GPU, refused on CPU/TPU and with float32
+    # on TPU Pallas splash attention for lengths a multiple of 128, else XLA's path. "splash": that
+    # on TPU, refused elsewhere. "cudnn": as default on a GPU, refused on CPU/TPU and with float32
     # compute; packed or left-padded batches still take the mask. "xla"/"chunked": always that.
     # Decoding with a KV cache always uses the mask.
-    attention_impl: Literal["xla", "cudnn", "chunked", "default"] = "default"
+    attention_impl: Literal["xla", "cudnn", "chunked", "splash", "default"] = "default"
     hf_path: str | None = None  # a local HF checkpoint directory to start from
+    # The most f32 logits one device holds at a time in a loss over the vocabulary (SFT and
+    # pretraining cross-entropy, PPO's log-probs and entropy, evaluation): longer passes are
+    # unembedded a chunk of positions at a time (rlhf_jax.lm_terms). 256 MiB: a Llama-1B pass
+    # of 4 x 2048 tokens per chip (1 GiB of logits) takes 4 chunks; every CPU run, one.
+    logits_chunk_bytes: int = 256 * 2 ** 20
 
     @property
     def remat_policy(self) -> str | None:
@@ -117,7 +123,8 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def validate(self, where: str = "model") -> None:
-        positive = ("vocab_size", "vocab_pad_multiple", "d_model", "n_layers", "n_heads", "d_ff", "max_len")
+        positive = ("vocab_size", "vocab_pad_multiple", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
+                    "logits_chunk_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
@@ -181,7 +188,7 @@ class TokenizerConfig:
 
 # How a model runs, not what it computes: a resume or an export may change these. Every other
 # ModelConfig field is architecture (a field added later is architecture unless listed here).
-EXECUTION_FIELDS = ("remat", "compute_dtype", "attention_impl", "hf_path")
+EXECUTION_FIELDS = ("remat", "compute_dtype", "attention_impl", "hf_path", "logits_chunk_bytes")
 # How the params are laid out: an export is converted between layouts, a training-state
 # checkpoint is not (its optimiser state has the same layout).
 LAYOUT_FIELDS = ("scan_layers", "vocab_pad_multiple")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import dacite
 
 from rlhf_jax.atomic import write_text
-from rlhf_jax.config.checks import ConfigError
+from rlhf_jax.config.checks import ConfigError, experiment_errors, require_finite
 from rlhf_jax.config.model import DistributedConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.config.methods import BestOfNConfig, DPOConfig, GRPOConfig, PPOConfig, RLOOConfig
 from rlhf_jax.config.stages import (ComparisonsConfig, DataConfig, GenerationConfig, PipelineConfig, RMConfig,
@@ -52,6 +52,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Checks every block, so a bad field is refused before a stage writes anything."""
+        require_finite(self)
         self.model.validate()
         for name in BLOCKS:
             getattr(self, name).validate(name)
@@ -171,13 +172,16 @@ def load_experiment(path: str | pathlib.Path) -> Config:
         raise ConfigError(f"--config: no experiment file at {path}")
     spec = importlib.util.spec_from_file_location(f"rlhf_jax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: an experiment file must define get_config() -> Config")
-    cfg = module.get_config()
+    with experiment_errors(path):
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: an experiment file must define get_config() -> Config")
+        cfg = module.get_config()
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
-    return cfg
+    # a value of the wrong type (max_steps=10.0) would be saved to config.json, which every
+    # later command in the run directory then refuses: the strict read of a saved config, now
+    return config_from_dict(to_dict(cfg), source=f"{path} (get_config())")
 
 
 def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:

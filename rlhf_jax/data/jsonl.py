@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import unicodedata
 from typing import Any, Callable, Iterator, Literal
 
 from rlhf_jax.data.chat import MessageError, Prompt, check_messages
@@ -34,6 +35,7 @@ from rlhf_jax.data.chat import MessageError, Prompt, check_messages
 Kind = Literal["demonstrations", "text", "prompts", "responses", "comparisons"]
 KINDS: tuple[str, ...] = ("demonstrations", "text", "prompts", "responses", "comparisons")
 MIN_RESPONSES, MAX_RESPONSES = 2, 9  # the paper's labelers rank 4..9; pairwise data has 2
+MAX_RANK = 2**31 - 1  # ranks are stored and batched as int32
 
 
 class DataError(ValueError):
@@ -44,15 +46,32 @@ class _RecordError(Exception):
     """Raised inside a validator; the reader prefixes ``file:line``."""
 
 
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace and invisible format characters
+    (zero-width space U+200B, joiners, BOM: Unicode category Cf), which tokenisers drop."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+def check_text(value: str, what: str) -> None:
+    """Refuses text that cannot be encoded: a lone surrogate (JSON's ``"\\ud800"`` escape
+    decodes to one; no UTF-8 or tokeniser takes it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _RecordError(f"{what} holds a lone surrogate {value[err.start]!r} at character {err.start} "
+                           "(not valid Unicode text)") from None
+
+
 def _string(obj: dict, name: str, *, allow_empty: bool = False) -> str:
     if name not in obj:
         raise _RecordError(f'missing field "{name}"')
     value = obj[name]
     if not isinstance(value, str):
         raise _RecordError(f'field "{name}" must be a string, got {type(value).__name__}')
+    check_text(value, f'field "{name}"')
     # A whitespace-only response tokenises to nothing: as useless as an empty one.
-    if not allow_empty and not value.strip():
-        raise _RecordError(f'field "{name}" is empty')
+    if not allow_empty and is_blank(value):
+        raise _RecordError(f'field "{name}" is empty' + (" (only invisible characters)" if value.strip() else ""))
     return value
 
 
@@ -60,9 +79,12 @@ def _prompt_field(obj: dict, *, allow_empty: bool = False) -> Prompt:
     """``obj["prompt"]``: a string, or a conversation (a list of messages)."""
     if isinstance(obj.get("prompt"), list):
         try:
-            return check_messages(obj["prompt"])
+            messages = check_messages(obj["prompt"])
         except MessageError as err:
             raise _RecordError(str(err)) from None
+        for i, message in enumerate(messages):
+            check_text(message["content"], f'field "prompt"[{i}] "content"')
+        return messages
     return _string(obj, "prompt", allow_empty=allow_empty)
 
 
@@ -98,6 +120,7 @@ def _responses(obj: dict) -> dict[str, Any]:
         if not isinstance(response, str):
             raise _RecordError(f'field "responses"[{i}] must be a string, '
                                f"got {type(response).__name__}")
+        check_text(response, f'field "responses"[{i}]')
     return {"prompt": _prompt_field(obj, allow_empty=True), "responses": list(responses)}
 
 
@@ -116,8 +139,8 @@ def _comparison(obj: dict) -> dict[str, Any]:
         # bool is an int subclass; true/false in a ranks list is a labeling-tool bug.
         if not isinstance(rank, int) or isinstance(rank, bool):
             raise _RecordError(f'field "ranks"[{i}] must be an integer, got {type(rank).__name__}')
-        if rank < 0:
-            raise _RecordError(f'field "ranks"[{i}] is {rank}; ranks are >= 0 (0 = best)')
+        if not 0 <= rank <= MAX_RANK:
+            raise _RecordError(f'field "ranks"[{i}] is {rank}; ranks are 0 (best) to {MAX_RANK}')
     return {"prompt": prompt, "responses": list(responses), "ranks": list(ranks)}
 
 
@@ -146,6 +169,8 @@ def _parse(raw: bytes, is_last_unterminated: bool) -> dict:
         raise _RecordError(f"not valid UTF-8 (byte {err.start})") from err
     try:
         obj = json.loads(text)
+    except RecursionError:
+        raise _RecordError("not valid JSON here: nested too deeply (a record is one flat object)") from None
     except json.JSONDecodeError as err:
         hint = " (truncated line?)" if is_last_unterminated else ""
         # json's "Unterminated string starting at" already ends in "at"

@@ -39,16 +39,17 @@ class RankingBatches(RowBatches):
         self.max_len = cfg.max_len
         self.k_max = k_max
         self.num_truncated = 0
-        ordered_pairs = 0
+        ordered_pairs = distinct_pairs = 0
         self._records = []  # per record: (prompt ids, [response ids], ranks)
         for record in source:
             ranks = record["ranks"]
-            ordered_pairs += sum(a != b for i, a in enumerate(ranks) for b in ranks[i + 1:])
             if len(record["responses"]) > k_max:
                 raise DataError(f"{source.path}:{record['line']}: {len(record['responses'])} "
                                 f"responses, more than k_max={k_max}")
             prompt = record_prompt_ids(source, record, tokenizer)
             responses = [encode_ids(tokenizer, response) for response in record["responses"]]
+            ordered, distinct = _informative_pairs(ranks, responses)
+            ordered_pairs, distinct_pairs = ordered_pairs + ordered, distinct_pairs + distinct
             self._records.append((prompt, responses, list(record["ranks"])))
             for i, response in enumerate(responses):
                 n = len(prompt) + len(response) + 1
@@ -60,10 +61,21 @@ class RankingBatches(RowBatches):
         if len(source) and not ordered_pairs:  # the ranking loss drops ties: nothing to learn
             raise DataError(f"{source.path}: every comparison is a tie ({len(source)} comparisons, "
                             "0 pairs with different ranks); the reward model has nothing to learn from")
+        self.ranked_pairs, self.distinct_pairs = ordered_pairs, distinct_pairs
         super().__init__(source, [(i,) for i in range(len(source))],
                          batch_size=cfg.batch_size, seed=seed,
                          shuffle=cfg.shuffle, process_index=process_index,
                          process_count=process_count)
+
+    def require_distinct_pairs(self) -> "RankingBatches":
+        """Refuses a training set in which every ranked pair compares identical responses
+        (``chosen == rejected``): r(x, y) - r(x, y) = 0, so the RM would train with zero
+        gradient and export at accuracy 0.5."""
+        if self.num_rows and not self.distinct_pairs:
+            raise DataError(f"{self.source.path}: every pair with different ranks compares identical responses "
+                            f"({self.num_rows} comparisons, {self.ranked_pairs} ranked pairs, 0 of them between "
+                            "responses that tokenise differently); the reward model has nothing to learn from")
+        return self
 
     def _assemble(self, row: tuple[int, ...]) -> dict[str, np.ndarray]:
         shape = (self.k_max, self.max_len)
@@ -92,3 +104,9 @@ class RankingBatches(RowBatches):
 
     def _to_batch(self, arrays: dict[str, np.ndarray]) -> RankingBatch:
         return RankingBatch(**arrays)
+
+
+def _informative_pairs(ranks: list[int], responses: list[np.ndarray]) -> tuple[int, int]:
+    """(pairs with different ranks, those of them whose responses' token ids differ)."""
+    ordered = [(i, j) for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] != ranks[j]]
+    return len(ordered), sum(not np.array_equal(responses[i], responses[j]) for i, j in ordered)

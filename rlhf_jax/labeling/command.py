@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import secrets
 from typing import Any
 
 from rlhf_jax.atomic import write_jsonl
 from rlhf_jax.config import Config, ConfigError
-from rlhf_jax.labeling.storage import LabelStore, labels_dir, make_items, read_items, write_items
+from rlhf_jax.labeling.storage import ITEMS_NAME, LabelStore, labels_dir, make_items, read_items, write_items
 
 LOCAL_HOST = "127.0.0.1"
 
@@ -87,25 +86,39 @@ def prepare_items(cfg: Config, workdir: pathlib.Path, prompts_file: str | None, 
     return items
 
 
-def serve(workdir: pathlib.Path, items: list[dict[str, Any]], host: str | None, port: int) -> None:
-    """Serves until Ctrl-C (the caller holds the labels directory's lock); a token is required
-    unless bound to 127.0.0.1 (the default)."""
-    from rlhf_jax.labeling.server import LabelApp, make_server
+def serve(workdir: pathlib.Path, items: list[dict[str, Any]], host: str | None, port: int,
+          guidelines: str | None = None) -> None:
+    """Serves until Ctrl-C (the caller holds the labels directory's lock). Labelers need a
+    token unless the address is a loopback one (127.0.0.1, the default, or localhost); the
+    lead's view always needs the lead's token. Both tokens are kept in the labels directory,
+    so a restarted server prints the same addresses."""
+    from rlhf_jax.labeling.access import is_loopback, load_tokens, make_server
+    from rlhf_jax.labeling.guidelines import load_guidelines
+    from rlhf_jax.labeling.server import LabelApp
 
     host = host or LOCAL_HOST
-    token = None if host == LOCAL_HOST else secrets.token_urlsafe(24)
-    app = LabelApp(LabelStore(labels_dir(workdir)), items, token)
+    directory = labels_dir(workdir)
+    try:
+        rules = load_guidelines(guidelines)
+        store = LabelStore(directory)
+        tokens = load_tokens(directory)
+    except ValueError as err:
+        raise ConfigError(f"label: {err}") from None
+    token = None if is_loopback(host) else tokens["token"]
+    app = LabelApp(store, items, token, tokens["admin_token"], rules)
     try:
         server = make_server(app, host, port)
     # the port is taken, or the address is not this machine's (werkzeug exits on a failed bind)
     except (OSError, SystemExit) as err:
         raise ConfigError(f"label: cannot listen on {host}:{port}; choose another --port "
                           "(0: any free one) or --host") from err
-    address = f"http://{host}:{server.server_port}/" + (f"?token={token}" if token else "")
+    shown_host = f"[{host}]" if ":" in host else host
+    base = f"http://{shown_host}:{server.server_port}/"
     print(f"label: {len(items)} items ({sum(i['overlap'] for i in items)} shown to every labeler); "
-          f"labels go to {labels_dir(workdir)}/<labeler>.jsonl")
-    print(f"label: open {address}" + ("  (anyone with this address can label; keep it private)" if token else ""),
-          flush=True)
+          f"labels go to {directory}/<labeler>.jsonl; guidelines: {rules.source} (version {rules.version})")
+    print(f"label: open {base}" + (f"?token={token}  (anyone with this address can label; keep it private)"
+                                   if token else "  (this machine only; --host ADDRESS serves others, with a token)"))
+    print(f"label: the lead's view: {base}admin?token={tokens['admin_token']}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -126,7 +139,7 @@ def merge_labels(workdir: pathlib.Path) -> pathlib.Path:
 
     directory = labels_dir(workdir)
     store = LabelStore(directory) if directory.is_dir() else None
-    labelers = store.labelers() if store else []
+    labelers = [name for name in store.labelers() if store.path(name).is_file()] if store else []
     if not labelers:
         raise ConfigError(f"label --merge: no labeler files in {directory}; nothing has been labeled in {workdir}")
     for name in labelers:
@@ -135,9 +148,26 @@ def merge_labels(workdir: pathlib.Path) -> pathlib.Path:
     out = directory / MERGED
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, records)
-    print(f"label --merge: {len(records)} comparisons from {len(labelers)} labelers ({', '.join(labelers)}) -> "
-          f"{out}; train on it with --rm.data.train_path=run:labels/{MERGED.as_posix()}")
+    print(f"label --merge: {len(records)} comparisons from {len(labelers)} labelers ({', '.join(labelers)}) -> {out}")
+    print(f"label --merge: train a reward model on them with\n  {rm_command(workdir)}")
+    if len(records) < RM_BATCH:
+        print(f"label --merge: that needs at least {RM_BATCH} comparisons (one batch); label more, or lower "
+              "--rm.data.batch_size")
     return out
+
+
+RM_BATCH = 8  # the README's rm command's batch: small label sets (tens of comparisons) still train
+
+
+def rm_command(workdir: pathlib.Path) -> str:
+    """The README's command for a reward model on the merged labels in ``workdir``: from the
+    run's SFT export when it has one (the paper's RM starts from the SFT model), else from a
+    fresh init."""
+    from rlhf_jax.checkpoint import EXPORT_META
+
+    command = (f"rlhf-jax rm --workdir {workdir} --rm.data.train_path=run:labels/{MERGED.as_posix()} "
+               f"--rm.data.val_path=None --rm.data.batch_size={RM_BATCH}")
+    return command if (workdir / "sft" / "export" / EXPORT_META).is_file() else command + " --rm.init_from=None"
 
 
 def print_stats(workdir: pathlib.Path) -> dict[str, Any]:
@@ -146,6 +176,7 @@ def print_stats(workdir: pathlib.Path) -> dict[str, Any]:
     directory = labels_dir(workdir)
     if not directory.is_dir():
         raise ConfigError(f"label --stats: {directory} does not exist; nothing has been labeled in {workdir}")
-    stats = label_stats(LabelStore(directory))
+    items = read_items(directory) if (directory / ITEMS_NAME).is_file() else None
+    stats = label_stats(LabelStore(directory), items)
     print(format_stats(stats))
     return stats

@@ -11,6 +11,8 @@ Paths of a forward pass without a KV cache (``ModelConfig.attention_impl``; docs
 - ``cudnn``: :func:`length_attention`, cuDNN flash attention with ``is_causal=True`` and
   per-row lengths: never builds the mask, but it can only say "causal, then right padding",
   so it is chosen only for batches whose caller declares every row one right-padded segment.
+- ``splash``: :func:`rlhf_jax.models.splash.splash_attention`, Pallas' fused TPU kernel over
+  segment ids (any layout, as the mask), for sequences a multiple of 128 tokens.
 
 With a cache (prefill and decode), :func:`cached_attention` always takes the mask: a
 left-padded prompt in the cache is not "causal plus right padding".
@@ -18,23 +20,48 @@ left-padded prompt in the cache is not "causal plus right padding".
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.config.model import cudnn_refusal
+from rlhf_jax.models.splash import splash_attention, splash_refusal
 
 Array = jax.Array
 
-ATTENTION_IMPLS = ("default", "xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("default", "xla", "cudnn", "chunked", "splash")
 # Query chunk of the chunked attention path: 64 measured fastest on CPU at T = 256
 # (32: 51 ms, 64: 50 ms, 128: 56 ms, forward + backward, B 8, 8 heads of 64).
 ATTENTION_CHUNK = 64
 
 
-def choose_attention(impl: str, backend: str, compute_dtype: str, head_dim: int, right_padded: bool) -> str:
-    """The attention path (``"chunked"``, ``"xla"`` or ``"cudnn"``) of a forward pass without
-    a KV cache. Pure, so every combination is testable on CPU.
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target", default=None)
+
+
+def target_backend() -> str:
+    """The backend a traced program is for: ``jax.default_backend()``, unless
+    :func:`compiling_for` says otherwise (a TPU program compiled ahead of time on a CPU)."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(backend: str):
+    """Programs traced inside pick their attention for ``backend`` (e.g. ``"tpu"``), not
+    for the machine that traces them: ``rlhf_jax.aot`` compiles TPU programs on a CPU."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def choose_attention(impl: str, backend: str, compute_dtype: str, head_dim: int, right_padded: bool,
+                     seq_len: int | None = None) -> str:
+    """The attention path (``"chunked"``, ``"xla"``, ``"cudnn"`` or ``"splash"``) of a forward
+    pass without a KV cache. Pure, so every combination is testable on CPU.
 
     impl: ``ModelConfig.attention_impl``; backend: ``jax.default_backend()`` (``cpu``,
     ``gpu``/``cuda``, ``tpu``); compute_dtype: ``ModelConfig.compute_dtype``; head_dim:
@@ -43,16 +70,26 @@ def choose_attention(impl: str, backend: str, compute_dtype: str, head_dim: int,
     which is what ``is_causal`` plus lengths can express. Packed rows or left padding are not,
     and whether a batch has them is data, unknown while tracing, so it is never guessed.
 
+    seq_len: tokens per row (splash tiles them in blocks of 128; None: unknown).
+
     ``default``: chunked on CPU; cudnn on a GPU for right-padded batches in half precision
-    with a head dim cuDNN takes; xla otherwise (TPU, float32, packed or left-padded rows).
+    with a head dim cuDNN takes; splash on TPU when the length is a multiple of 128 (any
+    batch layout: it reads segment ids); xla otherwise (GPU float32, packed or left-padded
+    rows; short TPU sequences).
     ``cudnn``: cudnn for right-padded batches, the xla mask path for the others (never a
     wrong mask); a ConfigError where cuDNN can never run (not a CUDA GPU, float32 compute,
-    an unsupported head dim). ``xla``/``chunked``: always that path.
+    an unsupported head dim). ``splash``: splash where the length allows, else xla; a
+    ConfigError off TPU. ``xla``/``chunked``: always that path.
     """
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"model.attention_impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
     if impl in ("xla", "chunked"):
         return impl
+    if impl == "splash" or (impl == "default" and backend == "tpu"):
+        if backend != "tpu":
+            raise ConfigError(f"model.attention_impl='splash' needs a TPU, but JAX's backend is {backend!r}; "
+                              "use 'default' (chunked on CPU, cuDNN or XLA on GPUs)")
+        return "xla" if splash_refusal(seq_len) else "splash"
     on_gpu = backend in ("gpu", "cuda")
     refusal = cudnn_refusal(compute_dtype, head_dim)
     if impl == "cudnn":
@@ -164,6 +201,8 @@ def self_attention(path: str, q: Array, key: Array, value: Array, segment_ids: A
     ``[B, T] int32``. Returns ``[B, T, H, D]``."""
     if path == "cudnn":
         return length_attention(q, key, value, right_padded_lengths(segment_ids), "cudnn")
+    if path == "splash":
+        return splash_attention(q, key, value, segment_ids)
     mask = segment_mask(segment_ids)
     if path == "chunked":
         return causal_chunked_attention(q, key, value, mask, ATTENTION_CHUNK)

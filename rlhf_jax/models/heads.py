@@ -36,15 +36,26 @@ class LanguageModel(nn.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                  deterministic: bool = True, logits_from: int = 0, right_padded: bool = False):
+        hidden, cache = self.hidden(tokens, positions, segment_ids, cache, deterministic, logits_from, right_padded)
+        return self.logits(hidden), cache
+
+    def hidden(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+               deterministic: bool = True, hidden_from: int = 0, right_padded: bool = False):
+        """(final hidden states ``[B, T - hidden_from, E]`` in the compute dtype, cache): the
+        input of :meth:`logits`. Losses over the vocabulary take these and unembed them a
+        chunk at a time (``rlhf_jax.lm_terms``), never holding all ``[B, T, V]`` logits."""
         hidden, cache = self.backbone(tokens, positions, segment_ids, cache, deterministic, right_padded)
-        hidden = hidden[:, logits_from:]
+        return hidden[:, hidden_from:], cache
+
+    def logits(self, hidden):
+        """``[B, T, E]`` hidden states -> ``[B, T, Vp] f32`` logits, padded ids masked."""
         if self.cfg.tie_embeddings:
             logits = self.backbone.attend(hidden)
         else:
             logits = self.lm_head(hidden)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         # padded ids (model.vocab_pad_multiple) get probability 0; a no-op without padding
-        return mask_padded_logits(logits.astype(jnp.float32), self.cfg.vocab_size), cache
+        return mask_padded_logits(logits.astype(jnp.float32), self.cfg.vocab_size)
 
 
 class ScalarModel(nn.Module):

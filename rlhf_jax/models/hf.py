@@ -183,8 +183,7 @@ class _Checkpoint:
                 self.files = {name: single for name in f.keys()}
             self.listing = single
         elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
+            self.files = _shards(index)
             self.listing = index
         else:
             raise HFError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints "
@@ -220,6 +219,22 @@ class _Checkpoint:
             raise HFError(f"{file}: tensor {src.name} has shape {tuple(tensor.get_shape())}, expected "
                           f"{src.hf_shape(shape)} for our {path} {shape} (does config.json match?)")
         return tensor
+
+
+def _shards(index: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Tensor name -> shard file, from ``model.safetensors.index.json``; every shard it names
+    must be there (a missing one is named, not found mid-load)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: index.parent / file for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HFError(f"{index}: not a safetensors index (a JSON object with a weight_map): "
+                      f"{type(err).__name__}: {err}") from None
+    missing = sorted({path.name for path in files.values() if not path.is_file()})
+    if missing:
+        raise HFError(f"{index}: names the shard {missing[0]}, which is missing ({len(missing)} of "
+                      f"{len(set(files.values()))} shards missing)")
+    return files
 
 
 def _path_str(key_path) -> str:

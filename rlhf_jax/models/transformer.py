@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.models.attention import cached_attention, choose_attention, self_attention
+from rlhf_jax.models.attention import cached_attention, choose_attention, self_attention, target_backend
 
 Array = jax.Array
 
@@ -156,8 +156,8 @@ class Attention(nn.Module):
         if cache is None:
             key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
             value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
-            path = choose_attention(cfg.attention_impl, jax.default_backend(), cfg.compute_dtype,
-                                    cfg.dim_per_head, right_padded)
+            path = choose_attention(cfg.attention_impl, target_backend(), cfg.compute_dtype,
+                                    cfg.dim_per_head, right_padded, seq_len=t)
             out = self_attention(path, q, key, value, segment_ids)
             new_cache = None
         else:  # prefill and decode: always the mask (a left-padded prompt is not lengths)

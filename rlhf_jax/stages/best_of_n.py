@@ -8,13 +8,14 @@ finished stage is not run again."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
 import numpy as np
 
-from rlhf_jax import parameters
-from rlhf_jax.atomic import write_jsonl
+from rlhf_jax import parameters, provenance
+from rlhf_jax.atomic import write_jsonl, write_text
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches
 from rlhf_jax.evaluation import PolicyEvaluator, best_of_n_picks, sample_draws
@@ -31,8 +32,12 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
     """Writes ``<workdir>/<stage>/responses.jsonl``; returns the stage directory."""
     b, gen, stage = cfg.best_of_n, cfg.generation, options.stage or "best_of_n"
     env = common.make_env(cfg, workdir, stage)
-    if (env.stage_dir / RESPONSES).exists():
-        return env.stage_dir  # written by an earlier run of the same command
+    reward_block = b if options.reward_fn is None else dataclasses.replace(b, reward_init=None)
+    env.inputs = provenance.stage_inputs(env, "best_of_n", reward_block, ("generation.sampling", gen.sampling),
+                                         ("generation.prompts", gen.prompts))
+    if (env.stage_dir / RESPONSES).exists():  # written by an earlier run: of the same inputs, or refused
+        provenance.check_same(provenance.read_inputs_file(env.stage_dir), env.inputs, env.stage_dir, env.stage_dir)
+        return env.stage_dir
     if not gen.prompts.val_path:
         raise ConfigError("best-of-n answers generation.prompts.val_path, which is None")
     if gen.sampling.temperature == 0 and b.n > 1:
@@ -63,6 +68,7 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
     rows = [{"prompt": picked.prompts[i], "response": picked.responses[i], "score": float(picked.scores[i]),
              "chosen": int(chosen[i]), "responses": [d.responses[i] for d in draws],
              "scores": [float(d.scores[i]) for d in draws]} for i in range(len(picked.prompts))]
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # the inputs first: the responses file says the stage is done
+        write_text(env.stage_dir / provenance.INPUTS_FILE, json.dumps(env.inputs, indent=1, sort_keys=True))
         write_jsonl(env.stage_dir / RESPONSES, rows)
     return env.stage_dir

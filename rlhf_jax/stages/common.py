@@ -14,6 +14,7 @@ from rlhf_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, 
 from rlhf_jax.config.model import model_config_from_dict
 from rlhf_jax.data import load_tokenizer
 from rlhf_jax.host import use_compilation_cache
+from rlhf_jax.sizing import check_fits
 
 TASK_PREFIX = "task:"
 
@@ -28,6 +29,11 @@ class StageEnv:
     mesh: Any
     tokenizer: Any
     run_cfg: Config | None = None  # the run's config as given (None: ``cfg``); saved as <workdir>/config.json
+    tokenizer_dir: pathlib.Path | None = None
+    # (name, config block) the stage runs with (provenance.begin); what its result depends on
+    # (provenance.record, at restore_or_start), saved with each checkpoint and the export
+    block: tuple[Any, ...] | None = None  # (name, block, *(name, block) it also reads)
+    inputs: dict[str, Any] | None = None
 
     @property
     def stage_dir(self) -> pathlib.Path:
@@ -82,9 +88,23 @@ class StageEnv:
 
 
 def task_files(workdir: pathlib.Path, seed: int) -> dict[str, pathlib.Path]:
-    from rlhf_jax.tasks import write_task_files
+    """The embedded task's files in ``<workdir>/data/task``, written on first use. Files of
+    another seed are not rewritten: the stages trained on them would be evaluated on, or
+    resumed with, data they never saw."""
+    import json
 
-    return write_task_files(workdir / "data" / "task", seed=seed)
+    from rlhf_jax.tasks import write_task_files
+    from rlhf_jax.tasks.files import MANIFEST
+
+    out = workdir / "data" / "task"
+    try:
+        written = json.loads((out / MANIFEST).read_text())["settings"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unfinished: (re)written below
+        written = seed
+    if written != seed:
+        raise ConfigError(f"seed={seed}: {out} holds the embedded task made with seed {written}, which the "
+                          f"stages in {workdir} were trained on; rerun with --seed={written}, or use a new --workdir")
+    return write_task_files(out, seed=seed)
 
 
 def quiet_tfds() -> None:
@@ -124,16 +144,19 @@ def make_env(cfg: Config, workdir: str | pathlib.Path, stage: str, model: ModelC
     if cache is not None:
         use_compilation_cache(cache)
     mesh = sharding.make_mesh(cfg.mesh)
+    check_fits(cfg.model, mesh)  # before the task files or anything else is written
     if cfg.tokenizer.kind == "task":
-        tokenizer = load_tokenizer(task_files(workdir, cfg.seed)["tokenizer"], cfg.tokenizer.chat_template)
+        tokenizer_dir = task_files(workdir, cfg.seed)["tokenizer"]
     else:
         if not cfg.tokenizer.path:
             raise ConfigError("tokenizer.path must name a local tokenizer directory when tokenizer.kind='hf'")
-        tokenizer = load_tokenizer(cfg.tokenizer.path, cfg.tokenizer.chat_template)
+        tokenizer_dir = pathlib.Path(cfg.tokenizer.path)
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.tokenizer.chat_template)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
-    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer, run_cfg=run_cfg)
+    return StageEnv(cfg=cfg, workdir=workdir, stage=stage, mesh=mesh, tokenizer=tokenizer, run_cfg=run_cfg,
+                    tokenizer_dir=tokenizer_dir)
 
 
 def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
@@ -143,14 +166,18 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
     Call only after inputs are validated: a run that fails validation writes nothing here.
     Returns (checkpoints, state, first step to run).
     """
+    from rlhf_jax import provenance
+
+    provenance.record(env)  # the stage's data is validated by now
     ckpts = checkpoint.StageCheckpoints(env.stage_dir / "checkpoints", ckpt_cfg)
 
     def same_model(step: int, meta: dict[str, Any]) -> None:
         saved_model = meta.get("config", {}).get("model")
+        where = f"{ckpts.directory}/{step}"
         if saved_model:  # a training state is not converted between layouts: scan_layers counts
-            where = f"{ckpts.directory}/{step}"
             checkpoint.check_same_model(model_config_from_dict(saved_model, f"{where} (meta)"), env.cfg.model,
                                         where, include_layout=True)
+        provenance.check_same(meta.get(provenance.INPUTS_KEY), env.inputs, where, env.stage_dir)
 
     # a damaged newest step falls back to an older one
     saved = ckpts.restore_newest_intact(state, check_meta=same_model)

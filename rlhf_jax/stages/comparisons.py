@@ -10,6 +10,7 @@ which is validated and used as it is.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Protocol, Sequence
 
@@ -17,7 +18,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax.atomic import write_jsonl
+from rlhf_jax import provenance
+from rlhf_jax.atomic import write_jsonl, write_text
 from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.data import PromptBatches, read_records, to_global
 from rlhf_jax.data.chat import Prompt, is_conversation
@@ -51,14 +53,18 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
     c = cfg.comparisons
     env = common.make_env(cfg, workdir, "comparisons")
     out_dir = env.stage_dir
-    if collected(out_dir):
-        return out_dir  # collected by an earlier run of the same command
+    # a labeler's file is used as it is: no policy is read then
+    env.inputs = provenance.stage_inputs(env, "comparisons", c if c.labeler == "task" else
+                                         dataclasses.replace(c, policies=()))
+    if collected(out_dir):  # collected by an earlier run: of the same inputs, or refused
+        provenance.check_same(provenance.read_inputs_file(out_dir), env.inputs, out_dir, out_dir)
+        return out_dir
     if not 2 <= c.k_min <= c.k_max <= 9:
         raise ConfigError(f"comparisons.k_min={c.k_min}, k_max={c.k_max}: need 2 <= k_min <= k_max <= 9")
     if c.labeler != "task":
         records = [r for _, r in read_records(env.resolve(c.labeler), "comparisons")]  # validates
         out_dir.mkdir(parents=True, exist_ok=True)
-        return _split_and_write(records, c.val_fraction, cfg.seed, out_dir)
+        return _split_and_write(records, c.val_fraction, cfg.seed, out_dir, env.inputs)
     labeler = labeler or task_labeler(cfg)
 
     prompts = env.batches(PromptBatches, c.prompts.train_path, "comparisons.prompts.train_path",
@@ -99,7 +105,7 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
         progress.update(1)
     progress.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _split_and_write(records[:c.n_prompts], c.val_fraction, cfg.seed, out_dir)
+    return _split_and_write(records[:c.n_prompts], c.val_fraction, cfg.seed, out_dir, env.inputs)
 
 
 def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path:
@@ -107,10 +113,13 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
     return run_comparisons(cfg, workdir, show_progress=options.show_progress)
 
 
-def _split_and_write(records: list[dict], val_fraction: float, seed: int, out_dir: pathlib.Path) -> pathlib.Path:
+def _split_and_write(records: list[dict], val_fraction: float, seed: int, out_dir: pathlib.Path,
+                     inputs: dict) -> pathlib.Path:
+    """Writes the files, their inputs first (``collected`` looks for both files)."""
     order = np.random.default_rng(seed).permutation(len(records))
     n_val = max(1, int(round(val_fraction * len(records))))
     if jax.process_index() == 0:
+        write_text(out_dir / provenance.INPUTS_FILE, json.dumps(inputs, indent=1, sort_keys=True))
         write_jsonl(out_dir / "val.jsonl", [records[i] for i in order[:n_val]])
         write_jsonl(out_dir / "train.jsonl", [records[i] for i in order[n_val:]])
     if jax.process_count() > 1:  # no process goes on to read them before they exist

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from rlhf_jax import checkpoint, parameters, steps
+from rlhf_jax import parameters, provenance, steps
 from rlhf_jax.config import Config
 from rlhf_jax.data import RankingBatches
 from rlhf_jax.models import LanguageModel
@@ -23,6 +23,8 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
     """Trains the policy with DPO; returns its export (None if stopped early)."""
     d, stage = cfg.dpo, options.stage or "dpo"
     env = common.make_env(cfg, workdir, stage)
+    if (finished := provenance.begin(env, "dpo", d)) is not None:
+        return finished
     train = env.batches(RankingBatches, d.data.train_path, "dpo.data.train_path", d.data,
                         k_max=d.k_max).require_one_batch("dpo.data.batch_size")
     val = None
@@ -65,5 +67,4 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
         return None
     state, _, logger = trained
     logger.close()
-    return checkpoint.export_params(env.stage_dir / "export", state.params, cfg.model,
-                                    {"stage": stage, "steps": total_steps, "kind": d.kind, "beta": d.beta})
+    return provenance.export(env, state.params, {"stage": stage, "steps": total_steps, "kind": d.kind, "beta": d.beta})

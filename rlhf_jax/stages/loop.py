@@ -9,6 +9,7 @@ saved) and for an evaluation. Checkpoints are written asynchronously by Orbax.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import signal
@@ -21,7 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from rlhf_jax import checkpoint
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import ConfigError, to_dict
 from rlhf_jax.data import to_global
 from rlhf_jax.logging import MetricsLogger
 
@@ -66,6 +67,7 @@ class Preemption:
     def __init__(self):
         self._flag = False
         self._previous = None
+        self._raise_where: str | None = None
 
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
@@ -80,6 +82,21 @@ class Preemption:
         self._flag = True
         if callable(self._previous):  # an enclosing Preemption (the pipeline's) hears it too
             self._previous(signum, frame)
+        if self._raise_where is not None:
+            raise Interrupted(self._raise_where)
+
+    @contextlib.contextmanager
+    def raising(self, where: str) -> Iterator[None]:
+        """Inside the block a SIGTERM stops at once with :class:`Interrupted` (``where``), for
+        work that writes nothing a stop could leave half done (an evaluation): waiting for
+        its end could outlast a preemption's grace period."""
+        if self._flag:
+            raise Interrupted(where)
+        self._raise_where = where
+        try:
+            yield
+        finally:
+            self._raise_where = None
 
     @property
     def signalled(self) -> bool:
@@ -172,6 +189,10 @@ def train_loop(env: Any, *, state: Any, step_fn: StepFn, batches: Any, total_ste
     Both checkpoint and return. ``progress``: the progress bar's ``{label: metric}``;
     ``count(local)``: the tokens of a batch, for throughput. Returns (state, finished).
     """
+    if start_step > total_steps:  # it would stop "early" at once, every time it is rerun
+        raise ConfigError(f"{ckpts.directory}: its newest checkpoint is step {start_step}, past the {total_steps} "
+                          "steps this run trains (max_steps, iterations or epochs were lowered); rerun with the "
+                          "settings it was trained with, or use a new --workdir")
     stop = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     window = {"tokens": 0, "steps": 0, "since": time.perf_counter()}
 
@@ -210,7 +231,7 @@ def train_loop(env: Any, *, state: Any, step_fn: StepFn, batches: Any, total_ste
                 logger.log(done, evaluate(state))
                 window["since"] = time.perf_counter()  # evaluation time is not training throughput
             if save:
-                ckpts.save(done, state, {"step": done, "config": to_dict(env.cfg)})
+                ckpts.save(done, state, {"step": done, "config": to_dict(env.cfg), "inputs": env.inputs})
             if preempted:
                 break
     if unread is not None:

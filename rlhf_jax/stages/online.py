@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, parameters, sharding
+from rlhf_jax import parameters, provenance, sharding
 from rlhf_jax.config import GOLD_REWARD, Config, ConfigError, OnlineConfig, SamplingConfig
 from rlhf_jax.data import PromptBatches, TextBatches
 from rlhf_jax.evaluation import Generations, PolicyEvaluator, copy_params, summarize
@@ -118,6 +118,10 @@ def run_online(cfg: Config, workdir: str | pathlib.Path, method: OnlineMethod, w
     returns the policy export (EMA weights), or None if stopped early (a rerun resumes)."""
     mcfg, stage = method.cfg, options.stage or where
     env = common.make_env(cfg, workdir, stage)
+    # the episodes are sampled with generation.sampling; a programmatic reward replaces reward_init
+    inputs = mcfg if options.reward_fn is None else dataclasses.replace(mcfg, reward_init=None)
+    if (finished := provenance.begin(env, where, inputs, ("generation.sampling", cfg.generation.sampling))) is not None:
+        return finished
     updates = check_online_config(mcfg, where, env.mesh, method.ptx_rows)
     prompts = env.batches(PromptBatches, mcfg.prompts.train_path, f"{where}.prompts.train_path",
                           mcfg.prompts).require_one_batch(f"{where}.prompts.batch_size")
@@ -197,8 +201,7 @@ def run_online(cfg: Config, workdir: str | pathlib.Path, method: OnlineMethod, w
     if not finished:
         return None
     final = state.ema_params if mcfg.ema_decay else state.policy.params
-    return checkpoint.export_params(env.stage_dir / "export", final, cfg.model,
-                                    {"stage": stage, "iterations": mcfg.iterations, **method.export_meta(state)})
+    return provenance.export(env, final, {"stage": stage, "iterations": mcfg.iterations, **method.export_meta(state)})
 
 
 class CriticFreeMethod:

@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, losses, steps
+from rlhf_jax import losses, provenance, steps
 from rlhf_jax.parameters import scalar_head_rng
 from rlhf_jax.config import Config
 from rlhf_jax.data import RankingBatches, SFTBatches, to_global
@@ -48,8 +48,10 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     rm_cfg = cfg.rm
     env = common.make_env(cfg, workdir, "rm", rm_cfg.model)
     cfg = env.cfg  # its model is the RM's architecture
+    if (finished := provenance.begin(env, "rm", rm_cfg)) is not None:
+        return finished
     train = env.batches(RankingBatches, rm_cfg.data.train_path, "rm.data.train_path", rm_cfg.data,
-                        k_max=rm_cfg.k_max).require_one_batch("rm.data.batch_size")
+                        k_max=rm_cfg.k_max).require_one_batch("rm.data.batch_size").require_distinct_pairs()
     val = None
     if rm_cfg.data.val_path:
         val = env.batches(RankingBatches, rm_cfg.data.val_path, "rm.data.val_path",
@@ -89,7 +91,7 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
         logger.log(total_steps, {"rm/demonstration_reward_mean_raw": float(mean),
                                  "rm/demonstration_reward_std_raw": float(std)})
     logger.close()
-    return checkpoint.export_params(env.stage_dir / "export", params, cfg.model, extra)
+    return provenance.export(env, params, extra)
 
 
 def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from rlhf_jax import checkpoint, steps
+from rlhf_jax import provenance, steps
 from rlhf_jax.config import Config, ModelConfig, SFTConfig
 from rlhf_jax.data import SFTBatches, TextBatches
 from rlhf_jax.evaluation import mean_lm_loss
@@ -36,6 +36,8 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     stage_cfg = stage_cfg or cfg.sft
     env = common.make_env(cfg, workdir, stage, model)
     cfg = env.cfg  # its model is the one this stage trains
+    if (finished := provenance.begin(env, stage, stage_cfg)) is not None:
+        return finished
     batches_cls = SFTBatches if data_kind == "demonstrations" else TextBatches
     data_field = f"{stage}.data"
     train = env.batches(batches_cls, stage_cfg.data.train_path, f"{data_field}.train_path",
@@ -68,8 +70,7 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
         return None
     state, _, logger = trained
     logger.close()
-    return checkpoint.export_params(env.stage_dir / "export", state.params, cfg.model,
-                                    {"stage": stage, "steps": total_steps})
+    return provenance.export(env, state.params, {"stage": stage, "steps": total_steps})
 
 
 def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path | None:
