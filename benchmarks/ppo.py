@@ -51,6 +51,7 @@ PAD, EOS = 0, 1
 
 
 _DEFAULT_PPO = default_config().ppo
+_DEFAULT_SAMPLING = default_config().generation.sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class PPOWorkload:
 
     episodes: int = _DEFAULT_PPO.prompts.batch_size
     prompt_len: int = _DEFAULT_PPO.prompts.max_len
-    response_len: int = _DEFAULT_PPO.sampling.max_new_tokens
+    response_len: int = _DEFAULT_SAMPLING.max_new_tokens
     minibatch: int = _DEFAULT_PPO.minibatch_size
     epochs: int = _DEFAULT_PPO.epochs
     learning_rate: float = _DEFAULT_PPO.policy_optim.learning_rate
@@ -72,10 +73,13 @@ def model_config():
     return default_config().model
 
 
+def sampling_config(work: PPOWorkload) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=work.response_len, temperature=1.0)
+
+
 def ppo_config(work: PPOWorkload) -> PPOConfig:
     optim = OptimConfig(learning_rate=work.learning_rate, b2=0.95, final_lr_fraction=1.0, grad_clip=0.0)
-    return PPOConfig(sampling=SamplingConfig(max_new_tokens=work.response_len, temperature=1.0),
-                     policy_optim=optim, value_optim=optim, minibatch_size=work.minibatch, epochs=work.epochs,
+    return PPOConfig(policy_optim=optim, value_optim=optim, minibatch_size=work.minibatch, epochs=work.epochs,
                      kl_coef=0.02, kl_estimator="k1", gamma=1.0, lam=work.lam, clip=0.2, value_clip=0.2,
                      entropy_coef=0.0, whiten_advantages=True, missing_eos_penalty=1.0, ptx_coef=0.0,
                      ema_decay=0.0)  # TRL keeps no EMA of the policy
@@ -113,10 +117,21 @@ def build_ours(work: PPOWorkload, mesh, policy_params, value_params, reward_para
                      kl_coef=jax.device_put(jnp.float32(ppo.kl_coef), replicated))
     state_sh = PPOState(policy=policy_sh, value=value_sh, ema_params=policy_sh.params, kl_coef=replicated)
     ref_params = copy_params(policy_params)
-    sampler = make_sampler(policy, ppo.sampling, mesh, policy_sh.params, NEVER, PAD)
-    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), ppo, 0.0, 1.0, mesh)
-    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, mesh, state_sh)
+    sampling = sampling_config(work)
+    sampler = make_sampler(policy, sampling, mesh, policy_sh.params, NEVER, PAD)
+    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), ppo, sampling, 0.0, 1.0, mesh)
+    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, sampling, mesh, state_sh)
     no_ptx = TokenBatch(*(jnp.zeros((updates, 2), jnp.int32) for _ in range(4)))
+    iteration = timed_iteration(sampler, experience, update, prompt_tokens, mesh, ref_params, reward_params, no_ptx,
+                                rng)
+    return state, iteration, (sampler.jitted, experience.jitted, update.jitted)
+
+
+def timed_iteration(sampler, experience, update, prompt_tokens: np.ndarray, mesh, ref_params, reward_params, extra,
+                    rng):
+    """``iteration(state, i) -> (state, phase seconds)``: an online stage's three jitted calls
+    (sampler, experience, update) on ``prompt_tokens``, each waited on (as the stage's
+    ``time_phases`` times them). ``extra``: the update's pretraining rows (or None)."""
     batch = sharding.batch_sharding(mesh, 2)
     tokens = jax.device_put(jnp.asarray(prompt_tokens), batch)
     segments = jax.device_put(jnp.ones_like(tokens), batch)
@@ -126,22 +141,18 @@ def build_ours(work: PPOWorkload, mesh, policy_params, value_params, reward_para
         t0 = time.perf_counter()
         samples = jax.block_until_ready(sampler(state.policy.params, tokens, segments, jax.random.fold_in(it_rng, 0)))
         t1 = time.perf_counter()
-        rollout, metrics = jax.block_until_ready(experience(state.policy.params, ref_params, state.value.params,
-                                                            reward_params, samples, state.kl_coef))
+        rollout, observed_kl, _ = jax.block_until_ready(experience(state, ref_params, reward_params, samples))
         t2 = time.perf_counter()
-        state, _ = jax.block_until_ready(update(state, rollout, no_ptx, metrics["ppo/kl_to_ref"],
-                                                jax.random.fold_in(it_rng, 1)))
+        state, _ = jax.block_until_ready(update(state, rollout, extra, observed_kl, jax.random.fold_in(it_rng, 1)))
         t3 = time.perf_counter()
         return state, {"rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2, "iteration_s": t3 - t0}
 
-    return state, iteration, (sampler.jitted, experience.jitted, update.jitted)
+    return iteration
 
 
-def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens):
-    """Our PPO iteration, compiled by a first one. Returns (``iteration() -> phase seconds``,
-    that first iteration's seconds, the jitted steps)."""
-    state, iteration, jitted = build_ours(work, mesh, policy_params, value_params, reward_params, prompt_tokens)
-    state, first = iteration(state, 0)  # compiles the three steps
+def warmed_up(state, iteration):
+    """(``next() -> phase seconds``, the first iteration's seconds, which compiled the steps)."""
+    state, first = iteration(state, 0)
     count = 0
 
     def next_iteration() -> dict:
@@ -150,7 +161,14 @@ def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, pr
         state, phases = iteration(state, count)
         return phases
 
-    return next_iteration, first["iteration_s"], jitted
+    return next_iteration, first["iteration_s"]
+
+
+def ours(work: PPOWorkload, mesh, policy_params, value_params, reward_params, prompt_tokens):
+    """Our PPO iteration, compiled by a first one. Returns (``iteration() -> phase seconds``,
+    that first iteration's seconds, the jitted steps)."""
+    state, iteration, jitted = build_ours(work, mesh, policy_params, value_params, reward_params, prompt_tokens)
+    return (*warmed_up(state, iteration), jitted)
 
 
 def model_flops(work: PPOWorkload, cfg) -> dict[str, float]:
@@ -242,21 +260,31 @@ def trl_ppo(work: PPOWorkload, policy_dir: pathlib.Path, value_dir: pathlib.Path
     finally:
         trl_module.batch_generation, trl_module.forward = original_generation, original_forward
     torch.set_num_threads(common.peer_threads())
+    rows = trl_phase_rows(marks, "update_start", "step_end", iterations)
+    return ({**_median_phases(rows[1:]), "first_iteration_s": rows[0]["iteration_s"], "iterations_timed": len(rows) - 1,
+             "timing": "median iteration after the first, taking turns with ours iteration by iteration (from the "
+                       "end of our turn to TRL's next on_step_end)"}, ours_phases[1:])
+
+
+def trl_phase_rows(marks: list[tuple[str, float]], update_start: str, iteration_end: str,
+                   iterations: int) -> list[dict]:
+    """A TRL trainer's phases per iteration from its ``(event, time)`` marks: rollout from
+    ``generate_start`` to ``generate_end``, scoring from there to ``update_start``, update from
+    there to ``iteration_end``; the iteration from ``resumed`` (the end of our turn), and
+    ``other`` what the three leave out. Refuses a count other than ``iterations``."""
     rows, current = [], {}
     for event, t in marks:
         current[event] = t
-        if event == "step_end":
+        if event == iteration_end:
             phases = {"rollout_s": current["generate_end"] - current["generate_start"],
-                      "scoring_s": current["update_start"] - current["generate_end"],
-                      "update_s": t - current["update_start"], "iteration_s": t - current["resumed"]}
+                      "scoring_s": current[update_start] - current["generate_end"],
+                      "update_s": t - current[update_start], "iteration_s": t - current["resumed"]}
             phases["other_s"] = phases["iteration_s"] - sum(phases[k] for k in ("rollout_s", "scoring_s", "update_s"))
             rows.append(phases)
             current = {}
     if len(rows) != iterations:
         raise RuntimeError(f"TRL instrumentation saw {len(rows)} iterations, expected {iterations}")
-    return ({**_median_phases(rows[1:]), "first_iteration_s": rows[0]["iteration_s"], "iterations_timed": len(rows) - 1,
-             "timing": "median iteration after the first, taking turns with ours iteration by iteration (from the "
-                       "end of our turn to TRL's next on_step_end)"}, ours_phases[1:])
+    return rows
 
 
 def max_output_differences(policy, value, reward, dirs, prompt_tokens) -> dict[str, float]:

@@ -4,7 +4,9 @@
    SFTTrainer; tokens/s and fraction of the measured matmul peak.
 2. Greedy decoding with a KV cache (prompt 32, exactly 128 new tokens, batch 1 and 8) for
    that model and the embedded tiny default: ours vs ``transformers`` ``generate``.
-3. One PPO iteration of the embedded default (rollout, scoring, update): ours vs TRL's PPOTrainer.
+3. One PPO iteration of the embedded default (rollout, scoring, update): ours vs TRL's PPOTrainer;
+   one GRPO and one RLOO iteration (``group``: 64 prompts x 4 responses): ours vs TRL's
+   GRPOTrainer and RLOOTrainer.
 4. On an accelerator, ours against the hardware's limits (``roofline``): SFT model FLOPs
    utilisation for a ~350M and a ~1B model in bf16, and greedy decoding at batch 1 and 8 as a
    fraction of the memory-bandwidth bound. On a CPU this section reports itself skipped
@@ -24,7 +26,7 @@ numbers must not depend on which ran before it.
     python -m benchmarks.run --quick         # every workload shrunk (~1-2 min)
     python -m benchmarks.run --ours-only     # no torch / transformers / trl needed
 
-Writes ``<out>/{sft,decode,ppo,roofline}.json``, ``<out>/results.json`` (all + machine) and
+Writes ``<out>/{sft,decode,ppo,group,roofline}.json``, ``<out>/results.json`` (all + machine) and
 ``<out>/table.md``. Peers come from the ``bench`` extra (``pip install -e '.[bench]'``);
 a missing one is reported in its row and the run still succeeds.
 """
@@ -41,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import common, compile_time, decode, loop_overhead, ppo, roofline, sft_step
+from benchmarks import common, compile_time, decode, group_methods, loop_overhead, ppo, roofline, sft_step
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.host import keep_freed_memory
 
@@ -49,7 +51,7 @@ QUICK_MODEL = ModelConfig(family="gpt2", vocab_size=1024, d_model=128, n_layers=
 QUICK_BF16 = dataclasses.replace(QUICK_MODEL, compute_dtype="bfloat16")
 QUICK_LLAMA_BF16 = ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                d_ff=384, max_len=64, tie_embeddings=False, compute_dtype="bfloat16")
-SECTIONS = ("sft", "decode", "ppo", "roofline", "loop")
+SECTIONS = ("sft", "decode", "ppo", "group", "roofline", "loop")
 # Run only when named (--only compile): compile seconds vs depth, unrolled vs scan_layers.
 OPT_IN_SECTIONS = ("compile",)
 ALL_SECTIONS = SECTIONS + OPT_IN_SECTIONS
@@ -65,12 +67,15 @@ MFU_TARGETS = {"llama-1.1B": 0.50}
 def workloads(quick: bool) -> dict:
     if not quick:
         return {"sft": sft_step.SFTWorkload(), "decode": decode.DecodeWorkload(), "decode_models": decode.MODELS,
-                "ppo": ppo.PPOWorkload(), "roofline": roofline.RooflineWorkload()}
+                "ppo": ppo.PPOWorkload(), "group": group_methods.GroupWorkload(),
+                "roofline": roofline.RooflineWorkload()}
     return {"sft": sft_step.SFTWorkload(model=QUICK_MODEL, batch=4, seq=64, warmup_steps=2, timed_steps=3, peak_n=512),
             "decode": decode.DecodeWorkload(prompt_len=8, new_tokens=16, batches=(1, 4), repeats=2),
             "decode_models": {"gpt2-2L-d128 (quick)": QUICK_MODEL, "tiny-default": decode.TINY},
             "ppo": ppo.PPOWorkload(episodes=16, prompt_len=8, response_len=4, minibatch=8, timed_iterations=1,
                                   peak_n=512),
+            "group": group_methods.GroupWorkload(prompts=4, group=4, prompt_len=8, response_len=4, minibatch=8,
+                                                 timed_iterations=1),
             "roofline": roofline.RooflineWorkload(
                 train=(("gpt2-2L-d128 bf16 (quick)", QUICK_BF16, 2, 32),
                        ("llama-2L-d128 bf16 (quick)", QUICK_LLAMA_BF16, 2, 32)),
@@ -137,6 +142,8 @@ def run_section(section: str, quick: bool, peers: bool, log=print) -> dict:
     if section == "compile":
         return compile_time.run(compile_time.CompileWorkload(depths=(2, 8), repeats=1) if quick else compile_time.CompileWorkload(),
                                 log=log)
+    if section == "group":
+        return group_methods.run(work["group"], peers=peers, log=log)
     return ppo.run(work["ppo"], peers=peers, log=log)
 
 
@@ -159,6 +166,9 @@ def compiles(results: dict) -> dict[str, int]:
         out[f"sampler {row['model']} b{row['batch']}"] = row["ours"]["compiles_after_warmup"]
     if "ppo" in results:
         out["ppo sampler+experience+update"] = results["ppo"]["ours"]["compiles_after_warmup"]
+    for name in ("grpo", "rloo"):
+        if name in results.get("group", {}):
+            out[f"{name} sampler+experience+update"] = results["group"][name]["ours"]["compiles_after_warmup"]
     for row in results.get("roofline", {}).get("train", []):
         out[f"roofline SFT step {row['model']}"] = row["compiles_after_warmup"]
     for row in results.get("roofline", {}).get("decode", []):
@@ -224,14 +234,14 @@ def table(results: dict) -> str:
                          f"{d['new_tokens']} new (tok/s) vs HF generate | {row['ours']['tokens_per_s']:.0f} | "
                          f"{_peer(row['hf_generate'], _tokens_per_s)} | "
                          f"{_ratio(r)} | >= {target}x | {_judge(r, target, quick)} |")
+    phases = lambda x: (f"{x['iteration_s']:.3f} s = {x['rollout_s']:.3f} rollout + {x['scoring_s']:.3f} "  # noqa: E731
+                        f"scoring + {x['update_s']:.3f} update"
+                        + (f" + {x['other_s']:.3f} other" if "other_s" in x else "")
+                        + (f" ({x['fraction_of_matmul_peak']:.0%} of matmul peak)"
+                           if "fraction_of_matmul_peak" in x else ""))
     if "ppo" in results:
         p = results["ppo"]
         w = p["workload"]
-        phases = lambda x: (f"{x['iteration_s']:.3f} s = {x['rollout_s']:.3f} rollout + {x['scoring_s']:.3f} "  # noqa: E731
-                            f"scoring + {x['update_s']:.3f} update"
-                            + (f" + {x['other_s']:.3f} other" if "other_s" in x else "")
-                            + (f" ({x['fraction_of_matmul_peak']:.0%} of matmul peak)"
-                               if "fraction_of_matmul_peak" in x else ""))
         r = p.get("speedup")
         lines.append(f"| PPO iteration, tiny default, {w['episodes']} episodes x ({w['prompt_len']} + "
                      f"{w['response_len']}) tokens, {w['optimizer_steps']} minibatch steps (s) vs TRL PPOTrainer | "
@@ -244,6 +254,16 @@ def table(results: dict) -> str:
                          f"({p['model_flops']['matmul_peak_tflops']['used'] * 1e3:.0f} GFLOP/s) | "
                          f"{p['ours']['fraction_of_matmul_peak']:.0%} | "
                          f"{p['trl_ppo_trainer']['fraction_of_matmul_peak']:.0%} | | | |")
+    if "group" in results:
+        g = results["group"]
+        w = g["workload"]
+        for name, peer, title in (("grpo", "trl_grpo_trainer", "GRPOTrainer"), ("rloo", "trl_rloo_trainer",
+                                                                             "RLOOTrainer")):
+            r = g[name].get("speedup")
+            lines.append(f"| {name.upper()} iteration, tiny default, {w['prompts']} prompts x {w['group']} = "
+                         f"{w['episodes']} episodes x ({w['prompt_len']} + {w['response_len']}) tokens, "
+                         f"{w['optimizer_steps']} minibatch steps (s) vs TRL {title} | {phases(g[name]['ours'])} | "
+                         f"{_peer(g[name][peer], phases)} | {_ratio(r)} | (beside PPO's) | |")
     if "roofline" in results:
         lines += roofline_rows(results["roofline"], quick)
     if "loop" in results:
@@ -258,7 +278,8 @@ def table(results: dict) -> str:
     comp = results["compiles_after_warmup"]
     bad = {name: n for name, n in comp.items() if n}
     ours = f"0 in each of {len(comp)}" if not bad else ", ".join(f"{n} in {name}" for name, n in bad.items())
-    lines.append(f"| Compiles after warm-up (ours: each SFT step, each sampler, the PPO steps) | {ours} | | | 0 | "
+    lines.append(f"| Compiles after warm-up (ours: each SFT step, each sampler, the PPO, GRPO and RLOO steps) | {ours} "
+                 "| | | 0 | "
                  f"{'**missed**' if bad else 'met'} |")
     return "\n".join(lines) + "\n"
 

@@ -16,8 +16,8 @@ Run: ``rlhf-jax sft --config experiments/gpt2_hh_gpu.py --workdir runs/gpt2_hh``
 import os
 import pathlib
 
-from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
-                             PPOConfig, RMConfig, SamplingConfig, SFTConfig, TokenizerConfig)
+from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, GenerationConfig, MeshConfig, ModelConfig,
+                             OptimConfig, PPOConfig, RMConfig, SFTConfig, SamplingConfig, TokenizerConfig)
 
 # GPT-2 small, used when the weights directory is not there yet (so the config still loads).
 GPT2_SMALL = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
@@ -51,11 +51,14 @@ def get_config() -> Config:
                                     max_len=seq),
                     optim=OptimConfig(learning_rate=9e-6), k_max=2, epochs=1, normalize_path=jsonl("sft_val"),
                     checkpoint=CheckpointConfig(save_every=500, keep=2)),
+        generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=128, temperature=1.0),
+                                    prompts=DataConfig(train_path=jsonl("prompts_train"),
+                                                       val_path=jsonl("prompts_val"), batch_size=128,
+                                                       max_len=prompt)),
         ppo=PPOConfig(prompts=DataConfig(train_path=jsonl("prompts_train"), val_path=jsonl("prompts_val"),
                                          batch_size=128, max_len=prompt),
                       pretrain=DataConfig(train_path=jsonl("pretrain_train"), val_path=jsonl("pretrain_val"),
                                           batch_size=16, max_len=seq),
-                      sampling=SamplingConfig(max_new_tokens=128, temperature=1.0),
                       policy_optim=OptimConfig(learning_rate=1.5e-5, final_lr_fraction=1.0),
                       value_optim=OptimConfig(learning_rate=9e-6, final_lr_fraction=1.0),
                       iterations=500, minibatch_size=32, kl_coef=0.02, eval_every=25,

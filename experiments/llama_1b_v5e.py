@@ -18,8 +18,8 @@ import dataclasses
 import os
 import pathlib
 
-from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PPOConfig,
-                             RMConfig, SamplingConfig, SFTConfig, TokenizerConfig)
+from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, GenerationConfig, MeshConfig, ModelConfig,
+                             OptimConfig, PPOConfig, RMConfig, SamplingConfig, SFTConfig, TokenizerConfig)
 
 LLAMA_1B = ModelConfig(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                        d_ff=5632, max_len=2048, tie_embeddings=False, compute_dtype="bfloat16", remat="full",
@@ -48,11 +48,13 @@ def get_config() -> Config:
                                     batch_size=CHIPS, max_len=SEQ),
                     optim=OptimConfig(learning_rate=9e-6), k_max=4, epochs=1, normalize_path=jsonl("sft_val"),
                     checkpoint=CheckpointConfig(save_every=500, keep=3)),
+        generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=SEQ - PROMPT, temperature=1.0),
+                                    prompts=DataConfig(train_path=jsonl("prompts_train"),
+                                                       val_path=jsonl("prompts_val"), batch_size=256, max_len=PROMPT)),
         ppo=PPOConfig(prompts=DataConfig(train_path=jsonl("prompts_train"), val_path=jsonl("prompts_val"),
                                          batch_size=256, max_len=PROMPT),
                       pretrain=DataConfig(train_path=jsonl("pretrain_train"), val_path=jsonl("pretrain_val"),
                                           batch_size=per_chip * CHIPS, max_len=SEQ),
-                      sampling=SamplingConfig(max_new_tokens=SEQ - PROMPT, temperature=1.0),
                       policy_optim=OptimConfig(learning_rate=9.65e-6, final_lr_fraction=1.0),
                       value_optim=OptimConfig(learning_rate=5e-6, final_lr_fraction=1.0),
                       iterations=256, minibatch_size=per_chip * CHIPS, epochs=1, kl_coef=0.02, ptx_coef=27.8,

@@ -17,8 +17,8 @@ import dataclasses
 import os
 import pathlib
 
-from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
-                             PPOConfig, RMConfig, SamplingConfig, SFTConfig, TokenizerConfig)
+from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, GenerationConfig, MeshConfig, ModelConfig,
+                             OptimConfig, PPOConfig, RMConfig, SFTConfig, SamplingConfig, TokenizerConfig)
 
 LLAMA_1B = ModelConfig(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                        head_dim=64, d_ff=8192, max_len=2048, tie_embeddings=True, rope_theta=500000.0)
@@ -49,11 +49,14 @@ def get_config() -> Config:
                                     batch_size=64, max_len=seq),
                     optim=OptimConfig(learning_rate=9e-6), k_max=9, epochs=1, normalize_path=jsonl("sft_val"),
                     checkpoint=CheckpointConfig(save_every=500, keep=3)),
+        generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=256, temperature=1.0),
+                                    prompts=DataConfig(train_path=jsonl("prompts_train"),
+                                                       val_path=jsonl("prompts_val"), batch_size=512,
+                                                       max_len=prompt)),
         ppo=PPOConfig(prompts=DataConfig(train_path=jsonl("prompts_train"), val_path=jsonl("prompts_val"),
                                          batch_size=512, max_len=prompt),
                       pretrain=DataConfig(train_path=jsonl("pretrain_train"), val_path=jsonl("pretrain_val"),
                                           batch_size=64, max_len=seq),
-                      sampling=SamplingConfig(max_new_tokens=256, temperature=1.0),
                       policy_optim=OptimConfig(learning_rate=9.65e-6, final_lr_fraction=1.0),
                       value_optim=OptimConfig(learning_rate=5e-6, final_lr_fraction=1.0),
                       iterations=256, minibatch_size=64, epochs=1, kl_coef=0.02, ptx_coef=27.8,

@@ -24,7 +24,7 @@ import dataclasses
 import os
 import pathlib
 
-from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig,
+from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, GenerationConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig,
                              PPOConfig, RMConfig, SamplingConfig, SFTConfig, TokenizerConfig)
 
 LLAMA_1B = ModelConfig(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
@@ -62,9 +62,9 @@ def get_config() -> Config:
         ppo=PPOConfig(prompts=DataConfig(train_path=path("train", "prompts"), val_path=path("test", "prompts"),
                                          batch_size=64, max_len=prompt),
                       pretrain=DataConfig(train_path="task:pretrain", val_path=None),  # no PPO-ptx here
-                      sampling=SamplingConfig(max_new_tokens=256, temperature=1.0),
                       policy_optim=OptimConfig(learning_rate=5e-5, final_lr_fraction=1.0),
                       value_optim=OptimConfig(learning_rate=5e-5, final_lr_fraction=1.0),
                       iterations=400, minibatch_size=16, kl_coef=0.05, eval_every=25,
                       checkpoint=CheckpointConfig(save_every=25, keep=2)),
+        generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=256, temperature=1.0)),
     )

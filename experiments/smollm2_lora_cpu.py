@@ -22,7 +22,7 @@ import dataclasses
 import os
 import pathlib
 
-from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig,
+from rlhf_jax.config import (CheckpointConfig, Config, DataConfig, GenerationConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig,
                              PPOConfig, RMConfig, SamplingConfig, SFTConfig, TokenizerConfig)
 
 # SmolLM2-135M's architecture, used when the weights directory is not there yet (so the config still loads)
@@ -59,9 +59,9 @@ def get_config() -> Config:
         ppo=PPOConfig(prompts=DataConfig(train_path=path("prompts", "train", "prompts"),
                                          val_path=path("prompts", "val", "prompts"), batch_size=16, max_len=96),
                       pretrain=DataConfig(train_path="task:pretrain", val_path=None, batch_size=8, max_len=64),
-                      sampling=SamplingConfig(max_new_tokens=48, temperature=1.0),
                       policy_optim=OptimConfig(learning_rate=2e-4, final_lr_fraction=1.0),
                       value_optim=OptimConfig(learning_rate=2e-4, final_lr_fraction=1.0),
                       iterations=12, minibatch_size=8, kl_coef=0.05, eval_every=6,
                       checkpoint=CheckpointConfig(save_every=6, keep=1)),
+        generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=48, temperature=1.0)),
     )

@@ -14,12 +14,15 @@ import contextlib
 import pathlib
 import sys
 
-from rlhf_jax.cli_args import check_command_line
+from rlhf_jax.cli_args import REWARD_BLOCKS, check_command_line
 from rlhf_jax.config import Config, ConfigError, apply_overrides, load_config, load_experiment
 from rlhf_jax.distributed import maybe_initialize
 from rlhf_jax.host import keep_freed_memory
+from rlhf_jax.stages.table import STAGES as TABLE  # the table imports no model
+from rlhf_jax.stages.table import BY_NAME, stage_named
 
-STAGES = ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "sample", "label")
+STAGE_COMMANDS = tuple(stage.cli_name for stage in TABLE if stage.command)
+STAGES = ("pipeline", *STAGE_COMMANDS, "sample", "label")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
                         help="run at most this many steps now, checkpoint and exit 0; rerun to continue")
-    parser.add_argument("--stage", default="ppo",
-                        help="ppo: the stage's directory inside the run directory (default ppo)")
+    parser.add_argument("--stage", default=None,
+                        help="a stage's directory inside the run directory (default: its name, e.g. ppo)")
+    parser.add_argument("--reward", default=None,
+                        help="ppo, rloo, grpo, best-of-n: the reward, a reward-model export (default run:rm/export) "
+                             "or 'gold' (the embedded task's gold scorer); sets <stage>.reward_init")
     parser.add_argument("--export", help="sample: the policy export directory to generate from")
     parser.add_argument("--prompt", action="append", default=[],
                         help="sample: a prompt (repeatable); default: the first held-out prompts")
@@ -103,6 +109,11 @@ def _resolve_and_run(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
             raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+        if args.reward is not None:
+            stage = BY_NAME.get(args.command.replace("-", "_"))
+            if stage is None or stage.block not in REWARD_BLOCKS:
+                raise ConfigError(f"--reward applies to ppo, rloo, grpo and best-of-n, not {args.command}")
+            overrides = [*overrides, f"--{stage.block}.reward_init={args.reward}"]
         cfg = resolve_config(args.config, args.workdir, overrides)  # validates every field first
         check_command_line(args)
         maybe_initialize(cfg.distributed)  # before anything touches a device
@@ -153,37 +164,23 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
         report = run_pipeline(cfg, args.workdir)
         print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
         print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
-        for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
+        for stage in ("sft", "sft_large", *cfg.pipeline.methods):
             if stage in report:
-                sampled = report[stage]["sampled"]
+                sampled = report[stage].get("sampled", {})
+                if "gold_score" not in sampled:
+                    continue
                 wins = [f", win rate vs {b} {sampled[f'win_rate_vs_{b}']:.2f}"
                         for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in sampled]
                 print(f"  {stage}: gold score {sampled['gold_score']:.3f}" + "".join(wins))
-    elif args.command == "pretrain":
-        from rlhf_jax.stages.sft import run_sft
+    elif args.command in STAGE_COMMANDS:
+        from rlhf_jax.stages.table import RunOptions
 
-        export = run_sft(cfg, args.workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
-                         stop_after=args.stop_after_steps)
-        print(f"pretrain export: {export}" if export else "pretrain: stopped early; rerun to resume")
-    elif args.command == "comparisons":
-        from rlhf_jax.stages.comparisons import run_comparisons
-
-        print(f"comparisons: {run_comparisons(cfg, args.workdir)}")
-    elif args.command == "sft":
-        from rlhf_jax.stages.sft import run_sft
-
-        export = run_sft(cfg, args.workdir, stop_after=args.stop_after_steps)
-        print(f"sft export: {export}" if export else "sft: stopped early; rerun to resume")
-    elif args.command == "rm":
-        from rlhf_jax.stages.rm import run_rm
-
-        export = run_rm(cfg, args.workdir, stop_after=args.stop_after_steps)
-        print(f"rm export: {export}" if export else "rm: stopped early; rerun to resume")
-    elif args.command == "ppo":
-        from rlhf_jax.stages.ppo import run_ppo
-
-        export = run_ppo(cfg, args.workdir, stage=args.stage, stop_after=args.stop_after_steps)
-        print(f"{args.stage} export: {export}" if export else f"{args.stage}: stopped early; rerun to resume")
+        stage = stage_named(args.command, "command")
+        result = stage.run(cfg, args.workdir, RunOptions(stage=args.stage, stop_after=args.stop_after_steps,
+                                                         generation_metrics=_task_metrics(cfg, stage)))
+        name = args.stage or stage.name
+        done = f"{name} export: {result}" if stage.trains and stage.name != "comparisons" else f"{name}: {result}"
+        print(done if result else f"{name}: stopped early; rerun to resume")
     elif args.command == "sample":
         from rlhf_jax.generate import generate_from_export
 
@@ -195,6 +192,16 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
             print(f"{prompt_text(prompt)} {response}")
     elif args.command == "label":
         _label(args, cfg)
+
+
+def _task_metrics(cfg: Config, stage):
+    """The gold score and flaw rates of an online method's held-out evaluations when they
+    are the embedded task's prompts (the gold scorer reads only those); else None."""
+    if not stage.online or not (getattr(cfg, stage.block).prompts.val_path or "").startswith("task:"):
+        return None
+    from rlhf_jax.task_eval import task_metrics
+
+    return task_metrics
 
 
 def _label(args: argparse.Namespace, cfg: Config) -> None:

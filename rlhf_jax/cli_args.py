@@ -14,31 +14,43 @@ from typing import Any
 
 from rlhf_jax.config import Config, ConfigError
 
-# command -> (what it does, its flags beyond --config/--workdir, the config blocks it reads)
-COMMANDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "pipeline": ("every stage in order (pretrain, SFT, comparisons, RM, PPO, PPO-ptx), then the evaluation "
-                 "and report; a rerun skips finished stages and resumes an interrupted one",
-                 (), ("pretrain", "sft", "comparisons", "rm", "ppo", "pipeline")),
-    "pretrain": ("trains the base language model on {text} records", ("--stop-after-steps",), ("pretrain",)),
-    "sft": ("supervised fine-tuning on {prompt, response} demonstrations", ("--stop-after-steps",), ("sft",)),
-    "comparisons": ("samples K responses per prompt from comparisons.policies and has the labeler rank them",
-                    (), ("comparisons",)),
-    "rm": ("trains the reward model on ranked comparisons", ("--stop-after-steps",), ("rm",)),
-    "ppo": ("PPO (PPO-ptx when ppo.ptx_coef > 0) against the reward model, with a KL penalty to the SFT "
-            "policy", ("--stop-after-steps", "--stage"), ("ppo",)),
+# command -> (what it does, its flags beyond --config/--workdir, the config blocks it reads);
+# every stage's command comes from the stage table (rlhf_jax.stages.table), the rest are here
+OTHER_COMMANDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "pipeline": ("every stage in order (pretrain, SFT, comparisons, RM, then pipeline.methods: PPO and PPO-ptx by "
+                 "default), then the evaluation and report; a rerun skips finished stages and resumes an "
+                 "interrupted one",
+                 (), ("pretrain", "sft", "comparisons", "rm", "generation", "ppo", "pipeline")),
     "sample": ("prints responses of a policy export to --prompt (or held-out) prompts",
-               ("--export", "--prompt"), ("ppo.sampling", "ppo.prompts")),
+               ("--export", "--prompt"), ("generation.sampling", "generation.prompts")),
     "label": ("serves the labeling page for human comparisons",
               ("--prompts", "--policy", "--k", "--n-prompts", "--overlap", "--host", "--port", "--stats",
                "--merge"), ("comparisons",)),
 }
+REWARD_BLOCKS = ("ppo", "rloo", "grpo", "best_of_n")  # the blocks --reward sets reward_init of
+
+
+def _stage_commands() -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    from rlhf_jax.stages.table import STAGES
+
+    out = {}
+    for stage in STAGES:
+        if stage.command:
+            flags = (("--stop-after-steps",) * (stage.trains and stage.name != "comparisons")
+                     + ("--stage",) * stage.method + ("--reward",) * (stage.block in REWARD_BLOCKS))
+            blocks = (stage.block or stage.name,) + ("generation",) * (stage.online or not stage.trains)
+            out[stage.cli_name] = (stage.summary, flags, blocks)
+    return out
+
+
+COMMANDS = {**_stage_commands(), **OTHER_COMMANDS}
 SHARED = ("seed", "model", "mesh", "tokenizer", "distributed", "compilation_cache_dir")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def check_command_line(args: argparse.Namespace) -> None:
     """Refuses flags that would write outside the run directory or name nothing."""
-    if not STAGE_NAME.fullmatch(args.stage) or args.stage in (".", ".."):
+    if args.stage is not None and (not STAGE_NAME.fullmatch(args.stage) or args.stage in (".", "..")):
         raise ConfigError(f"--stage {args.stage!r}: a directory name inside the run directory (letters, digits, "
                           "'_', '-', '.'; no '/' and not '..')")
     from rlhf_jax.data.jsonl import is_blank

@@ -120,6 +120,35 @@ def mean_lm_loss(eval_fn: Callable, params: Any, batches: Any, mesh) -> float:
     return float(total / jnp.maximum(count, 1.0))
 
 
+def sample_draws(evaluator: PolicyEvaluator, params, reward_params, prompt_batches, n: int,
+                 progress: Callable[[], None] | None = None) -> list[Generations]:
+    """Draws 1..n of ``params``' responses to every prompt (each scored), one per call."""
+    draws = []
+    for draw in range(1, n + 1):
+        draws.append(evaluator.generate(params, params, reward_params, prompt_batches, draw=draw))
+        if progress is not None:
+            progress()
+    return draws
+
+
+def best_of_n_picks(draws: Sequence[Generations], n: int) -> list[tuple[Generations, np.ndarray]]:
+    """Best-of-n from draws of the same prompts: the draws in groups of ``n`` (a last
+    incomplete group is left out), and for each group the response with the highest score
+    per prompt, with the index of its draw in the group ``[P]``."""
+    picks = []
+    for start in range(0, len(draws) - n + 1, n):
+        group = draws[start:start + n]
+        chosen = np.asarray(losses.best_of_n_pick(jnp.asarray(np.stack([g.scores for g in group]))))
+        rows = range(len(chosen))
+        kl = None if any(g.kl is None for g in group) else np.array([group[c].kl[i] for i, c in zip(rows, chosen)])
+        picks.append((Generations(
+            prompts=group[0].prompts, responses=[group[c].responses[i] for i, c in zip(rows, chosen)],
+            scores=np.array([group[c].scores[i] for i, c in zip(rows, chosen)]), kl=kl,
+            lengths=np.array([group[c].lengths[i] for i, c in zip(rows, chosen)]),
+            ended=np.array([group[c].ended[i] for i, c in zip(rows, chosen)], bool)), chosen))
+    return picks
+
+
 def summarize(generations: Generations, prefix: str, extra: Callable[[Generations], dict] | None = None) -> dict[str, float]:
     """Scalar metrics of a set of generations, keys under ``prefix/`` (``kl_to_ref`` only
     for sampled ones)."""

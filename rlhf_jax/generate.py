@@ -22,17 +22,17 @@ from rlhf_jax.stages import common
 
 def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str, prompts: Sequence[Prompt],
                          chat_prompts: bool = False) -> list[tuple[Prompt, str]]:
-    """(prompt, response) for each prompt (default: the held-out prompts of ``cfg.ppo``),
-    sampled with ``cfg.ppo.sampling`` from the params in ``export``. A prompt is text or a
-    conversation; ``chat_prompts``: a text prompt is sent as one user message when the
-    tokenizer renders a chat template (what someone typing to a chat model means). Returned
-    prompts are conversations as given, text as the policy saw it (decoded)."""
+    """(prompt, response) for each prompt (default: the first held-out prompts,
+    ``generation.prompts``), sampled with ``generation.sampling`` from the params in ``export``.
+    A prompt is text or a conversation; ``chat_prompts``: a text prompt is sent as one user
+    message when the tokenizer renders a chat template (what someone typing to a chat model
+    means). Returned prompts are conversations as given, text as the policy saw it (decoded)."""
     env = common.make_env(cfg, workdir, "sample")
     if parameters.source(export, "--export", env.workdir).scalar:
         raise ConfigError(f"--export {export}: a reward-model export, not a policy")
     model = LanguageModel(cfg.model)
     params, _ = env.load_params(export, model, "--export")
-    ppo = cfg.ppo
+    gen = cfg.generation
     with tempfile.TemporaryDirectory() as tmp:
         if prompts:
             if chat_prompts and env.tokenizer.uses_chat_template:
@@ -44,10 +44,10 @@ def generate_from_export(cfg: Config, workdir: str | pathlib.Path, export: str, 
             path = pathlib.Path(tmp) / "prompts.jsonl"
             path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         else:
-            path = env.data_path(ppo.prompts.val_path or ppo.prompts.train_path, "ppo.prompts.val_path")
-        batches = PromptBatches(str(path), env.tokenizer, ppo.prompts, seed=cfg.seed,
+            path = env.data_path(gen.prompts.val_path or gen.prompts.train_path, "generation.prompts.val_path")
+        batches = PromptBatches(str(path), env.tokenizer, gen.prompts, seed=cfg.seed,
                                 cache_dir=str(pathlib.Path(tmp) / "cache"), **env.process)
-        sampler = make_sampler(model, ppo.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
+        sampler = make_sampler(model, gen.sampling, env.mesh, jax.tree.map(lambda x: x.sharding, params),
                                env.tokenizer.eos_id, env.tokenizer.pad_id)
         out = []
         for i, local in enumerate(batches.eval_batches()):

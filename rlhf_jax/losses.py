@@ -1,8 +1,10 @@
 """Every loss and estimator of the pipeline, as pure functions of arrays.
 
 This is the researcher's file. Each loss takes arrays (shapes in the docstrings) and small
-static arguments, and returns ``(scalar, metrics)`` where ``metrics`` is a flat dict with
-``/``-separated keys. Nothing here sees a model, a mesh or an optimiser. Masked means keep
+static arguments, and returns ``(scalar, metrics)`` where ``metrics`` is a flat dict of
+unprefixed names (``loss``, ``accuracy``): the caller names its own (``named("rm", metrics)``
+gives ``rm/loss``), so one function serves the RM and DPO, or PPO, RLOO and GRPO, alike.
+Nothing here sees a model, a mesh or an optimiser. Masked means keep
 an explicit denominator so micro-batches and packed rows reduce exactly: a loss given the
 whole batch's ``denominator`` sums over micro-batches to the full-batch loss, while its
 metrics describe the micro-batch alone.
@@ -11,12 +13,19 @@ metrics describe the micro-batch alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+def named(prefix: str, metrics: dict[str, Array]) -> dict[str, Array]:
+    """``metrics`` with every key under ``prefix/``: how a caller names a shared function's
+    metrics (``named("ppo", {"kl_to_ref": x}) == {"ppo/kl_to_ref": x}``)."""
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
 def masked_sum(x: Array, mask: Array) -> Array:
@@ -145,9 +154,9 @@ def sft_loss_from_terms(logprobs: Array, is_top: Array, loss_mask: Array,
     nll = -logprobs
     loss = masked_mean(nll, target_mask, denominator)
     metrics = {  # over this batch alone, whatever ``denominator`` is
-        "sft/loss": masked_mean(nll, target_mask),
-        "sft/accuracy": masked_mean(is_top.astype(jnp.float32), target_mask),
-        "sft/target_tokens": jnp.sum(target_mask),
+        "loss": masked_mean(nll, target_mask),
+        "accuracy": masked_mean(is_top.astype(jnp.float32), target_mask),
+        "target_tokens": jnp.sum(target_mask),
     }
     return loss, metrics
 
@@ -164,41 +173,107 @@ def prompts_with_pairs(ranks: Array, mask: Array) -> Array:
     return jnp.sum(jnp.any(_better_pairs(ranks, mask), axis=(1, 2)).astype(jnp.float32))
 
 
-def ranking_loss(rewards: Array, ranks: Array, mask: Array,
-                 denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """InstructGPT's K-wise reward-model loss, all C(K, 2) pairs of a prompt in one element.
+# ---------------------------------------------------------------- preferences: the RM and DPO
+# B prompts, K responses each, scored per response (``scores [B, K] f32``: the RM's rewards,
+# DPO's log-ratios); ``ranks [B, K] int32`` (0 = best, equal = tie), ``mask [B, K] bool`` (real
+# responses: K varies by prompt). Every ordered pair (w ranked strictly better than l, both
+# real) is a term; a prompt's loss is the mean over its pairs, the batch's the mean over the
+# prompts that have one (``denominator`` overrides that count, for micro-batches).
 
-    rewards: ``[B, K] f32``, r(x, y_k); ranks: ``[B, K] int32``, 0 = best, equal = tie;
-    mask: ``[B, K] bool``, real responses (K varies by prompt).
-    For each prompt, the mean over its ordered pairs (w better than l) of
-    ``-log sigmoid(r_w - r_l)``; then the mean over prompts that have at least one pair
-    (``denominator`` overrides that count, for micro-batches).
+PREFERENCE_KINDS = ("sigmoid", "ipo", "plackett_luce")
+
+
+def _plackett_luce_nll(utilities: Array, ranks: Array, mask: Array) -> Array:
+    """``[B]``: ``sum_k [log sum_{j not ranked better than k} exp(u_j) - u_k]`` over real k."""
+    at_risk = mask[:, None, :] & (ranks[:, None, :] >= ranks[:, :, None])  # [B, k, j]
+    at_risk = at_risk | jnp.eye(mask.shape[1], dtype=bool)  # a padded k's own term: 0, finite gradient
+    log_denominators = jax.nn.logsumexp(jnp.where(at_risk, utilities[:, None, :], -jnp.inf), axis=-1)
+    return jnp.sum((log_denominators - utilities) * mask, axis=1)
+
+
+def preference_loss(scores: Array, ranks: Array, mask: Array, kind: str = "sigmoid", beta: float = 1.0,
+                    label_smoothing: float = 0.0,
+                    denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """The K-wise preference loss over any per-response scores (shapes above).
+
+    - ``sigmoid``: per pair ``-log sigmoid(z)``, ``z = beta * (s_w - s_l)``; with
+      ``label_smoothing`` e (cDPO: each label wrong with probability e)
+      ``-(1 - e) log sigmoid(z) - e log sigmoid(-z)``. On rewards with beta 1 this is
+      InstructGPT's reward-model loss; on log-ratios, DPO.
+    - ``ipo``: per pair ``(s_w - s_l - 1 / (2 beta))^2`` (Azar et al. 2023).
+    - ``plackett_luce``: per prompt, the negative log-likelihood of its ranking under a
+      Plackett-Luce model with utilities ``beta * s`` (the DPO paper's listwise form): the
+      best of all, then the best of the rest, ... ``sum_k [log sum_{j not better than k}
+      exp(beta s_j) - beta s_k]``, summed over the prompt's responses (so a frozen policy
+      gives log K! on a full ranking, and K = 2 is the sigmoid loss). Ties are expanded by
+      Breslow's rule: a tied response is picked against every response not ranked better,
+      its ties included (on a full ranking this is exactly Plackett-Luce).
     """
+    if kind not in PREFERENCE_KINDS:
+        raise ValueError(f"preference kind {kind!r}: expected one of {PREFERENCE_KINDS}")
+    if label_smoothing and kind != "sigmoid":
+        raise ValueError(f"label_smoothing={label_smoothing} applies to the sigmoid loss only, not {kind!r}")
     pairs = _better_pairs(ranks, mask).astype(jnp.float32)
-    margins = rewards[:, :, None] - rewards[:, None, :]  # [B, K, K]: r_w - r_l
+    margins = scores[:, :, None] - scores[:, None, :]  # [B, K, K]: s_w - s_l
     pairs_per_prompt = jnp.sum(pairs, axis=(1, 2))
-    per_prompt = jnp.sum(-jax.nn.log_sigmoid(margins) * pairs, axis=(1, 2)) / jnp.maximum(pairs_per_prompt, 1.0)
+    if kind == "plackett_luce":
+        per_prompt = _plackett_luce_nll(beta * scores, ranks, mask)
+    else:
+        if kind == "ipo":
+            per_pair = jnp.square(margins - 1.0 / (2.0 * beta))
+        else:
+            z = margins if beta == 1.0 else beta * margins  # the RM's loss, op for op as it always was
+            per_pair = -jax.nn.log_sigmoid(z)
+            if label_smoothing:
+                per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * jax.nn.log_sigmoid(-z)
+        per_prompt = jnp.sum(per_pair * pairs, axis=(1, 2)) / jnp.maximum(pairs_per_prompt, 1.0)
     has_pairs = (pairs_per_prompt > 0).astype(jnp.float32)
     loss = masked_mean(per_prompt, has_pairs, denominator)
-    _, accuracy_metrics = pairwise_accuracy(rewards, ranks, mask)
+    _, accuracy_metrics = pairwise_accuracy(scores, ranks, mask)
     metrics = {  # over this batch alone, whatever ``denominator`` is
-        "rm/loss": masked_mean(per_prompt, has_pairs),
+        "loss": masked_mean(per_prompt, has_pairs),
         **accuracy_metrics,
-        "rm/margin": masked_mean(margins, pairs),
-        "rm/reward_mean": masked_mean(rewards, mask),
-        "rm/prompts_with_pairs": jnp.sum(has_pairs),
+        "margin": masked_mean(margins, pairs),
+        "reward_mean": masked_mean(scores, mask),
+        "prompts_with_pairs": jnp.sum(has_pairs),
     }
+    return loss, metrics
+
+
+def ranking_loss(rewards: Array, ranks: Array, mask: Array,
+                 denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """InstructGPT's K-wise reward-model loss, all C(K, 2) pairs of a prompt in one element:
+    per prompt, the mean over its ordered pairs of ``-log sigmoid(r_w - r_l)``, then the mean
+    over prompts (:func:`preference_loss` on rewards ``[B, K] f32``, sigmoid, beta 1)."""
+    return preference_loss(rewards, ranks, mask, "sigmoid", 1.0, 0.0, denominator)
+
+
+def dpo_loss(policy_logps: Array, ref_logps: Array, ranks: Array, mask: Array, beta: float,
+             kind: str = "sigmoid", label_smoothing: float = 0.0,
+             denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """DPO (``sigmoid``), IPO (``ipo``) or listwise DPO (``plackett_luce``) on K-wise rankings:
+    :func:`preference_loss` over each response's log-ratio ``log pi(y|x) - log pi_ref(y|x)``.
+
+    policy_logps, ref_logps: ``[B, K] f32``, each response's summed log-probs under the
+    policy and the frozen reference; ranks, mask: ``[B, K]`` as the RM's. Chosen/rejected
+    rows are K = 2. Metrics add the implicit reward ``beta * log-ratio``: its mean over
+    responses (``reward_mean``) and its mean margin over pairs (``reward_margin``).
+    """
+    log_ratios = jnp.where(mask, policy_logps - ref_logps, 0.0)
+    loss, metrics = preference_loss(log_ratios, ranks, mask, kind, beta, label_smoothing, denominator)
+    metrics = {**metrics, "log_ratio_mean": metrics["reward_mean"], "reward_mean": beta * metrics["reward_mean"],
+               "reward_margin": beta * metrics["margin"]}
     return loss, metrics
 
 
 def pairwise_accuracy(rewards: Array, ranks: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
     """Fraction of ordered pairs (over the batch) where the better response gets the higher
-    reward; a reward tie counts half. Shapes as in :func:`ranking_loss`."""
+    reward; a reward tie counts half. Shapes as in :func:`preference_loss`."""
     pairs = _better_pairs(ranks, mask).astype(jnp.float32)
     margins = rewards[:, :, None] - rewards[:, None, :]
     right = jnp.where(margins > 0, 1.0, jnp.where(margins == 0, 0.5, 0.0))
     accuracy = masked_mean(right, pairs)
-    return accuracy, {"rm/accuracy": accuracy, "rm/pairs": jnp.sum(pairs)}
+    return accuracy, {"accuracy": accuracy, "pairs": jnp.sum(pairs)}
 
 
 def win_rate(scores: Array, baseline_scores: Array) -> Array:
@@ -217,8 +292,21 @@ def best_of_n(rewards: Array, gold: Array) -> tuple[Array, dict[str, Array]]:
     least pick better than at random among the policy's own samples."""
     columns = jnp.arange(gold.shape[1])
     picked = jnp.mean(gold[jnp.argmax(rewards, axis=0), columns])
-    return picked, {"best_of_n/rm_pick_gold": picked, "best_of_n/random_gold": jnp.mean(gold),
-                    "best_of_n/oracle_gold": jnp.mean(jnp.max(gold, axis=0))}
+    return picked, {"rm_pick_gold": picked, "random_gold": jnp.mean(gold),
+                    "oracle_gold": jnp.mean(jnp.max(gold, axis=0))}
+
+
+def best_of_n_pick(scores: Array) -> Array:
+    """``[B] int32``: which of N samples best-of-n keeps for each of B prompts, the
+    highest-scoring (``scores [N, B]``; ties: the first)."""
+    return jnp.argmax(scores, axis=0).astype(jnp.int32)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || pi) = log n - (n - 1) / n: the analytic KL of picking the best of n
+    samples of pi by any score without ties (Stiennon et al. 2020; Gao et al. 2022 plot
+    best-of-n against it). 0 at n = 1."""
+    return math.log(n) - (n - 1) / n
 
 
 # ---------------------------------------------------------------- PPO and PPO-ptx
@@ -265,9 +353,9 @@ def kl_shaped_rewards(logp: Array, ref_logp: Array, scores: Array, mask: Array, 
     rewards = -beta * kl + scores[:, None] * last_token_mask(mask)
     kl_per_episode = jnp.sum(kl, axis=1)
     metrics = {
-        "ppo/kl_to_ref": jnp.mean(kl_per_episode),  # summed over the response, mean over episodes
-        "ppo/kl_penalty": -beta * jnp.mean(kl_per_episode),
-        "ppo/beta": jnp.asarray(beta, jnp.float32),
+        "kl_to_ref": jnp.mean(kl_per_episode),  # summed over the response, mean over episodes
+        "kl_penalty": -beta * jnp.mean(kl_per_episode),
+        "beta": jnp.asarray(beta, jnp.float32),
     }
     return rewards, metrics
 
@@ -319,10 +407,10 @@ def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(jnp.maximum(unclipped, clipped), mask, denominator)
     metrics = {
-        "ppo/policy_loss": loss,
-        "ppo/clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask, denominator),
-        "ppo/approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask, denominator),
-        "ppo/ratio": masked_mean(ratio, mask, denominator),
+        "policy_loss": loss,
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask, denominator),
+        "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask, denominator),
+        "ratio": masked_mean(ratio, mask, denominator),
     }
     return loss, metrics
 
@@ -336,9 +424,9 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, cl
     clipped_error = jnp.square(clipped_values - returns)
     loss = 0.5 * masked_mean(jnp.maximum(unclipped_error, clipped_error), mask, denominator)
     metrics = {
-        "value/loss": loss,
-        "value/clipfrac": masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask, denominator),
-        "value/mean": masked_mean(values, mask, denominator),
+        "loss": loss,
+        "clipfrac": masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask, denominator),
+        "mean": masked_mean(values, mask, denominator),
     }
     return loss, metrics
 
@@ -370,7 +458,7 @@ def entropy_from_terms(per_token: Array, mask: Array, denominator: Array | None 
     """:func:`entropy` from each position's entropy ``[B, T] f32`` (e.g. the ``entropy`` of
     :func:`chunked_next_token_terms`)."""
     value = masked_mean(per_token, mask, denominator)
-    return value, {"ppo/entropy": value}
+    return value, {"entropy": value}
 
 
 def normalization_stats(rewards: Array, mask: Array) -> tuple[Array, Array]:
@@ -391,7 +479,7 @@ def ptx_loss_from_terms(logprobs: Array, is_top: Array, loss_mask: Array,
                         denominator: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """:func:`ptx_loss` from the next-token terms (as :func:`sft_loss_from_terms`)."""
     loss, metrics = sft_loss_from_terms(logprobs, is_top, loss_mask, denominator)
-    return loss, {"ptx/loss": loss, "ptx/accuracy": metrics["sft/accuracy"]}
+    return loss, {"loss": loss, "accuracy": metrics["accuracy"]}
 
 
 def ppo_objective(policy_loss: Array, entropy_value: Array, ptx: Array, *, entropy_coef: float,
@@ -401,12 +489,11 @@ def ppo_objective(policy_loss: Array, entropy_value: Array, ptx: Array, *, entro
     (InstructGPT: ``ptx_coef`` = gamma = 27.8 for PPO-ptx, 0 for plain PPO. With 0 the ptx
     term contributes exactly nothing, not even a zero-times-NaN.)
     """
-    terms = {"ppo/objective/policy": policy_loss,
-             "ppo/objective/entropy": -entropy_coef * entropy_value}
+    terms = {"objective/policy": policy_loss, "objective/entropy": -entropy_coef * entropy_value}
     if ptx_coef:
-        terms["ppo/objective/ptx"] = ptx_coef * ptx
+        terms["objective/ptx"] = ptx_coef * ptx
     total = sum(terms.values())
-    return total, {**terms, "ppo/objective/total": total}
+    return total, {**terms, "objective/total": total}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,3 +511,117 @@ class AdaptiveKLController:
     def update(self, beta: Array, observed_kl: Array, n_steps: int) -> Array:
         error = jnp.clip(observed_kl / self.target - 1.0, -0.2, 0.2)
         return beta * (1.0 + error * n_steps / self.horizon)
+
+
+# ---------------------------------------------------------------- RLOO and GRPO: groups of samples
+# P prompts, G sampled responses each; episodes are rows ``[B = P * G]`` with a prompt's G
+# rows adjacent (``x.reshape(P, G)``). Per-token shapes as PPO's: ``[B, T]``, ``mask`` the
+# response tokens. No value model: a response's advantage compares it with its group.
+
+ADVANTAGE_KINDS = ("rloo", "grpo", "dr_grpo")
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "constant")
+
+
+def group_advantages(rewards: Array, mask: Array, kind: str, eps: float = 1e-4) -> tuple[Array, dict[str, Array]]:
+    """Each response's advantage within its prompt's group: rewards, mask ``[P, G]`` (mask:
+    real responses) -> advantages ``[P, G] f32``, 0 where masked.
+
+    - ``rloo``: ``r_i - mean_{j != i} r_j`` (Ahmadian et al. 2024: the leave-one-out baseline,
+      unbiased); ``n / (n - 1) * (r_i - mean)`` for n real responses; 0 alone.
+    - ``grpo``: ``(r_i - mean) / (std + eps)``, std the sample (n - 1) standard deviation
+      (Shao et al. 2024).
+    - ``dr_grpo``: ``r_i - mean``, no std (Liu et al. 2025: the std favours groups that agree).
+    """
+    if kind not in ADVANTAGE_KINDS:
+        raise ValueError(f"advantage kind {kind!r}: expected one of {ADVANTAGE_KINDS}")
+    mask = mask.astype(jnp.float32)
+    count = jnp.sum(mask, axis=1, keepdims=True)
+    mean = jnp.sum(rewards * mask, axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+    centred = (rewards - mean) * mask
+    std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / jnp.maximum(count - 1.0, 1.0))
+    if kind == "rloo":
+        advantages = centred * count / jnp.maximum(count - 1.0, 1.0)
+    elif kind == "grpo":
+        advantages = centred / (std + eps)
+    else:
+        advantages = centred
+    has_group = (count[:, 0] > 0).astype(jnp.float32)
+    metrics = {"group_reward_std": masked_mean(std[:, 0], has_group),
+               "zero_std_groups": masked_mean((std[:, 0] == 0).astype(jnp.float32), has_group)}
+    return advantages * mask, metrics
+
+
+def aggregate(per_token: Array, mask: Array, aggregation: str) -> Array:
+    """A per-token loss ``[B, T]`` reduced over the mask: ``seq_mean_token_mean`` (each
+    response's token mean, then the mean over responses: the GRPO paper), ``token_mean``
+    (every token of the batch alike: DAPO) or ``constant`` (the sum over ``B * T``, T the
+    length budget: Dr. GRPO, which no response length biases)."""
+    mask = mask.astype(jnp.float32)
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask)
+    if aggregation == "seq_mean_token_mean":
+        return jnp.mean(jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    if aggregation == "constant":
+        return masked_sum(per_token, mask) / (mask.shape[0] * mask.shape[1])
+    raise ValueError(f"aggregation {aggregation!r}: expected one of {AGGREGATIONS}")
+
+
+def grpo_loss(logp: Array, old_logp: Array, ref_logp: Array, advantages: Array, mask: Array,
+              clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.04,
+              aggregation: str = "seq_mean_token_mean") -> tuple[Array, dict[str, Array]]:
+    """GRPO's loss: per token, the clipped surrogate ``max(-A r, -A clip(r, 1 - clip_low,
+    1 + clip_high))`` (``r = pi / pi_old``; DAPO's clip-higher when clip_high > clip_low) plus
+    ``kl_coef`` times the k3 estimate of KL(pi || pi_ref), reduced by :func:`aggregate`.
+
+    logp (current), old_logp (sampling), ref_logp: ``[B, T] f32``, at the sampling
+    temperature; advantages: ``[B] f32`` (one per response, e.g. :func:`group_advantages`);
+    mask: ``[B, T]``.
+    """
+    mask = mask.astype(jnp.float32)
+    ratio = jnp.exp((logp - old_logp) * mask)
+    adv = advantages[:, None]
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    surrogate = jnp.maximum(unclipped, clipped)
+    kl = kl_estimate(logp, ref_logp, "k3")
+    per_token = surrogate + kl_coef * kl if kl_coef else surrogate
+    loss = aggregate(per_token, mask, aggregation)
+    metrics = {"policy_loss": aggregate(surrogate, mask, aggregation),
+               "kl_k3": aggregate(kl, mask, aggregation),
+               "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+               "ratio": masked_mean(ratio, mask)}
+    return loss, metrics
+
+
+def kl_penalized_scores(logp: Array, ref_logp: Array, scores: Array, mask: Array, beta: Array | float,
+                        kind: KLKind = "k1") -> tuple[Array, dict[str, Array]]:
+    """RLOO's reward: each episode's score ``[B]`` minus ``beta`` times its summed per-token
+    KL estimate (logp, ref_logp, mask ``[B, T]``): the KL as a reward penalty, what
+    :func:`kl_shaped_rewards` spreads over tokens, in one number per sequence."""
+    kl_per_episode = jnp.sum(kl_estimate(logp, ref_logp, kind) * mask.astype(jnp.float32), axis=1)
+    metrics = {"kl_to_ref": jnp.mean(kl_per_episode), "kl_penalty": -beta * jnp.mean(kl_per_episode),
+               "beta": jnp.asarray(beta, jnp.float32)}
+    return scores - beta * kl_per_episode, metrics
+
+
+def rloo_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array,
+              clip: float | None = None) -> tuple[Array, dict[str, Array]]:
+    """RLOO's policy loss (Ahmadian et al. 2024, TRL's form): REINFORCE on each response's
+    summed log-prob with its advantage, ``mean_b(-A_b * R_b)``, ``R_b = exp(sum_t (logp -
+    old_logp))`` the sequence's probability ratio (1 on the batch it was sampled for, where
+    the gradient is exactly REINFORCE's ``-A_b * grad sum_t logp``); ``clip`` bounds R as
+    PPO's surrogate does, for further passes over the same batch.
+
+    logp, old_logp, mask: ``[B, T]``; advantages: ``[B] f32``.
+    """
+    mask = mask.astype(jnp.float32)
+    log_ratio = jnp.sum((logp - old_logp) * mask, axis=1)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    per_episode = unclipped
+    if clip is not None:
+        per_episode = jnp.maximum(unclipped, -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip))
+    loss = jnp.mean(per_episode)
+    metrics = {"policy_loss": loss, "clipfrac": jnp.mean((per_episode > unclipped).astype(jnp.float32)),
+               "ratio": jnp.mean(ratio), "approx_kl": jnp.mean(jnp.expm1(-log_ratio) + log_ratio)}
+    return loss, metrics

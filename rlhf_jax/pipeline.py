@@ -2,7 +2,9 @@
 
 pretrain a base LM on the task's corpus -> SFT on demonstrations -> collect comparisons
 (K samples per prompt from the SFT policy, ranked by the noisy labeler) -> reward model ->
-PPO and PPO-ptx from the same SFT model -> evaluation on held-out prompts -> report.
+the methods of ``pipeline.methods`` (default PPO and PPO-ptx; also RLOO, GRPO, DPO,
+best-of-n, PPO on the gold scorer), each from the same SFT model -> evaluation on held-out
+prompts -> report.
 
 Every stage is the same function the CLI runs; the pipeline only chains them through
 their exports (``run:<stage>/export``). A rerun of the same command skips finished stages
@@ -21,10 +23,10 @@ import jax
 
 from rlhf_jax import checkpoint
 from rlhf_jax.atomic import write_text
-from rlhf_jax.config import Config, ConfigError
+from rlhf_jax.config import GOLD_REWARD, BestOfNConfig, Config, ConfigError, OnlineConfig
 from rlhf_jax.report import write_report
-from rlhf_jax.stages import common
 from rlhf_jax.stages.loop import Interrupted, Preemption
+from rlhf_jax.stages.table import BY_NAME, RunOptions, Stage, check_methods
 
 
 def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
@@ -56,16 +58,6 @@ def _add_seconds(workdir: pathlib.Path, name: str, seconds: float) -> None:
         write_text(path, json.dumps(timings, indent=1))
 
 
-def ppo_stages(cfg: Config) -> dict[str, Any]:
-    """The PPO runs of the pipeline: stage directory -> PPOConfig."""
-    runs = {"ppo": dataclasses.replace(cfg.ppo, ptx_coef=0.0)}
-    if cfg.pipeline.run_ppo_ptx:
-        runs["ppo_ptx"] = dataclasses.replace(cfg.ppo, ptx_coef=cfg.pipeline.ptx_coef)
-    if cfg.pipeline.run_ppo_gold:
-        runs["ppo_gold"] = dataclasses.replace(cfg.ppo, ptx_coef=0.0)
-    return runs
-
-
 def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool = True) -> dict[str, Any]:
     """Runs every stage not yet finished in ``workdir``, then evaluates; returns the report.
 
@@ -73,27 +65,27 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
     a stage between steps finishes first; then :class:`Interrupted` says where, and
     rerunning the same call resumes from there."""
     workdir = pathlib.Path(workdir).absolute()
-    if cfg.pipeline.best_of_n < 0:
-        raise ConfigError(f"pipeline.best_of_n must be >= 0 (0 skips the diagnosis), got {cfg.pipeline.best_of_n}")
+    cfg.validate()
+    methods = check_methods(cfg.pipeline.methods)
     if cfg.ppo.ptx_coef != 0.0:  # the pipeline sets it per PPO run
         raise ConfigError(f"ppo.ptx_coef={cfg.ppo.ptx_coef}: the pipeline "
                           "runs ppo with ptx_coef 0 and ppo_ptx with pipeline.ptx_coef; set pipeline.ptx_coef "
-                          "(or pipeline.run_ppo_ptx) instead, or run `rlhf-jax ppo` for a single PPO stage")
-    if cfg.pipeline.eval_samples < 1:
-        raise ConfigError(f"pipeline.eval_samples must be >= 1, got {cfg.pipeline.eval_samples}")
-    if cfg.pipeline.run_ppo_gold and jax.process_count() > 1:
-        raise ConfigError("pipeline.run_ppo_gold: the gold-scorer reward runs on one host; use a single process")
+                          "(or leave ppo_ptx out of pipeline.methods) instead, or run `rlhf-jax ppo` for a single "
+                          "PPO stage")
+    rewards = {m.name: getattr(cfg, m.block).reward_init for m in methods
+               if isinstance(getattr(cfg, m.block or "dpo"), (OnlineConfig, BestOfNConfig))}
+    gold_runs = [name for name, reward in rewards.items() if name == "ppo_gold" or reward == GOLD_REWARD]
+    if gold_runs and jax.process_count() > 1:
+        raise ConfigError(f"pipeline.methods {gold_runs}: the gold-scorer reward runs on one host; use a single "
+                          "process")
     with Preemption() as preemption:
-        return _run_stages(cfg, workdir, show_progress, preemption)
+        return _run_stages(cfg, workdir, show_progress, preemption, methods)
 
 
-def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
-                preemption: Preemption) -> dict[str, Any]:
-    from rlhf_jax.stages.comparisons import run_comparisons
-    from rlhf_jax.stages.ppo import run_ppo
-    from rlhf_jax.stages.rm import run_rm
+def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool, preemption: Preemption,
+                methods: tuple[Stage, ...]) -> dict[str, Any]:
     from rlhf_jax.stages.sft import run_sft
-    from rlhf_jax.task_eval import evaluate, gold_reward, task_metrics
+    from rlhf_jax.task_eval import evaluate, task_metrics
 
     def stage(name: str, run: Callable[[], Any]) -> None:
         """Runs ``run`` unless stage ``name`` is finished; stops the pipeline on a SIGTERM."""
@@ -109,33 +101,32 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool,
             steps = checkpoint.finished_steps(workdir / name / "checkpoints")
             raise Interrupted(f"in stage {name} at step {steps[-1] if steps else 0}")
 
-    stage("pretrain", lambda: run_sft(cfg, workdir, stage="pretrain", stage_cfg=cfg.pretrain, data_kind="text",
-                                      show_progress=show_progress))
-    stage("sft", lambda: run_sft(cfg, workdir, show_progress=show_progress))
+    def table_stage(name: str, **options: Any) -> None:
+        entry = BY_NAME[name]
+        stage(name, lambda: entry.run(cfg, workdir, RunOptions(stage=name, show_progress=show_progress, **options)))
+
+    table_stage("pretrain")
+    table_stage("sft")
     if cfg.rm.model is not None:  # the larger model the RM starts from, trained the same way
         stage("pretrain_large", lambda: run_sft(cfg, workdir, stage="pretrain_large", stage_cfg=cfg.pretrain,
                                                 data_kind="text", show_progress=show_progress, model=cfg.rm.model))
         stage("sft_large", lambda: run_sft(cfg, workdir, stage="sft_large", stage_cfg=dataclasses.replace(
             cfg.sft, init_from="run:pretrain_large/export"), show_progress=show_progress, model=cfg.rm.model))
-    stage("comparisons", lambda: run_comparisons(cfg, workdir, show_progress=show_progress))
-    stage("rm", lambda: run_rm(cfg, workdir, show_progress=show_progress))
-    runs = ppo_stages(cfg)
-    for name, ppo in runs.items():
-        def run(name: str = name, ppo: Any = ppo) -> pathlib.Path | None:
-            reward_fn = gold_reward(common.make_env(cfg, workdir, name).tokenizer) if name == "ppo_gold" else None
-            return run_ppo(cfg, workdir, ppo=ppo, stage=name, show_progress=show_progress,
-                           generation_metrics=task_metrics, reward_fn=reward_fn)
-        stage(name, run)
+    table_stage("comparisons")
+    table_stage("rm")
+    for method in methods:
+        if method.trains:  # best-of-n changes no weight: the evaluation samples it
+            table_stage(method.name, generation_metrics=task_metrics if method.online else None)
     if preemption.signalled:
         raise Interrupted("before the evaluation (every stage finished)")
     started = time.perf_counter()
     with preemption.raising("during the evaluation (every stage finished; a rerun evaluates again)"):
-        report, samples = evaluate(cfg, workdir, tuple(runs))
+        report, samples = evaluate(cfg, workdir, methods)
     # every training stage's seconds over all invocations, and this run's evaluation (a rerun repeats it)
     timings = {**_read_timings(workdir), "evaluation": time.perf_counter() - started}
     report["stage_seconds"] = timings
     report["wall_seconds"] = sum(timings.values())
     report["name"] = cfg.name
     if jax.process_index() == 0:  # every process has the same report; one writes it
-        write_report(workdir, report, samples, tuple(runs))
+        write_report(workdir, report, samples, methods)
     return report

@@ -62,3 +62,30 @@ def reward_model_score(reward_model: nn.Module) -> RewardFn:
         return last_token_scores(reward_model, params, tokens, segments, positions)
 
     return score
+
+
+def gold_reward(tokenizer) -> RewardFn:
+    """The embedded task's gold scorer as a reward: each episode's prompt and response are
+    decoded on the host (``jax.pure_callback``) and scored. Rows with no prompt (batch
+    padding) score 0. Single-process runs only: the callback sees the whole batch on one
+    host."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlhf_jax.tasks import gold_score
+
+    def host_scores(prompt_tokens, prompt_segments, tokens, mask, ended) -> np.ndarray:
+        scores = np.zeros(tokens.shape[0], np.float32)
+        for i in range(tokens.shape[0]):
+            prompt = tokenizer.decode(prompt_tokens[i][prompt_segments[i] > 0].tolist())
+            if prompt.strip():
+                scores[i] = gold_score(prompt, tokenizer.decode(tokens[i][mask[i]].tolist()), bool(ended[i]))
+        return scores
+
+    def score(params, samples: Samples) -> jax.Array:
+        del params  # nothing to learn: the scorer is exact
+        return jax.pure_callback(host_scores, jax.ShapeDtypeStruct(samples.tokens.shape[:1], jnp.float32),
+                                 samples.prompt_tokens, samples.prompt_segments, samples.tokens, samples.mask,
+                                 samples.ended)
+
+    return score

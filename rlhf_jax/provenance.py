@@ -40,7 +40,9 @@ INPUTS_KEY = "inputs"  # in a checkpoint's metadata and an export's export.json
 INPUTS_FILE = "inputs.json"  # beside a stage's files when it has no export (comparisons)
 NOT_RESULT = frozenset({"log_every", "eval_every", "checkpoint", "time_phases"})
 DATA_FIELDS = frozenset({"train_path", "val_path", "normalize_path", "labeler"})
-SOURCE_FIELDS = frozenset({"init_from", "policy_init", "reward_init", "value_init", "policies", "hf_path"})
+SOURCE_FIELDS = frozenset({"init_from", "policy_init", "reference_init", "reward_init", "value_init", "policies",
+                           "hf_path"})
+_NOT_A_SOURCE = ("gold",)  # reward_init="gold": the embedded task's gold scorer, no parameters
 _SKIPPED = NOT_RESULT | (frozenset(EXECUTION_FIELDS) | frozenset(LAYOUT_FIELDS)) - SOURCE_FIELDS
 _NOT_A_FILE = ("task",)  # comparisons.labeler="task": the embedded labeler, not a file
 
@@ -49,9 +51,11 @@ class ChangedRunError(ConfigError):
     """A stage's checkpoints or result were made from other inputs than this run's."""
 
 
-def stage_inputs(env: Any, block_name: str, block: Any) -> dict[str, Any]:
+def stage_inputs(env: Any, block_name: str, block: Any, *also: tuple[str, Any]) -> dict[str, Any]:
     """The inputs of stage ``env.stage`` run with ``block`` (the config block it reads,
-    named ``block_name`` in messages), as JSON values (a saved copy compares equal)."""
+    named ``block_name`` in messages) and the ``(name, block)`` pairs of ``also`` (what it
+    reads elsewhere: an online method's ``generation.sampling``), as JSON values (a saved
+    copy compares equal)."""
     where = pathlib.Path(env.tokenizer_dir).absolute()
     spec = (f"{parameters.RUN_PREFIX}{where.relative_to(env.workdir)}" if where.is_relative_to(env.workdir)
             else str(where))  # a run directory that moves keeps its inputs
@@ -61,6 +65,8 @@ def stage_inputs(env: Any, block_name: str, block: Any) -> dict[str, Any]:
                    for f in dataclasses.fields(env.cfg.tokenizer) if f.name != "path"})
     _walk(env, env.cfg.model, "model", inputs)
     _walk(env, block, block_name, inputs)
+    for name, extra in also:
+        _walk(env, extra, name, inputs)
     return json.loads(json.dumps(inputs))
 
 
@@ -76,7 +82,7 @@ def _walk(env: Any, block: Any, prefix: str, inputs: dict[str, Any]) -> None:
         elif f.name in DATA_FIELDS and value not in _NOT_A_FILE:
             path = pathlib.Path(env.data_path(value, name))
             inputs[name] = {"spec": value, "sha256": file_digest(path)}
-        elif f.name in SOURCE_FIELDS:
+        elif f.name in SOURCE_FIELDS and value not in _NOT_A_SOURCE:
             specs = value if isinstance(value, tuple) else (value,)
             identities = [{"spec": spec, "sha256": source_identity(spec, name, env.workdir)} for spec in specs]
             inputs[name] = identities if isinstance(value, tuple) else identities[0]
@@ -182,15 +188,16 @@ def record(env: Any) -> dict[str, Any] | None:
     return env.inputs
 
 
-def begin(env: Any, block_name: str, block: Any) -> pathlib.Path | None:
+def begin(env: Any, block_name: str, block: Any, *also: tuple[str, Any]) -> pathlib.Path | None:
     """A stage's first step once its environment is made: names the config block it runs
-    with (its inputs are recorded once its data is validated, by ``restore_or_start``) and
+    with (and ``also``, as :func:`stage_inputs`; its inputs are recorded once its data is
+    validated, by ``restore_or_start``) and
     returns its export if the stage is finished and was made from the same inputs (a damaged
     export is made again, said in a warning); refuses a finished stage made from other
     inputs. None: the stage has to run (or resume)."""
     import sys
 
-    env.block = (block_name, block)
+    env.block = (block_name, block, *also)
     export_dir = env.stage_dir / "export"
     if not (export_dir / checkpoint.EXPORT_META).is_file():
         return None

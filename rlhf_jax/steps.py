@@ -97,13 +97,15 @@ def trainable_value_and_grad(objective: Callable, params: Any, *args) -> tuple[t
 
 
 def make_train_step(loss_fn: Callable, denominator_fn: Callable, tx: optax.GradientTransformation,
-                    mesh: Mesh, state_shardings: Any, batch_cls: type, grad_accum_steps: int = 1,
+                    mesh: Mesh, state_shardings: Any, batch_cls: Any, grad_accum_steps: int = 1,
                     learning_rate: optax.Schedule | None = None) -> Callable:
     """A jitted ``step(state, batch) -> (state, metrics)`` for any masked-mean loss.
 
     ``loss_fn(params, batch, rng, denominator) -> (loss, metrics)``; ``denominator_fn(batch)``
     counts what the loss averages over in the whole batch, so the micro-batch gradients
     sum to the full-batch gradient. The per-step RNG is ``fold_in(state.rng, state.step)``.
+    ``batch_cls``: the batch's struct class, or a pytree of them (every leaf is split over
+    the batch shards by its leading dimension).
     """
 
     def step(state: TrainState, batch):
@@ -134,10 +136,16 @@ def make_sft_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
     def loss_fn(params, batch: TokenBatch, rng, denominator):
         terms = lm_terms.next_token_terms(model, params, batch.tokens, batch.positions, batch.segment_ids,
                                           rngs={"dropout": rng}, right_padded=right_padded)
-        return losses.sft_loss_from_terms(terms.logprobs, terms.is_top, batch.loss_mask, denominator)
+        loss, metrics = losses.sft_loss_from_terms(terms.logprobs, terms.is_top, batch.loss_mask, denominator)
+        return loss, losses.named("sft", metrics)
 
     return make_train_step(loss_fn, lambda b: losses.target_count(b.loss_mask), tx, mesh, state_shardings,
                            TokenBatch, grad_accum_steps, learning_rate)
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """``[B, K, T]`` -> ``[B*K, T]``: every response its own row."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax.Array | None = None) -> jax.Array:
@@ -149,7 +157,7 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
     pass is declared right-padded: a GPU may take cuDNN's fused attention.
     """
     b, k, t = batch.tokens.shape
-    rows = lambda x: x.reshape(b * k, t)  # noqa: E731
+    rows = _rows
     kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
     # The head reads every position and the reward is taken after it: gathering the hidden
     # state first would save a [rows, T, E] f32 copy, but rounds the head's sum differently,
@@ -159,33 +167,117 @@ def ranking_rewards(model: nn.Module, params: Any, batch: RankingBatch, rng: jax
     return jnp.take_along_axis(values.reshape(b, k, t), batch.last_index[..., None], axis=-1)[..., 0]
 
 
+def ranking_logprobs(model: nn.Module, params: Any, batch: RankingBatch, rng: jax.Array | None = None) -> jax.Array:
+    """``[B, K] f32``: each response's summed log-prob ``log pi(y | x)`` (its tokens and EOS,
+    ``batch.response_mask``) under a language model, all ``B*K`` rows in one forward pass
+    (right-padded, as :func:`ranking_rewards`), a chunk of logits at a time
+    (``rlhf_jax.lm_terms``). ``rng`` enables dropout."""
+    b, k, _ = batch.tokens.shape
+    rows = _rows
+    terms = lm_terms.next_token_terms(model, params, rows(batch.tokens), rows(batch.positions),
+                                      rows(batch.segment_ids), rngs=None if rng is None else {"dropout": rng},
+                                      right_padded=True)  # [B*K, T-1]: of token t+1
+    return jnp.sum(terms.logprobs * rows(batch.response_mask)[:, 1:], axis=1).reshape(b, k)
+
+
+PreferenceLoss = Callable[[jax.Array, Any, Any], tuple[jax.Array, dict]]  # (scores, batch, denominator)
+
+
+def make_preference_step(score_fn: Callable, preference_loss: PreferenceLoss, prefix: str,
+                         tx: optax.GradientTransformation, mesh: Mesh, state_shardings: Any, batch_cls: Any,
+                         grad_accum_steps: int = 1, learning_rate: optax.Schedule | None = None) -> Callable:
+    """The offline preference step the RM and DPO share: ``score_fn(params, batch, rng) ->
+    [B, K]`` scores every response of a :class:`RankingBatch` (or a pytree holding one as
+    ``ranking_of(batch)``), ``preference_loss(scores, batch, denominator) -> (loss, metrics)``
+    turns them into the K-wise pair loss; metrics are named ``prefix/``.
+
+    step(state, batch) -> (state, metrics)
+    """
+
+    def loss_fn(params, batch, rng, denominator):
+        loss, metrics = preference_loss(score_fn(params, batch, rng), batch, denominator)
+        return loss, losses.named(prefix, metrics)
+
+    def denominator(batch):
+        ranking = ranking_of(batch)
+        return losses.prompts_with_pairs(ranking.ranks, ranking.mask)
+
+    return make_train_step(loss_fn, denominator, tx, mesh, state_shardings, batch_cls, grad_accum_steps,
+                           learning_rate)
+
+
+def ranking_of(batch: Any) -> RankingBatch:
+    """The comparisons in a preference batch: the batch, or its first element (DPO's batch
+    is ``(RankingBatch, reference log-probs [B, K])``)."""
+    return batch if isinstance(batch, RankingBatch) else batch[0]
+
+
 def make_rm_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: Any,
                  grad_accum_steps: int = 1, learning_rate: optax.Schedule | None = None) -> Callable:
     """The reward-model step: K-wise ranking loss, all pairs of a prompt in one element.
 
     step(state, batch: RankingBatch ``[B, K, T]``) -> (state, metrics)
     """
+    return make_preference_step(
+        lambda params, batch, rng: ranking_rewards(model, params, batch, rng),
+        lambda rewards, batch, denominator: losses.ranking_loss(rewards, batch.ranks, batch.mask, denominator),
+        "rm", tx, mesh, state_shardings, RankingBatch, grad_accum_steps, learning_rate)
 
-    def loss_fn(params, batch: RankingBatch, rng, denominator):
-        rewards = ranking_rewards(model, params, batch, rng)
-        return losses.ranking_loss(rewards, batch.ranks, batch.mask, denominator)
 
-    return make_train_step(loss_fn, lambda b: losses.prompts_with_pairs(b.ranks, b.mask), tx, mesh,
-                           state_shardings, RankingBatch, grad_accum_steps, learning_rate)
+def make_dpo_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, state_shardings: Any, *,
+                  beta: float, kind: str, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+                  learning_rate: optax.Schedule | None = None) -> Callable:
+    """DPO's step (IPO, Plackett-Luce by ``kind``): the preference step over each response's
+    summed log-prob under the policy, against the frozen reference's.
+
+    step(state, (batch: RankingBatch ``[B, K, T]``, ref_logps ``[B, K] f32``)) -> (state, metrics)
+    """
+    return make_preference_step(
+        lambda params, batch, rng: ranking_logprobs(model, params, batch[0], rng),
+        lambda logps, batch, denominator: dpo_preference_loss(logps, batch, beta, kind, label_smoothing, denominator),
+        "dpo", tx, mesh, state_shardings, DPO_BATCH, grad_accum_steps, learning_rate)
+
+
+DPO_BATCH = (RankingBatch, None)  # DPO's batch: the comparisons and the reference's log-probs [B, K]
+
+
+def dpo_preference_loss(logps, batch, beta: float, kind: str, label_smoothing: float = 0.0,
+                        denominator=None) -> tuple[jax.Array, dict]:
+    """:func:`losses.dpo_loss` of the policy's summed log-probs ``logps [B, K]`` on a DPO
+    batch ``(RankingBatch, reference log-probs [B, K])``."""
+    ranking, ref_logps = batch
+    return losses.dpo_loss(logps, ref_logps, ranking.ranks, ranking.mask, beta, kind, label_smoothing, denominator)
+
+
+def make_ranking_logprobs_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
+    """logprobs(params, batch: RankingBatch) -> ``[B, K] f32``: :func:`ranking_logprobs`,
+    jitted (DPO's reference)."""
+    return sharding.jit_under_mesh(lambda params, batch: ranking_logprobs(model, params, batch), mesh,
+                                   in_shardings=(param_shardings, _batch_shardings(mesh, RankingBatch)),
+                                   out_shardings=sharding.batch_sharding(mesh, 1))
+
+
+def make_preference_eval_step(score_fn: Callable, preference_loss: PreferenceLoss, mesh: Mesh,
+                              param_shardings: Any, batch_cls: Any) -> Callable:
+    """eval(params, batch) -> sums {loss, prompts, correct pairs, pairs}: exact over batches.
+    ``score_fn(params, batch)`` and ``preference_loss`` as :func:`make_preference_step`'s."""
+
+    def evaluate(params, batch):
+        loss, metrics = preference_loss(score_fn(params, batch), batch, None)
+        prompts = metrics["prompts_with_pairs"]
+        return {"loss_sum": loss * prompts, "prompts": prompts,
+                "correct": metrics["accuracy"] * metrics["pairs"], "pairs": metrics["pairs"]}
+
+    return sharding.jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, batch_cls)),
+                                   out_shardings=sharding.replicated(mesh))
 
 
 def make_rm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
     """eval(params, batch) -> sums {loss, prompts, correct pairs, pairs}: exact over batches."""
-
-    def evaluate(params, batch: RankingBatch):
-        rewards = ranking_rewards(model, params, batch)
-        loss, metrics = losses.ranking_loss(rewards, batch.ranks, batch.mask)
-        prompts = metrics["rm/prompts_with_pairs"]
-        return {"loss_sum": loss * prompts, "prompts": prompts,
-                "correct": metrics["rm/accuracy"] * metrics["rm/pairs"], "pairs": metrics["rm/pairs"]}
-
-    return sharding.jit_under_mesh(evaluate, mesh, in_shardings=(param_shardings, _batch_shardings(mesh, RankingBatch)),
-                          out_shardings=sharding.replicated(mesh))
+    return make_preference_eval_step(
+        lambda params, batch: ranking_rewards(model, params, batch),
+        lambda rewards, batch, denominator: losses.ranking_loss(rewards, batch.ranks, batch.mask),
+        mesh, param_shardings, RankingBatch)
 
 
 def last_token_scores(model: nn.Module, params: Any, tokens, segment_ids, positions,
@@ -224,7 +316,12 @@ def make_lm_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, right_
 
 
 def _batch_shardings(mesh: Mesh, batch_cls):
-    # P(('data', 'fsdp')) splits the leading (batch) dim of an array of any rank.
+    """Shardings of a batch struct class (or a pytree of classes; ``None`` for a bare array):
+    P(('data', 'fsdp')) splits the leading (batch) dim of an array of any rank."""
+    if isinstance(batch_cls, (tuple, list)):
+        return type(batch_cls)(_batch_shardings(mesh, cls) for cls in batch_cls)
+    if batch_cls is None:
+        return sharding.batch_sharding(mesh, 1)
     fields = {name: sharding.batch_sharding(mesh, 1) for name in batch_cls.__dataclass_fields__}
     return batch_cls(**fields)
 

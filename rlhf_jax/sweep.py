@@ -10,7 +10,7 @@ met or not per seed) and ``<workdir>/sweep.md``.
         --workdir runs/sweep_large --seeds 0 1 2
 
 Targets (the paper's findings in miniature, judged on *sampled* held-out responses: several
-per prompt at PPO's training temperature; greedy numbers are in every report beside them):
+per prompt at the sampling temperature; greedy numbers are in every report beside them):
 
 - per seed: ``rm_accuracy`` (held-out accuracy on noisy labels >= 0.66; the paper's 6B RM:
   72.4%), ``rm_best_of_n`` (its best-of-n pick among SFT samples beats a random sample's gold
@@ -19,7 +19,9 @@ per prompt at PPO's training temperature; greedy numbers are in every report bes
   than PPO's), and with ``rm.model`` ``small_ptx_beats_large_sft`` (PPO-ptx's win rate over
   the larger SFT model >= 0.55);
 - on the mean over seeds: ``ppo_win_rate`` (>= 0.60), ``ptx_win_rate`` (>= 0.55) and
-  ``ppo_fewer_flaws`` (every metadata flaw rate lower for PPO than for SFT).
+  ``ppo_fewer_flaws`` (every metadata flaw rate lower for PPO than for SFT);
+- per seed, for every other method the run has (``pipeline.methods``: RLOO, GRPO, DPO,
+  best-of-n, ...), ``<method>_beats_sft`` (its gold score above SFT's).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pathlib
 import statistics
 import sys
 
+from rlhf_jax.stages.table import METHODS
 from rlhf_jax.tasks.gold import FLAWS
 
 RM_ACCURACY = 0.66
@@ -46,6 +49,9 @@ def targets(report: dict) -> dict[str, bool]:
            "ppo_beats_sft": ppo["gold_score"] > sft["gold_score"] and ppo["win_rate_vs_sft"] > PPO_WIN_RATE_EACH}
     if "best_of_n_gold" in rm:
         out["rm_best_of_n"] = rm["best_of_n_gold"] - rm["best_of_n_random_gold"] >= BEST_OF_N_GAIN
+    for method in METHODS:
+        if method not in ("ppo", "ppo_ptx") and JUDGED_ON in report.get(method, {}):
+            out[f"{method}_beats_sft"] = report[method][JUDGED_ON]["gold_score"] > sft["gold_score"]
     if "ppo_ptx" in report:
         out["ptx_smaller_tax"] = (report["ppo_ptx"]["pretrain_loss_regression"]
                                   < report["ppo"]["pretrain_loss_regression"])
@@ -68,6 +74,8 @@ def numbers(report: dict, prefix: str = "") -> dict[str, float]:
     """The report's numbers as flat dotted entries (``ppo.sampled.gold_score``)."""
     flat = {}
     for key, value in report.items():
+        if isinstance(value, list):  # the frontier's points: frontier.0.gold_score, ...
+            value = {str(i): v for i, v in enumerate(value) if isinstance(v, dict)}
         if isinstance(value, dict):
             flat.update(numbers(value, f"{prefix}{key}."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -101,12 +109,15 @@ POLICY_ROWS = (("gold score", "gold_score"), ("win rate vs SFT", "win_rate_vs_sf
 def markdown(summary: dict, title: str) -> str:
     stats, seeds = summary["stats"], summary["seeds"]
     rows = list(ROWS)
-    for stage in ("sft", "sft_large", "ppo", "ppo_ptx", "ppo_gold"):
+    for stage in ("sft", "sft_large", *METHODS):
         for split in ("sampled", "greedy", "heldout_sampled", "heldout_greedy"):
             rows += [(f"{stage} {label} ({split.replace('_', ' ')})", f"{stage}.{split}.{key}")
                      for label, key in POLICY_ROWS]
         rows += [(f"{stage} pretraining loss", f"{stage}.pretrain_loss"),
-                 (f"{stage} pretraining-loss regression from SFT", f"{stage}.pretrain_loss_regression")]
+                 (f"{stage} pretraining-loss regression from SFT", f"{stage}.pretrain_loss_regression"),
+                 (f"{stage} seconds", f"stage_seconds.{stage}")]
+    rows += [(f"best-of-{point['n']} of SFT samples (the frontier): gold", f"frontier.{i}.gold_score")
+             for i, point in enumerate(summary["reports"][seeds[0]].get("frontier", []))]
     rows.append(("wall seconds", "wall_seconds"))
     lines = [f"# {title}: seeds {', '.join(map(str, seeds))}", "",
              "| | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",

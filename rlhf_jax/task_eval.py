@@ -1,24 +1,27 @@
 """The pipeline's evaluation on the embedded task: every policy on held-out prompts, judged
 by the gold scorer with the paper's metadata (Fig. 4), greedily and sampled.
 
-For each policy (``sft``, ``sft_large`` when the RM has a larger base, each PPO run) the
-report holds, per decoding (``greedy``; ``sampled``: ``pipeline.eval_samples`` draws per
-prompt at PPO's training temperature) and per prompt set (the trained families; with a
+For each policy (``sft``, ``sft_large`` when the RM has a larger base, each method of
+``pipeline.methods`` that trains one) the report holds, per decoding (``greedy``; ``sampled``:
+``pipeline.eval_samples`` draws per prompt at the sampling temperature, ``generation.sampling``)
+and per prompt set (the trained families; with a
 ``heldout_`` prefix, the families only pretraining text asks):
 
-- ``gold_score`` and, for the PPO runs, ``win_rate_vs_sft`` (and ``win_rate_vs_sft_large``):
+- ``gold_score`` and, for the methods, ``win_rate_vs_sft`` (and ``win_rate_vs_sft_large``):
   per prompt and draw, ties half;
 - the flaw rates of :func:`rlhf_jax.tasks.flaw_rates` (``constraint_violation``,
   ``hallucination``, ``offensive_respectful``, ``offensive``, ``rambling``) and
   ``attempts_instruction``;
 - ``rm_score``, ``response_length``, ``eos_rate``; for sampled responses of the policies
   that share the SFT model's architecture, ``kl_to_sft``: the summed per-token estimate
-  ``ppo.kl_estimator`` of KL(policy || SFT) at the training temperature, what PPO's
-  ``ppo/kl_to_ref`` measures on training episodes.
+  ``generation.kl_estimator`` of KL(policy || SFT) at that temperature, what the online
+  methods' ``<method>/kl_to_ref`` measures on training episodes.
 
 Plus each policy's pretraining loss (the alignment tax), the RM's held-out accuracy and
-best-of-n picks among SFT samples, and how far the labels agree with a second labeler and
-with the gold order.
+best-of-n picks among SFT samples, the best-of-n frontier (``frontier``: the RM's pick of n
+SFT samples at each n of ``pipeline.frontier``, against the analytic KL), best-of-n as a
+method (``best_of_n``: ``best_of_n.n``, sampled only), and how far the labels agree with a
+second labeler and with the gold order.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pathlib
-from typing import Any, Callable
+import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +38,7 @@ import numpy as np
 
 from rlhf_jax import losses, parameters
 from rlhf_jax.config import Config
-from rlhf_jax.evaluation import Generations, PolicyEvaluator
+from rlhf_jax.evaluation import Generations, PolicyEvaluator, best_of_n_picks, sample_draws
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.stages import common
 
@@ -53,44 +57,30 @@ def gold_of(generations: Generations) -> np.ndarray:
     return gold_scores(generations.prompts, generations.responses, generations.ended)
 
 
-def gold_reward(tokenizer) -> Callable:
-    """A :data:`~rlhf_jax.policy.RewardFn` that is the task's gold scorer: each episode's
-    prompt and response are decoded on the host (``jax.pure_callback``) and scored. Rows
-    with no prompt (batch padding) score 0. Single-process runs only: the callback sees
-    the whole batch on one host."""
-    from rlhf_jax.tasks import gold_score
-
-    def host_scores(prompt_tokens, prompt_segments, tokens, mask, ended) -> np.ndarray:
-        scores = np.zeros(tokens.shape[0], np.float32)
-        for i in range(tokens.shape[0]):
-            prompt = tokenizer.decode(prompt_tokens[i][prompt_segments[i] > 0].tolist())
-            if prompt.strip():
-                scores[i] = gold_score(prompt, tokenizer.decode(tokens[i][mask[i]].tolist()), bool(ended[i]))
-        return scores
-
-    def score(params, samples) -> jax.Array:
-        del params  # nothing to learn: the scorer is exact
-        return jax.pure_callback(host_scores, jax.ShapeDtypeStruct(samples.tokens.shape[:1], jnp.float32),
-                                 samples.prompt_tokens, samples.prompt_segments, samples.tokens, samples.mask,
-                                 samples.ended)
-
-    return score
+def rm_best_of_n(draws: list[Generations], golds: list[np.ndarray]) -> dict[str, float]:
+    """The RM as a best-of-n selector among ``n = len(draws)`` samples of the SFT policy on the
+    held-out prompts (each draw scored by the RM, ``golds`` its gold scores): report keys
+    ``best_of_n``, ``best_of_n_gold`` (the RM's pick), ``best_of_n_random_gold`` (one sample)
+    and ``best_of_n_oracle_gold`` (the gold-best sample)."""
+    rewards = jnp.asarray(np.stack([d.scores for d in draws]))
+    picked, metrics = losses.best_of_n(rewards, jnp.asarray(np.stack(golds)))
+    return {"best_of_n": len(draws), "best_of_n_gold": float(picked),
+            "best_of_n_random_gold": float(metrics["random_gold"]),
+            "best_of_n_oracle_gold": float(metrics["oracle_gold"])}
 
 
-def rm_best_of_n(evaluator: PolicyEvaluator, n: int, sft_params, reward_params, prompts) -> dict[str, float]:
-    """The RM as a best-of-n selector among ``n`` samples of the SFT policy on the held-out
-    prompts (``evaluator`` samples with PPO's settings): report keys ``best_of_n``,
-    ``best_of_n_gold`` (the RM's pick), ``best_of_n_random_gold`` (one sample) and
-    ``best_of_n_oracle_gold`` (the gold-best sample)."""
-    rewards, gold = [], []
-    for draw in range(1, n + 1):
-        generations = evaluator.generate(sft_params, sft_params, reward_params, prompts, draw=draw)
-        rewards.append(generations.scores)
-        gold.append(gold_of(generations))
-    picked, metrics = losses.best_of_n(jnp.asarray(np.stack(rewards)), jnp.asarray(np.stack(gold)))
-    return {"best_of_n": n, "best_of_n_gold": float(picked),
-            "best_of_n_random_gold": float(metrics["best_of_n/random_gold"]),
-            "best_of_n_oracle_gold": float(metrics["best_of_n/oracle_gold"])}
+def frontier(draws: list[Generations], ns: tuple[int, ...]) -> list[dict[str, float]]:
+    """Best-of-n of the SFT policy's draws at each n of ``ns``: the gold and RM score of the
+    RM's pick, averaged over the disjoint groups of n draws, against the analytic KL to SFT
+    ``log n - (n - 1) / n`` (:func:`losses.best_of_n_kl`): the frontier a method that moves
+    the policy should beat at equal KL."""
+    points = []
+    for n in ns:
+        picks = [generations for generations, _ in best_of_n_picks(draws, n)]
+        points.append({"n": n, "kl_to_sft": losses.best_of_n_kl(n), "groups": len(picks),
+                       "gold_score": float(np.mean([gold_of(p).mean() for p in picks])),
+                       "rm_score": float(np.mean([p.scores.mean() for p in picks]))})
+    return points
 
 
 def label_agreement(comparisons_dir: pathlib.Path, seed: int, temperature: float | None) -> dict[str, float]:
@@ -120,38 +110,39 @@ def _summary(generations: Generations, gold: np.ndarray, with_kl: bool) -> dict[
     return out
 
 
-def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> tuple[dict[str, Any], dict]:
-    """The report's evaluation (see the module docstring) and sample responses for it:
+def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tuple[dict[str, Any], dict]:
+    """The report's evaluation (see the module docstring) of the SFT policy and every
+    method (stages of :mod:`rlhf_jax.stages.table`), and sample responses for it:
     ``{"greedy": rows, "sampled": rows}``, each row a prompt and every policy's response."""
     from rlhf_jax.data import PromptBatches, TextBatches
     from rlhf_jax.models import LanguageModel, ScalarModel
     from rlhf_jax.policy import reward_model_score
 
     env = common.make_env(cfg, workdir, "eval")
-    ppo, pipe = cfg.ppo, cfg.pipeline
+    gen, pipe = cfg.generation, cfg.pipeline
 
     def prompt_set(spec: str, field: str):
-        return env.batches(PromptBatches, spec, field, dataclasses.replace(ppo.prompts, shuffle=False))
+        return env.batches(PromptBatches, spec, field, dataclasses.replace(gen.prompts, shuffle=False))
 
-    prompt_sets = {"": prompt_set(ppo.prompts.val_path, "ppo.prompts.val_path")}
+    prompt_sets = {"": prompt_set(gen.prompts.val_path, "generation.prompts.val_path")}
     if pipe.heldout_prompts:
         prompt_sets["heldout_"] = prompt_set(pipe.heldout_prompts, "pipeline.heldout_prompts")
-    texts = env.batches(TextBatches, ppo.pretrain.val_path, "ppo.pretrain.val_path",
-                        dataclasses.replace(ppo.pretrain, shuffle=False))
+    texts = env.batches(TextBatches, pipe.eval_texts.val_path, "pipeline.eval_texts.val_path",
+                        dataclasses.replace(pipe.eval_texts, shuffle=False))
     policy = LanguageModel(cfg.model)
     scalar = ScalarModel(parameters.source("run:rm/export", "rm export", workdir).model)
     load = lambda stage, model: env.load_params(f"run:{stage}/export", model, f"{stage} export")[0]  # noqa: E731
     reward, sft = load("rm", scalar), load("sft", policy)
-    decodings = {"greedy": dataclasses.replace(ppo.sampling, temperature=0.0), "sampled": ppo.sampling}
+    decodings = {"greedy": dataclasses.replace(gen.sampling, temperature=0.0), "sampled": gen.sampling}
 
     def evaluators_for(model, params) -> dict[str, PolicyEvaluator]:
         shardings = jax.tree.map(lambda x: x.sharding, params)
         return {name: PolicyEvaluator(model, reward_model_score(scalar), env.mesh, shardings, env.tokenizer,
-                                      sampling, cfg.seed, ppo.kl_estimator) for name, sampling in decodings.items()}
+                                      sampling, cfg.seed, gen.kl_estimator) for name, sampling in decodings.items()}
 
     report: dict[str, Any] = {"evaluation": {
-        "temperature": ppo.sampling.temperature, "samples_per_prompt": pipe.eval_samples,
-        "kl_estimator": ppo.kl_estimator, "prompts": prompt_sets[""].num_rows,
+        "temperature": gen.sampling.temperature, "samples_per_prompt": pipe.eval_samples,
+        "kl_estimator": gen.kl_estimator, "prompts": prompt_sets[""].num_rows,
         **({"heldout_prompts": prompt_sets["heldout_"].num_rows} if "heldout_" in prompt_sets else {})}}
     generations: dict[tuple[str, str], Generations] = {}
     gold: dict[tuple[str, str], np.ndarray] = {}
@@ -165,6 +156,15 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
             gold[key] = gold_of(generations[key])
             report[name][prefix + decoding] = _summary(generations[key], gold[key], with_kl)
 
+    def compare(name: str) -> None:
+        """Win rates over the baselines on every split both have, and the alignment tax."""
+        for split, baseline in itertools.product(report[name], baselines):
+            if isinstance(report[name][split], dict) and (baseline, split) in gold:
+                ours, theirs = gold[(name, split)], gold[(baseline, split)]
+                ours = np.tile(ours, len(theirs) // len(ours))  # best-of-n: one pick per prompt, each draw
+                report[name][split][f"win_rate_vs_{baseline}"] = float(losses.win_rate(ours, theirs))
+        report[name]["pretrain_loss_regression"] = report[name]["pretrain_loss"] - report["sft"]["pretrain_loss"]
+
     small = evaluators_for(policy, sft)
     baselines = ["sft"]
     if cfg.rm.model is not None:
@@ -174,23 +174,38 @@ def evaluate(cfg: Config, workdir: pathlib.Path, ppo_names: tuple[str, ...]) -> 
         measure("sft_large", evaluators_for(large, large_sft), large_sft, large_sft, with_kl=False)
         baselines.append("sft_large")
     measure("sft", small, sft, sft, with_kl=False)
-    for stage in ppo_names:
-        measure(stage, small, load(stage, policy), sft, with_kl=True)
-        for split, baseline in itertools.product(report[stage], baselines):
-            if isinstance(report[stage][split], dict):
-                report[stage][split][f"win_rate_vs_{baseline}"] = float(
-                    losses.win_rate(gold[(stage, split)], gold[(baseline, split)]))
-        report[stage]["pretrain_loss_regression"] = report[stage]["pretrain_loss"] - report["sft"]["pretrain_loss"]
+    policies = [stage.name for stage in methods if stage.trains]
+    for name in policies:
+        measure(name, small, load(name, policy), sft, with_kl=True)
+        compare(name)
 
+    # the SFT policy's draws, scored by the RM: the RM's best-of-n diagnosis, the frontier, best-of-n
+    bon = cfg.best_of_n.n if any(not stage.trains for stage in methods) else 0
+    started = time.perf_counter()
+    draws = sample_draws(small["sampled"], sft, reward, prompt_sets[""], max(pipe.best_of_n, bon, *pipe.frontier, 0))
+    draw_golds = [gold_of(d) for d in draws]
+    if bon:
+        picked, _ = best_of_n_picks(draws[:bon], bon)[0]
+        picked.kl = np.full(len(picked.responses), losses.best_of_n_kl(bon))  # analytic: the pick is a sample
+        key = ("best_of_n", "sampled")
+        generations[key], gold[key] = picked, gold_of(picked)
+        report["best_of_n"] = {"n": bon, "pretrain_loss": report["sft"]["pretrain_loss"],
+                               "sampled": _summary(picked, gold[key], with_kl=True)}
+        compare("best_of_n")
+        report["best_of_n"]["wall_seconds"] = time.perf_counter() - started
+        policies.append("best_of_n")
     rm_rows = [r for r in read_metrics(workdir / "rm" / "metrics.jsonl") if "val/rm_accuracy" in r]
     report["rm"] = {"val_accuracy": rm_rows[-1]["val/rm_accuracy"] if rm_rows else float("nan")}
     if pipe.best_of_n:
-        report["rm"].update(rm_best_of_n(small["sampled"], pipe.best_of_n, sft, reward, prompt_sets[""]))
+        report["rm"].update(rm_best_of_n(draws[:pipe.best_of_n], draw_golds[:pipe.best_of_n]))
+    if pipe.frontier:
+        report["frontier"] = frontier(draws, pipe.frontier)
     if cfg.comparisons.labeler == "task":
         report["comparisons"] = label_agreement(workdir / "comparisons", cfg.seed, cfg.comparisons.labeler_temperature)
-    policies = [*baselines, *ppo_names]
+    policies = [*baselines, *policies]
     samples = {decoding: [{"prompt": generations[("sft", decoding)].prompts[i],
-                           **{p: generations[(p, decoding)].responses[i] for p in policies}}
+                           **{p: generations[(p, decoding)].responses[i] for p in policies
+                              if (p, decoding) in generations}}
                           for i in range(min(8, len(generations[("sft", decoding)].prompts)))]
                for decoding in decodings}
     return report, samples

@@ -45,14 +45,17 @@ class TokenBatch:
 class RankingBatch:
     """Comparison data: K responses per prompt, each a full (prompt + response) row.
 
-    tokens, segment_ids, positions: ``[B, K, T]``; last_index: ``[B, K] int32``, position of
-    each response's last token (where the reward is read); ranks: ``[B, K] int32`` (0 =
-    best, equal = tie); mask: ``[B, K] bool``, real responses (K varies by prompt).
+    tokens, segment_ids, positions: ``[B, K, T]``; response_mask: ``[B, K, T] f32``, 1 on
+    each response's tokens and EOS, the targets whose log-probs DPO sums (as
+    :attr:`TokenBatch.loss_mask`); last_index: ``[B, K] int32``, position of each response's
+    last token (where the reward is read); ranks: ``[B, K] int32`` (0 = best, equal = tie);
+    mask: ``[B, K] bool``, real responses (K varies by prompt).
     """
 
     tokens: Array
     segment_ids: Array
     positions: Array
+    response_mask: Array
     last_index: Array
     ranks: Array
     mask: Array
@@ -77,6 +80,32 @@ class Rollout:
     old_values: Array
     advantages: Array
     returns: Array
+
+
+@struct.dataclass
+class GroupRollout:
+    """Scored episodes of a critic-free method (RLOO, GRPO): B = prompts x group size
+    episodes, a prompt's group adjacent. tokens, segment_ids, positions: ``[B, L]``;
+    response_mask, old_logprobs, ref_logprobs: ``[B, N] f32``; advantages: ``[B] f32``, one
+    per response."""
+
+    tokens: Array
+    segment_ids: Array
+    positions: Array
+    response_mask: Array
+    old_logprobs: Array
+    ref_logprobs: Array
+    advantages: Array
+
+
+@struct.dataclass
+class PolicyState:
+    """A critic-free online method's state: the policy, the EMA of its weights, and the KL
+    coefficient beta."""
+
+    policy: TrainState
+    ema_params: Any
+    kl_coef: Array
 
 
 @struct.dataclass

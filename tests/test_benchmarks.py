@@ -20,7 +20,7 @@ def _numbers(tree, path=""):
 def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     run.main(["--quick", "--ours-only", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    for section in ("sft", "decode", "ppo", "roofline", "loop"):
+    for section in ("sft", "decode", "ppo", "group", "roofline", "loop"):
         assert json.loads((tmp_path / f"{section}.json").read_text()) == results[section]
     numbers = dict(_numbers(results))
     assert not [path for path, value in numbers.items() if not math.isfinite(value)]
@@ -48,9 +48,13 @@ def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
         assert math.isclose(row["step_s"], (row["call_s"]["full"] - row["call_s"]["one_token"]) / steps)
         assert math.isclose(row["bound_step_s"], row["bytes_per_step"]["total"] / bandwidth)
         assert math.isclose(row["fraction_of_bound"], row["bound_step_s"] / row["step_s"])
-    # the sft step, the four samplers, the three PPO steps (one entry), and the roofline's
-    # two SFT steps and its samplers (2 lengths) for 2 models x 2 batch sizes
-    assert len(results["compiles_after_warmup"]) == 12
+    for name in ("grpo", "rloo"):  # an iteration of each, phase by phase, beside PPO's
+        group = results["group"][name]["ours"]
+        assert group["iteration_s"] >= group["rollout_s"] + group["scoring_s"] + group["update_s"] > 0
+        assert results["group"][name][f"trl_{name}_trainer"] == {"skipped": "--ours-only"}
+    # the sft step, the four samplers, the three PPO steps (one entry), GRPO's and RLOO's, and
+    # the roofline's two SFT steps and its samplers (2 lengths) for 2 models x 2 batch sizes
+    assert len(results["compiles_after_warmup"]) == 14
     assert results["compiles_after_warmup"] == {name: 0 for name in results["compiles_after_warmup"]}
 
     loop = results["loop"]  # (its marginal rate over 60 quick steps is too noisy to judge)

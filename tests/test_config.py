@@ -118,3 +118,47 @@ def test_collected_comparisons_with_more_responses_than_the_rm_pads_to_are_refus
     own = dataclasses.replace(too_many.rm, data=dataclasses.replace(too_many.rm.data, train_path="mine.jsonl",
                                                                      val_path=None))
     dataclasses.replace(too_many, rm=own).validate()
+
+
+def test_a_config_saved_before_the_generation_block_reads_with_its_sampling_moved():
+    """Run directories written before issue 28 hold ppo.sampling, ppo.eval_temperature and
+    pipeline.run_ppo_ptx / run_ppo_gold: they read with those values in generation.sampling,
+    generation.eval_temperature and pipeline.methods."""
+    data = to_dict(default_config())
+    generation = data.pop("generation")
+    data["ppo"]["sampling"] = dict(generation["sampling"], temperature=0.7)
+    data["ppo"]["eval_temperature"] = 0.0
+    data["pipeline"].pop("methods")
+    data["pipeline"].update(run_ppo_ptx=False, run_ppo_gold=True)
+    cfg = config_from_dict(data, "old/config.json")
+    assert cfg.generation.sampling.temperature == 0.7 and cfg.generation.eval_temperature == 0.0
+    assert cfg.pipeline.methods == ("ppo", "ppo_gold")
+    data["generation"] = {"sampling": generation["sampling"]}  # both places: which one was meant?
+    with pytest.raises(ConfigError, match=r"old/config.json: both ppo.sampling .* and generation.sampling"):
+        config_from_dict(data, "old/config.json")
+
+
+def test_overriding_a_moved_field_names_where_it_went():
+    with pytest.raises(ConfigError, match=r"ppo.sampling was removed; it is generation.sampling now"):
+        apply_overrides(default_config(), ["--ppo.sampling.temperature=0.5"])
+    with pytest.raises(ConfigError, match=r"pipeline.run_ppo_gold was removed; list the runs in pipeline.methods"):
+        apply_overrides(default_config(), ["--pipeline.run_ppo_gold=True"])
+    cfg = apply_overrides(default_config(), ["--pipeline.methods", "ppo", "grpo", "dpo", "--grpo.group_size=8"])
+    assert cfg.pipeline.methods == ("ppo", "grpo", "dpo") and cfg.grpo.group_size == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--grpo.group_size=1", "grpo.group_size must be >= 2"),
+    ("--dpo.beta=0", "dpo.beta must be > 0"),
+    ("--dpo.label_smoothing=0.1", None),
+    ("--pipeline.frontier", "pipeline.frontier"),
+])
+def test_method_blocks_validate_their_fields(override, message):
+    if message is None:  # cDPO's smoothing is valid for the sigmoid loss, refused for another kind
+        apply_overrides(default_config(), [override])
+        with pytest.raises(ConfigError, match="dpo.label_smoothing=0.1 applies to kind='sigmoid' only"):
+            apply_overrides(default_config(), [override, "--dpo.kind=ipo"])
+        return
+    args = [override, "0"] if override == "--pipeline.frontier" else [override]
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(default_config(), args)

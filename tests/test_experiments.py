@@ -58,8 +58,9 @@ def _small(cfg):
                                init_from="run:sft/export"),
         ppo=dataclasses.replace(cfg.ppo, prompts=small(cfg.ppo.prompts, batch_size=16), iterations=2,
                                 pretrain=small(cfg.ppo.pretrain, batch_size=8), minibatch_size=8,
-                                sampling=dataclasses.replace(cfg.ppo.sampling, max_new_tokens=8),
-                                eval_every=2, checkpoint=ckpt))
+                                eval_every=2, checkpoint=ckpt),
+        generation=dataclasses.replace(cfg.generation, sampling=dataclasses.replace(cfg.generation.sampling,
+                                                                                    max_new_tokens=8)))
 
 
 @pytest.mark.slow

@@ -53,11 +53,13 @@ def _base(data_dir: pathlib.Path):
         # task prompts have up to 16 tokens: some are cut (on_too_long='truncate'), and counted
         prompts=DataConfig(train_path="task:prompts", val_path=None, batch_size=16, max_len=12),
         pretrain=DataConfig(train_path="task:pretrain", val_path=None, batch_size=8, max_len=32),
-        sampling=SamplingConfig(max_new_tokens=6), minibatch_size=8, iterations=PPO_ITERATIONS,
+        minibatch_size=8, iterations=PPO_ITERATIONS,
         policy_optim=OptimConfig(learning_rate=3e-3, final_lr_fraction=1.0),
         value_optim=OptimConfig(learning_rate=3e-3, final_lr_fraction=1.0),
         checkpoint=CheckpointConfig(save_every=2), eval_every=1000, adaptive_kl=True, kl_target=1.0)
-    return dataclasses.replace(cfg, ppo=ppo, rm=dataclasses.replace(cfg.rm, checkpoint=CheckpointConfig(save_every=2)))
+    return dataclasses.replace(cfg, ppo=ppo, rm=dataclasses.replace(cfg.rm, checkpoint=CheckpointConfig(save_every=2)),
+                               generation=dataclasses.replace(cfg.generation,
+                                                              sampling=SamplingConfig(max_new_tokens=6)))
 
 
 def _with_saves(cfg, stage: str, save_every: int):

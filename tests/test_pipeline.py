@@ -38,6 +38,8 @@ def micro_config():
         ppo=few(cfg.ppo, iterations=2, eval_every=1, prompts=dataclasses.replace(cfg.ppo.prompts, batch_size=16),
                 minibatch_size=8, pretrain=dataclasses.replace(cfg.ppo.pretrain, batch_size=8),
                 checkpoint=CheckpointConfig(save_every=1)),
+        # the frontier's draws are the RM diagnosis's 8: no sampling beyond what it always did
+        pipeline=few(cfg.pipeline, frontier=(1, 2, 4, 8)),
     )
 
 
@@ -97,12 +99,12 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
 def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_path):
     """rm.model: the RM (and so the value model) starts from a larger model that the
     pipeline pretrains and fine-tunes too; PPO and evaluation read its architecture from the
-    export; the report compares every policy with that larger SFT model. run_ppo_gold: a
+    export; the report compares every policy with that larger SFT model. ppo_gold: a
     PPO run whose reward is the gold scorer, so its training score is the gold score."""
     cfg = micro_config()
     large = dataclasses.replace(cfg.model, n_layers=2, d_model=48)
     cfg = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, model=large, init_from="run:sft_large/export"),
-                              pipeline=dataclasses.replace(cfg.pipeline, run_ppo_ptx=False, run_ppo_gold=True))
+                              pipeline=dataclasses.replace(cfg.pipeline, methods=("ppo", "ppo_gold")))
     report = run_pipeline(cfg, tmp_path, show_progress=False)
     for key in ("sft_large.sampled.gold_score", "sft_large.greedy.hallucination", "sft_large.pretrain_loss",
                 "ppo.sampled.win_rate_vs_sft_large", "ppo.heldout_greedy.win_rate_vs_sft_large",
@@ -136,5 +138,13 @@ def test_ppo_ptx_coef_which_the_pipeline_sets_itself_is_refused_not_ignored(tmp_
     cfg = micro_config()
     cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=1.0))
     with pytest.raises(ConfigError, match="pipeline.ptx_coef"):
+        run_pipeline(cfg, tmp_path, show_progress=False)
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_an_unknown_method_is_refused_before_any_stage_runs(tmp_path):
+    cfg = micro_config()
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, methods=("ppo", "ppo2")))
+    with pytest.raises(ConfigError, match=r"pipeline.methods=\['ppo', 'ppo2'\]: \['ppo2'\] not a method"):
         run_pipeline(cfg, tmp_path, show_progress=False)
     assert not (tmp_path / "pretrain").exists()

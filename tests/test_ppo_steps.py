@@ -13,10 +13,11 @@ from rlhf_jax.evaluation import PolicyEvaluator, copy_params
 from rlhf_jax.models import LanguageModel, ScalarModel
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.policy import response_logits, reward_model_score
-from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update, takes_sampler_logprobs
+from rlhf_jax.online_steps import takes_sampler_logprobs
+from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.steps import create_train_state
-from rlhf_jax.types import PPOState, TokenBatch
+from rlhf_jax.types import PPOState, TokenBatch, TrainState
 from tests.helpers import assert_f32_close, f32_rtol, forward_sums
 
 MODEL = ModelConfig(family="llama", vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -39,19 +40,28 @@ def _experience(sampling: SamplingConfig, old_logprobs: str, ref_key=None, model
     reference policy is the policy itself, or fresh params from ``ref_key``."""
     mesh, policy, scalar, policy_params, policy_sh, value_params, prompts, segments = _setup(model)
     ref_params = policy_params if ref_key is None else parameters.create(policy, mesh, ref_key)[0]
-    cfg = PPOConfig(sampling=sampling, old_logprobs=old_logprobs)
+    cfg = PPOConfig(old_logprobs=old_logprobs)
     sampler = make_sampler(policy, sampling, mesh, policy_sh, eos_id=1, pad_id=0)
     samples = sampler(policy_params, prompts, segments, jax.random.key(4))
-    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, 0.0, 1.0, mesh)
-    rollout, metrics = experience(policy_params, ref_params, value_params, value_params, samples, jnp.float32(0.02))
+    experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, sampling, 0.0, 1.0, mesh)
+    rollout, observed_kl, metrics = experience(_state(policy_params, value_params), ref_params, value_params, samples)
+    assert float(observed_kl) == float(metrics["ppo/kl_to_ref"])  # what the KL controller is given
     return samples, rollout, metrics
+
+
+def _state(policy_params, value_params, kl_coef=0.02) -> PPOState:
+    """A PPOState of just the params experience reads (no optimiser state)."""
+    state = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,  # noqa: E731
+                                      rng=jax.random.key(0))
+    return PPOState(policy=state(policy_params), value=state(value_params), ema_params=None,
+                    kl_coef=jnp.float32(kl_coef))
 
 
 def test_sampler_logprobs_equal_a_recomputed_forward_pass():
     unfiltered = SamplingConfig(max_new_tokens=8, temperature=0.7)
-    assert takes_sampler_logprobs(PPOConfig(sampling=unfiltered))
-    assert not takes_sampler_logprobs(PPOConfig(sampling=unfiltered, old_logprobs="recompute"))
-    assert not takes_sampler_logprobs(PPOConfig(sampling=dataclasses.replace(unfiltered, temperature=0.0)))
+    assert takes_sampler_logprobs(PPOConfig(), unfiltered)
+    assert not takes_sampler_logprobs(PPOConfig(old_logprobs="recompute"), unfiltered)
+    assert not takes_sampler_logprobs(PPOConfig(), dataclasses.replace(unfiltered, temperature=0.0))
     # With top-k and top-p too: both are the tempered distribution's log-probs before filtering.
     for sampling in (unfiltered, dataclasses.replace(unfiltered, top_k=5, top_p=0.9)):
         samples, taken, _ = _experience(sampling, "sampler")
@@ -73,7 +83,7 @@ def test_sampler_logprobs_equal_a_recomputed_forward_pass():
         np.testing.assert_array_equal(taken.ref_logprobs, recomputed.ref_logprobs)
 
 
-def _state_and_update(policy, scalar, policy_params, value_params, cfg: PPOConfig, mesh):
+def _state_and_update(policy, scalar, policy_params, value_params, cfg: PPOConfig, sampling: SamplingConfig, mesh):
     """A PPOState around copies of the params (beta 0.02) and ``make_ppo_update`` for it."""
     policy_tx, value_tx = make_optimizer(cfg.policy_optim, 10), make_optimizer(cfg.value_optim, 10)
     policy_state, p_sh = create_train_state(policy, policy_tx, mesh, jax.random.key(5), copy_params(policy_params))
@@ -81,7 +91,7 @@ def _state_and_update(policy, scalar, policy_params, value_params, cfg: PPOConfi
     state = PPOState(policy=policy_state, value=value_state, ema_params=copy_params(policy_params),
                      kl_coef=jnp.float32(0.02))
     state_sh = PPOState(policy=p_sh, value=v_sh, ema_params=p_sh.params, kl_coef=sharding.replicated(mesh))
-    return state, make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, mesh, state_sh)
+    return state, make_ppo_update(policy, scalar, policy_tx, value_tx, cfg, sampling, mesh, state_sh)
 
 
 def _entropy_numpy(logits, mask):
@@ -100,9 +110,9 @@ def test_update_entropy_is_that_of_the_tempered_sampling_distribution():
     sampling = SamplingConfig(max_new_tokens=8, temperature=temperature)
     mesh, policy, scalar, policy_params, policy_sh, value_params, _, _ = _setup()
     _, rollout, metrics = _experience(sampling, "sampler")
-    cfg = PPOConfig(sampling=sampling, minibatch_size=8, prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
+    cfg = PPOConfig(minibatch_size=8, prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
                     policy_optim=OptimConfig(learning_rate=0.0), value_optim=OptimConfig(learning_rate=0.0))
-    state, update = _state_and_update(policy, scalar, policy_params, value_params, cfg, mesh)
+    state, update = _state_and_update(policy, scalar, policy_params, value_params, cfg, sampling, mesh)
     no_ptx = TokenBatch(*(jnp.zeros((1, 2), jnp.int32) for _ in range(4)))
     # one minibatch of all 8 episodes, so the step's metric is over exactly these tokens
     _, update_metrics = update(state, rollout, no_ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))
@@ -154,9 +164,9 @@ def test_evaluator_kl_is_the_training_estimate_on_sampled_responses():
         generations = evaluator.generate(policy_params, ref_params, value_params, _Batches(batch))
         # the evaluator's draw 0 samples with PRNGKey(seed + batch index)
         samples = evaluator.sampler(policy_params, prompts, segments, jax.random.PRNGKey(0))
-        cfg = PPOConfig(sampling=sampling, kl_estimator=estimator, old_logprobs="recompute")
-        experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, 0.0, 1.0, mesh)
-        _, metrics = experience(policy_params, ref_params, value_params, value_params, samples, jnp.float32(0.02))
+        cfg = PPOConfig(kl_estimator=estimator, old_logprobs="recompute")
+        experience = make_experience_fn(policy, scalar, reward_model_score(scalar), cfg, sampling, 0.0, 1.0, mesh)
+        _, _, metrics = experience(_state(policy_params, value_params), ref_params, value_params, samples)
         assert len(generations.kl) == 8 and abs(float(metrics["ppo/kl_to_ref"])) > 0.05
         # both recompute the policy's and the reference's log-probs in passes of their own
         # (tests.helpers.f32_rtol); a sequence's KL sums up to 8 tokens' log-ratios r, each off by
@@ -191,7 +201,7 @@ def test_ptx_rows_take_the_lengths_path_on_a_gpu_and_rollouts_do_not(monkeypatch
                      loss_mask=jnp.asarray(segments, jnp.float32).at[:, 0].set(0.0),
                      segment_ids=jnp.asarray(segments), positions=jnp.asarray(np.where(segments, np.arange(t), 0)))
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
-    cfg = PPOConfig(sampling=sampling, minibatch_size=8, ptx_coef=2.0,
+    cfg = PPOConfig(minibatch_size=8, ptx_coef=2.0,
                     prompts=dataclasses.replace(PPOConfig().prompts, batch_size=8),
                     pretrain=dataclasses.replace(PPOConfig().pretrain, batch_size=rows))
     calls, lengths_attention = [], attention.length_attention
@@ -203,7 +213,7 @@ def test_ptx_rows_take_the_lengths_path_on_a_gpu_and_rollouts_do_not(monkeypatch
     def one_update(model_cfg):
         mesh, policy, scalar, policy_params, _, value_params, _, _ = _setup(model_cfg)
         _, rollout, metrics = _experience(sampling, "sampler", model=model_cfg)
-        state, update = _state_and_update(policy, scalar, policy_params, value_params, cfg, mesh)
+        state, update = _state_and_update(policy, scalar, policy_params, value_params, cfg, sampling, mesh)
         return update(state, rollout, ptx, metrics["ppo/kl_to_ref"], jax.random.key(6))[1]
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

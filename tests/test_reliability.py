@@ -60,7 +60,7 @@ def test_sigterm_in_the_pipeline_stops_after_the_stage_saves_and_a_rerun_finishe
     cfg = dataclasses.replace(
         cfg, pretrain=dataclasses.replace(cfg.pretrain, max_steps=300, log_every=1,
                                           checkpoint=dataclasses.replace(cfg.pretrain.checkpoint, save_every=1000)),
-        pipeline=dataclasses.replace(cfg.pipeline, run_ppo_ptx=False, best_of_n=0, eval_samples=1,
+        pipeline=dataclasses.replace(cfg.pipeline, methods=("ppo",), best_of_n=0, frontier=(), eval_samples=1,
                                      heldout_prompts=None))
     experiment = write_experiment(cfg, tmp_path / "experiment.py")
     workdir = tmp_path / "run"

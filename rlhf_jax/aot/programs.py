@@ -25,7 +25,8 @@ from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.policy import reward_model_score
 from rlhf_jax.ppo_steps import make_experience_fn, make_ppo_update
 from rlhf_jax.sampling import Samples, make_sampler
-from rlhf_jax.stages.ppo import check_ppo_config
+from rlhf_jax.online_steps import takes_sampler_logprobs
+from rlhf_jax.stages.online import check_online_config
 from rlhf_jax.types import PPOState, RankingBatch, Rollout, TokenBatch
 
 STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo")
@@ -146,8 +147,8 @@ def _abstract_params(model, mesh: Mesh) -> tuple[Any, Any]:
 def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[Program]:
     """PPO (PPO-ptx when ``ppo.ptx_coef``): sampler, experience, update and the held-out
     evaluation's programs, as ``stages/ppo.py`` builds them."""
-    ppo = ppo or cfg.ppo
-    updates = check_ppo_config(ppo, mesh)
+    ppo, gen = ppo or cfg.ppo, cfg.generation
+    updates = check_online_config(ppo, "ppo", mesh, ppo.pretrain.batch_size if ppo.ptx_coef else 0)
     policy = LanguageModel(cfg.model)
     scalar_cfg = cfg.rm.model or cfg.model  # the RM's architecture: the reward and value models
     scalar = ScalarModel(scalar_cfg)
@@ -165,7 +166,7 @@ def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[
     reference = lora.base_params(policy_state.params) if cfg.model.lora.enabled else policy_state.params
     reward_model = ScalarModel(dataclasses.replace(scalar_cfg, lora=LoRAConfig()))
     reward_params = (_abstract_params(reward_model, mesh)[0] if scalar_cfg.lora.enabled else value_state.params)
-    b, p, n = ppo.prompts.batch_size, ppo.prompts.max_len, ppo.sampling.max_new_tokens
+    b, p, n = ppo.prompts.batch_size, ppo.prompts.max_len, gen.sampling.max_new_tokens
     samples = Samples(prompt_tokens=_batch(mesh, (b, p)), prompt_segments=_batch(mesh, (b, p)),
                       tokens=_batch(mesh, (b, n)), logprobs=_batch(mesh, (b, n), jnp.float32),
                       mask=_batch(mesh, (b, n), jnp.bool_), ended=_batch(mesh, (b,), jnp.bool_))
@@ -175,32 +176,32 @@ def ppo_programs(cfg: Config, mesh: Mesh, ppo: PPOConfig | None = None) -> list[
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     ptx_rows, ptx_len = ((updates * ppo.pretrain.batch_size, ppo.pretrain.max_len) if ppo.ptx_coef
                          else (updates * shards, 2))
-    sampler = make_sampler(policy, ppo.sampling, mesh, policy_sh.params, eos_id=1, pad_id=0)
-    experience = make_experience_fn(policy, scalar, reward_model_score(reward_model), ppo, 0.0, 1.0, mesh)
-    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, mesh, state_sh)
-    eval_temperature = ppo.sampling.temperature if ppo.eval_temperature is None else ppo.eval_temperature
+    sampler = make_sampler(policy, gen.sampling, mesh, policy_sh.params, eos_id=1, pad_id=0)
+    experience = make_experience_fn(policy, scalar, reward_model_score(reward_model), ppo, gen.sampling, 0.0, 1.0,
+                                    mesh)
+    update = make_ppo_update(policy, scalar, policy_tx, value_tx, ppo, gen.sampling, mesh, state_sh)
+    eval_temperature = gen.sampling.temperature if gen.eval_temperature is None else gen.eval_temperature
     # the evaluator reads only the tokenizer's EOS and padding ids while building its programs
     evaluator = PolicyEvaluator(policy, reward_model_score(reward_model), mesh, policy_sh.params,
                                 types.SimpleNamespace(eos_id=1, pad_id=0),
-                                dataclasses.replace(ppo.sampling, temperature=eval_temperature), cfg.seed,
-                                ppo.kl_estimator)
+                                dataclasses.replace(gen.sampling, temperature=eval_temperature), cfg.seed,
+                                gen.kl_estimator)
     mb, length = ppo.minibatch_size, p + n
-    logits_passes = 1 if ppo.old_logprobs == "sampler" and ppo.sampling.temperature > 0 else 2
+    logits_passes = 1 if takes_sampler_logprobs(ppo, gen.sampling) else 2
     update_passes = [(cfg.model, mb, length, True, True), (scalar_cfg, mb, length, True, False)]
     if ppo.ptx_coef:
         update_passes.append((cfg.model, ppo.pretrain.batch_size, ppo.pretrain.max_len, True, True))
     programs = [
         _sampler_program("ppo", "sampler", sampler, cfg.model, policy_state.params, mesh, b, p, n),
-        Program("ppo", "experience", experience.jitted,
-                (policy_state.params, reference, value_state.params, reward_params, samples,
-                 _replicated(mesh)), (policy_state.params, reference, value_state.params, reward_params),
+        Program("ppo", "experience", experience.jitted, (state, reference, reward_params, samples),
+                (policy_state.params, reference, value_state.params, reward_params),
                 [(cfg.model, b, length, False, True)] * logits_passes + [(scalar_cfg, b, length, False, False)] * 2),
         Program("ppo", "update", update.jitted,
                 (state, rollout, token_batch(mesh, ptx_rows, ptx_len), _replicated(mesh), _rng(mesh)), state,
                 update_passes, trainable=(lora.split_trainable(policy_state.params)[0],
                                           lora.split_trainable(value_state.params)[0]), donates=True),
     ]
-    if eval_temperature != ppo.sampling.temperature:  # else the same program as the training sampler
+    if eval_temperature != gen.sampling.temperature:  # else the same program as the training sampler
         programs.append(_sampler_program("ppo", "eval_sampler", evaluator.sampler, cfg.model, policy_state.params,
                                          mesh, b, p, n))
     programs.append(Program("ppo", "eval_score", evaluator.score.jitted, (reward_params, samples), reward_params,

@@ -15,12 +15,15 @@ from rlhf_jax.config.lora import LoRAConfig
 from rlhf_jax.config.model import REMAT_POLICIES, DistributedConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.config.run import (Config, apply_overrides, config_from_dict, load_config, load_experiment,
                                  save_config, to_dict)
-from rlhf_jax.config.stages import (CheckpointConfig, ComparisonsConfig, DataConfig, OptimConfig, PipelineConfig,
-                                    PPOConfig, RMConfig, SamplingConfig, SFTConfig)
+from rlhf_jax.config.methods import (GOLD_REWARD, BestOfNConfig, DPOConfig, GRPOConfig, OnlineConfig, PPOConfig,
+                                     RLOOConfig)
+from rlhf_jax.config.stages import (CheckpointConfig, ComparisonsConfig, DataConfig, GenerationConfig, OptimConfig,
+                                    PipelineConfig, RMConfig, SamplingConfig, SFTConfig)
 
 __all__ = [
-    "REMAT_POLICIES", "CheckpointConfig", "ComparisonsConfig", "Config", "ConfigError", "DataConfig",
-    "DistributedConfig", "LoRAConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PPOConfig", "PipelineConfig",
+    "GOLD_REWARD", "REMAT_POLICIES", "BestOfNConfig", "CheckpointConfig", "ComparisonsConfig", "Config",
+    "ConfigError", "DPOConfig", "DataConfig", "DistributedConfig", "GRPOConfig", "GenerationConfig", "LoRAConfig",
+    "MeshConfig", "ModelConfig", "OnlineConfig", "OptimConfig", "PPOConfig", "PipelineConfig", "RLOOConfig",
     "RMConfig", "SFTConfig", "SamplingConfig", "TokenizerConfig", "apply_overrides", "config_from_dict", "load_config",
     "load_experiment", "save_config", "to_dict",
 ]

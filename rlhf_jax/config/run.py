@@ -15,7 +15,8 @@ import dacite
 from rlhf_jax.atomic import write_text
 from rlhf_jax.config.checks import ConfigError, experiment_errors, require_finite
 from rlhf_jax.config.model import DistributedConfig, MeshConfig, ModelConfig, TokenizerConfig
-from rlhf_jax.config.stages import (ComparisonsConfig, DataConfig, PipelineConfig, PPOConfig, RMConfig,
+from rlhf_jax.config.methods import BestOfNConfig, DPOConfig, GRPOConfig, PPOConfig, RLOOConfig
+from rlhf_jax.config.stages import (ComparisonsConfig, DataConfig, GenerationConfig, PipelineConfig, RMConfig,
                                     SFTConfig)
 
 
@@ -34,7 +35,12 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # A persistent XLA compilation cache, so a rerun or a resumed stage loads its programs
     # instead of compiling them again: a directory, or run:<path> inside the run directory.
@@ -48,7 +54,7 @@ class Config:
         """Checks every block, so a bad field is refused before a stage writes anything."""
         require_finite(self)
         self.model.validate()
-        for name in ("pretrain", "sft", "comparisons", "rm", "ppo"):
+        for name in BLOCKS:
             getattr(self, name).validate(name)
         reads_collected = any((path or "").startswith("run:comparisons/")
                               for path in (self.rm.data.train_path, self.rm.data.val_path))
@@ -57,6 +63,42 @@ class Config:
                               "the RM pads each prompt's responses to rm.k_max and refuses a comparison with more; "
                               "raise rm.k_max or lower comparisons.k_max")
         return self
+
+
+BLOCKS = ("pretrain", "sft", "comparisons", "rm", "generation", "ppo", "rloo", "grpo", "dpo", "best_of_n", "pipeline")
+
+# Fields that moved: a saved config (or a dict) that holds the old one is read with its value
+# in the new place; an override of the old name is refused with this hint.
+MOVED_FIELDS: dict[str, str] = {"ppo.sampling": "generation.sampling",
+                                "ppo.eval_temperature": "generation.eval_temperature"}
+
+
+def _moved(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with each moved field in its new place (both set: an error naming both)."""
+    data = {block: dict(fields) if isinstance(fields, dict) else fields for block, fields in data.items()}
+    for old, new in MOVED_FIELDS.items():
+        (old_block, old_name), (new_block, new_name) = old.split("."), new.split(".")
+        if not isinstance(data.get(old_block), dict) or old_name not in data[old_block]:
+            continue
+        target = data.setdefault(new_block, {})
+        if new_name in target:
+            raise ConfigError(f"{source}: both {old} (its old place) and {new} are set; keep {new}")
+        target[new_name] = data[old_block].pop(old_name)
+    return data
+
+
+def _methods_from_flags(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before ``pipeline.methods``: its run_ppo_ptx / run_ppo_gold flags say
+    which PPO runs it had."""
+    pipeline = data.get("pipeline")
+    if not isinstance(pipeline, dict) or not {"run_ppo_ptx", "run_ppo_gold"} & set(pipeline):
+        return data
+    if "methods" in pipeline:
+        raise ConfigError("pipeline.run_ppo_ptx / run_ppo_gold and pipeline.methods are both set; keep methods")
+    pipeline = dict(pipeline)
+    ptx, gold = pipeline.pop("run_ppo_ptx", True), pipeline.pop("run_ppo_gold", False)
+    pipeline["methods"] = ["ppo", *(["ppo_ptx"] if ptx else []), *(["ppo_gold"] if gold else [])]
+    return {**data, "pipeline": pipeline}
 
 
 # Fields that were removed, and where their meaning went: a config that still sets one is
@@ -68,13 +110,18 @@ REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
                            "or rm.dropout (each stage always overwrote model.dropout with its own)"),
     "ppo.stage_name": ("ppo", "the stage's directory is not a hyperparameter: `rlhf-jax ppo --stage NAME` "
                               "(or run_ppo(..., stage=NAME)) names it"),
+    **{f"ppo.{name}": (None, f"it is generation.{name} now: one setting for every method, the evaluation "
+                             "and sampling") for name in ("sampling", "eval_temperature")},
+    **{f"pipeline.{name}": (None, "list the runs in pipeline.methods (e.g. --pipeline.methods ppo ppo_ptx ppo_gold)")
+       for name in ("run_ppo_ptx", "run_ppo_gold")},
 }
 
 
 def _refuse_removed(fields: Sequence[str], source: str) -> None:
     for name in fields:
-        if name in REMOVED_FIELDS:
-            raise ConfigError(f"{source}: {name} was removed; {REMOVED_FIELDS[name][1]}")
+        for removed, (_, hint) in REMOVED_FIELDS.items():
+            if name == removed or name.startswith(removed + "."):
+                raise ConfigError(f"{source}: {removed} was removed; {hint}")
 
 
 def _without_removed_defaults(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -95,7 +142,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a :class:`Config` from a dict, rejecting unknown and ill-typed fields."""
-    data = _without_removed_defaults(data, source)
+    data = _without_removed_defaults(_methods_from_flags(_moved(data, source)), source)
     try:
         cfg = dacite.from_dict(Config, data, config=dacite.Config(strict=True, cast=[tuple]))
     except dacite.DaciteError as err:

@@ -1,5 +1,6 @@
 """Each stage's settings: optimiser, checkpoints and data, then SFT, the reward model,
-sampling, PPO, comparisons and the pipeline. Each block's ``validate(where)`` names its
+sampling and generation, comparisons and the pipeline (the methods after the RM are in
+:mod:`rlhf_jax.config.methods`). Each block's ``validate(where)`` names its
 fields by their dotted path."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf_jax.config.checks import check_dropout, require_at_least
+from rlhf_jax.config.checks import ConfigError, check_dropout, require_at_least
 from rlhf_jax.config.model import ModelConfig
 
 
@@ -130,64 +131,28 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
-class PPOConfig:
-    """PPO with a per-token KL penalty, and PPO-ptx when ``ptx_coef`` > 0.
+class GenerationConfig:
+    """How a policy generates outside the comparisons stage: every online method's episodes
+    (PPO, RLOO, GRPO), their periodic evaluation, the pipeline's evaluation, best-of-n,
+    ``rlhf-jax sample`` and the labeling page."""
 
-    Paper: beta 0.02, 512 episodes per iteration, minibatch 64, 1 inner epoch, EMA 0.992,
-    gamma_ptx 27.8 with 8 pretraining sequences per episode.
-    """
-
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Temperature of the online methods' periodic held-out evaluation. None: the sampling
+    # temperature, so eval/kl_to_ref is a KL estimate like the training one (0.0 decodes
+    # greedily and reports no KL: the log-ratio of greedy tokens estimates nothing).
+    eval_temperature: float | None = None
+    # The per-token estimate of KL(policy || reference) every evaluation sums over a sampled
+    # response (eval/kl_to_ref, the report's kl_to_sft): one for every method, so they compare.
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # The prompts a policy answers outside training: val_path for the pipeline's evaluation,
+    # best-of-n and ``rlhf-jax sample``; max_len and batch_size shape every such batch.
     prompts: DataConfig = field(default_factory=lambda: DataConfig(
         train_path="task:prompts", val_path="task:prompts_val", batch_size=64, max_len=24))
-    pretrain: DataConfig = field(default_factory=lambda: DataConfig(
-        train_path="task:pretrain", val_path="task:pretrain_val", batch_size=16, max_len=32))
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    # Temperature of the periodic held-out evaluation. None: the training temperature, so
-    # eval/kl_to_ref is a KL estimate like ppo/kl_to_ref (0.0 decodes greedily and reports no
-    # KL: the log-ratio of greedy tokens estimates nothing).
-    eval_temperature: float | None = None
-    policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, final_lr_fraction=1.0))
-    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, final_lr_fraction=1.0))
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(save_every=10))
-    iterations: int = 100  # each: sample prompts.batch_size episodes, score, update
-    minibatch_size: int = 16  # episodes per optimiser step
-    epochs: int = 1  # passes over each iteration's episodes
-    kl_coef: float = 0.02  # beta
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    adaptive_kl: bool = False  # Ziegler et al. controller toward kl_target
-    kl_target: float = 6.0
-    kl_horizon: float = 10000.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    entropy_coef: float = 0.0
-    whiten_advantages: bool = True
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response with no EOS
-    # The behaviour policy's log-probs (PPO's ratio denominator): "sampler" takes the ones
-    # the sampler computed on its KV-cache pass (of the tempered distribution before any
-    # top-k/top-p filtering, as PPO's own forward passes compute them), as TRL does, saving
-    # a forward pass; "recompute" runs that forward pass. Greedy sampling always recomputes.
-    old_logprobs: Literal["sampler", "recompute"] = "sampler"
-    ptx_coef: float = 0.0  # gamma_ptx: 0 is plain PPO; the paper's PPO-ptx uses 27.8
-    # pretraining rows per optimiser step come from pretrain.batch_size
-    ema_decay: float = 0.992  # EMA of policy weights, used for evaluation and export; 0: off
-    policy_init: str = "run:sft/export"
-    reward_init: str = "run:rm/export"
-    value_init: str | None = None  # None: the reward model's export
-    eval_every: int = 10  # iterations between held-out evaluations
-    log_every: int = 1  # iterations between metrics lines (each costs a device sync, one iteration late)
-    # time the rollout, scoring and update phases (time/*_s metrics): waits on the device
-    # between phases, so the host can no longer queue the next phase ahead of the device
-    time_phases: bool = False
 
     def validate(self, where: str) -> None:
-        for name in ("prompts", "pretrain"):
-            getattr(self, name).validate(f"{where}.{name}")
-        self.policy_optim.validate(f"{where}.policy_optim")
-        self.value_optim.validate(f"{where}.value_optim")
-        self.checkpoint.validate(f"{where}.checkpoint")
-        require_at_least(self, where, 1, "iterations", "minibatch_size", "epochs", "eval_every", "log_every")
+        self.prompts.validate(f"{where}.prompts")
+        require_at_least(self.sampling, f"{where}.sampling", 1, "max_new_tokens")
+        require_at_least(self.sampling, f"{where}.sampling", 0, "temperature", "top_k")
 
 
 @dataclass(frozen=True)
@@ -214,21 +179,36 @@ class ComparisonsConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What ``rlhf-jax pipeline`` runs after SFT and the RM: PPO and PPO-ptx from the same
-    SFT model (PPO-ptx uses ``ppo`` with this ptx coefficient), then evaluation."""
+    """What ``rlhf-jax pipeline`` runs after SFT and the RM (``methods``, names from the stage
+    table ``rlhf_jax.stages.table``), then the evaluation of every policy."""
 
+    # ppo_ptx is ppo with ptx_coef set to pipeline.ptx_coef; ppo_gold is ppo against the
+    # embedded task's gold scorer (a perfect reward model: the report then separates what the
+    # RM limits from what PPO limits); best_of_n evaluates the RM's pick of best_of_n.n SFT samples.
+    methods: tuple[str, ...] = ("ppo", "ppo_ptx")
     ptx_coef: float = 27.8
-    run_ppo_ptx: bool = True
-    # Also run PPO against the embedded task's gold scorer itself (stage ppo_gold): a perfect
-    # reward model, so the report separates what the RM limits from what PPO limits.
-    run_ppo_gold: bool = False
-    # Best-of-n diagnosis of the RM on the SFT policy's own samples (held-out prompts, PPO's
-    # sampling settings): the gold score of the RM's pick of n against a random sample's and
+    # Best-of-n diagnosis of the RM on the SFT policy's own samples (held-out prompts, the
+    # generation settings): the gold score of the RM's pick of n against a random sample's and
     # the gold-best one's. PPO can only climb the gold score along what the RM ranks right
     # among the policy's samples. 0 skips it.
     best_of_n: int = 8
-    # Held-out evaluation: sampled responses per prompt (at PPO's training temperature, beside
+    # The frontier every method is plotted against: best-of-n of SFT samples at these n
+    # (gold score against KL to SFT, log n - (n - 1) / n). Empty: not drawn.
+    frontier: tuple[int, ...] = (1, 2, 4, 8, 16)
+    # Held-out evaluation: sampled responses per prompt (at the sampling temperature, beside
     # one greedy response), and the prompts of instructions only pretraining text asks (the
     # embedded task's held-out family; None skips that evaluation).
     eval_samples: int = 4
     heldout_prompts: str | None = "task:prompts_heldout"
+    # The texts whose loss measures each policy's alignment tax (val_path).
+    eval_texts: DataConfig = field(default_factory=lambda: DataConfig(
+        train_path="task:pretrain", val_path="task:pretrain_val", batch_size=16, max_len=32))
+
+    def validate(self, where: str) -> None:
+        self.eval_texts.validate(f"{where}.eval_texts")
+        require_at_least(self, where, 0, "best_of_n")
+        require_at_least(self, where, 1, "eval_samples")
+        if any(n < 1 for n in self.frontier):
+            raise ConfigError(f"{where}.frontier must hold n >= 1, got {self.frontier}")
+        if len(set(self.methods)) < len(self.methods):
+            raise ConfigError(f"{where}.methods names a method twice: {self.methods}")

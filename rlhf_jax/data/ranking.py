@@ -7,7 +7,7 @@ import numpy as np
 from rlhf_jax.config import DataConfig
 from rlhf_jax.data.jsonl import MAX_RESPONSES, MIN_RESPONSES, DataError
 from rlhf_jax.data.loader import RowBatches, record_prompt_ids, too_long_error
-from rlhf_jax.data.rows import fit_example
+from rlhf_jax.data.rows import example_piece, fit_example
 from rlhf_jax.data.tfds_store import open_store
 from rlhf_jax.data.tokenizer import TextTokenizer, encode_ids
 from rlhf_jax.types import RankingBatch
@@ -19,7 +19,8 @@ class RankingBatches(RowBatches):
     Each response ``k`` is its own ``prompt + response + EOS`` row (segment 1, positions
     from 0, ``pad_id`` after), so a prompt costs K forward passes whatever the number of
     pairs. ``last_index[b, k]`` is the row's last token (the EOS unless truncated), where
-    the reward is read. Prompts with K < ``k_max`` get all-padding rows with ``mask``
+    the reward is read; ``response_mask`` marks the response tokens and EOS (whose
+    log-probs DPO sums). Prompts with K < ``k_max`` get all-padding rows with ``mask``
     False, ``rank`` 0 and ``last_index`` 0. Too long: as
     :class:`~rlhf_jax.data.loader.SFTBatches`; ``num_truncated`` counts responses.
     Packing does not apply (each response must be a separate row).
@@ -81,6 +82,7 @@ class RankingBatches(RowBatches):
         out = {"tokens": np.full(shape, self.tokenizer.pad_id, np.int32),
                "segment_ids": np.zeros(shape, np.int32),
                "positions": np.zeros(shape, np.int32),
+               "response_mask": np.zeros(shape, np.float32),
                "last_index": np.zeros(self.k_max, np.int32),
                "ranks": np.zeros(self.k_max, np.int32),
                "mask": np.zeros(self.k_max, bool)}
@@ -88,10 +90,11 @@ class RankingBatches(RowBatches):
             return out
         prompt, responses, ranks = self._records[row[0]]
         for k, (response, rank) in enumerate(zip(responses, ranks)):
-            tokens, _, _ = fit_example(prompt.tolist(), response.tolist(), self.tokenizer.eos_id,
-                                       self.max_len)
+            tokens, n_prompt, _ = fit_example(prompt.tolist(), response.tolist(), self.tokenizer.eos_id,
+                                              self.max_len)
             n = len(tokens)
             out["tokens"][k, :n] = tokens
+            out["response_mask"][k, :n] = example_piece(tokens, n_prompt)[1]
             out["segment_ids"][k, :n] = 1
             out["positions"][k, :n] = np.arange(n)
             out["last_index"][k] = n - 1

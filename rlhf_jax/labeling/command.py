@@ -39,7 +39,8 @@ def sample_items(cfg: Config, workdir: pathlib.Path, policy: str, prompts: list[
     from rlhf_jax.generate import generate_from_export
 
     c = cfg.comparisons
-    sampling_cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, sampling=c.sampling, prompts=c.prompts))
+    sampling_cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, sampling=c.sampling,
+                                                                           prompts=c.prompts))
     repeated = [p for p in prompts for _ in range(k)]  # one sampler row per response: all K in one call
     out = generate_from_export(sampling_cfg, workdir, policy, repeated)
     if len(out) != len(repeated):

@@ -33,7 +33,7 @@ class StageEnv:
     tokenizer_dir: pathlib.Path | None = None
     # (name, config block) the stage runs with (provenance.begin); what its result depends on
     # (provenance.record, at restore_or_start), saved with each checkpoint and the export
-    block: tuple[str, Any] | None = None
+    block: tuple[Any, ...] | None = None  # (name, block, *(name, block) it also reads)
     inputs: dict[str, Any] | None = None
 
     @property

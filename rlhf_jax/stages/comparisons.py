@@ -26,6 +26,7 @@ from rlhf_jax.data.chat import Prompt, is_conversation
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.stages import common
+from rlhf_jax.stages.table import RunOptions
 
 
 class Labeler(Protocol):
@@ -105,6 +106,11 @@ def run_comparisons(cfg: Config, workdir: str | pathlib.Path, labeler: Labeler |
     progress.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     return _split_and_write(records[:c.n_prompts], c.val_fraction, cfg.seed, out_dir, env.inputs)
+
+
+def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path:
+    """The stage table's comparisons (the embedded task's labeler, or ``comparisons.labeler``)."""
+    return run_comparisons(cfg, workdir, show_progress=options.show_progress)
 
 
 def _split_and_write(records: list[dict], val_fraction: float, seed: int, out_dir: pathlib.Path,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -19,22 +18,12 @@ from rlhf_jax import losses, provenance, steps
 from rlhf_jax.parameters import scalar_head_rng
 from rlhf_jax.config import Config
 from rlhf_jax.data import RankingBatches, SFTBatches, to_global
-from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import ScalarModel
 from rlhf_jax.models.heads import normalize_scalar_head
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.stages import common
-from rlhf_jax.stages.loop import train_loop
-
-
-def evaluate_rm(eval_fn, params, batches, mesh) -> dict[str, float]:
-    sums = None
-    for local in batches.eval_batches():
-        out = eval_fn(params, to_global(local, mesh))
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    sums = jax.device_get(sums)
-    return {"val/rm_loss": float(sums["loss_sum"] / max(sums["prompts"], 1.0)),
-            "val/rm_accuracy": float(sums["correct"] / max(sums["pairs"], 1.0))}
+from rlhf_jax.stages.offline import evaluate_preferences, train_offline
+from rlhf_jax.stages.table import RunOptions
 
 
 def demonstration_rewards(env: common.StageEnv, model: ScalarModel, params, param_shardings) -> np.ndarray:
@@ -75,32 +64,23 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     tx = make_optimizer(rm_cfg.optim, total_steps)
     # a reward model's source as it is; else a fresh (zero) head on a language model's backbone
     params = env.initial_params(model, rm_cfg.init_from, "rm.init_from", rng=scalar_head_rng(cfg.seed))
-    state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed), params)
-    ckpts, state, start = common.restore_or_start(env, rm_cfg.checkpoint, state)
-    common.write_run_config(env)
 
-    step_fn = steps.make_rm_step(model, tx, env.mesh, state_shardings, rm_cfg.optim.grad_accum_steps,
-                                 learning_rate_schedule(rm_cfg.optim, total_steps))
-    evaluate = None
-    if val is not None:
+    def make_step(state_shardings):
+        return steps.make_rm_step(model, tx, env.mesh, state_shardings, rm_cfg.optim.grad_accum_steps,
+                                  learning_rate_schedule(rm_cfg.optim, total_steps))
+
+    def make_evaluate(state_shardings):
         eval_fn = steps.make_rm_eval_step(model, env.mesh, state_shardings.params)
-        evaluate = lambda s: evaluate_rm(eval_fn, s.params, val, env.mesh)  # noqa: E731
-    logger = MetricsLogger(env.stage_dir, start, total_steps, "rm", show_progress)
-    if start == 0 and train.num_truncated:
-        logger.log(0, {"data/truncated_responses": train.num_truncated})
-    if start == 0:
-        logger.log(0, common.trainable_summary(state.params, state.opt_state))
-    state, finished = train_loop(
-        env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
-        start_step=start, log_every=rm_cfg.log_every,
-        eval_every=rm_cfg.eval_every or max(train.steps_per_epoch, 1), evaluate=evaluate,
-        save_every=rm_cfg.checkpoint.save_every, logger=logger, progress={"loss": "train/loss"},
-        stop_after=stop_after)
-    ckpts.close()
-    if not finished:
-        logger.close()
-        return None
+        return lambda s: evaluate_preferences(eval_fn, s.params, val, env.mesh, "rm")
 
+    trained = train_offline(env, rm_cfg, model=model, tx=tx, params=params, total_steps=total_steps,
+                            make_step=make_step, make_evaluate=make_evaluate if val is not None else None,
+                            train=train, eval_every=rm_cfg.eval_every or max(train.steps_per_epoch, 1),
+                            truncated="data/truncated_responses", show_progress=show_progress,
+                            stop_after=stop_after)
+    if trained is None:
+        return None
+    state, state_shardings, logger = trained
     params, extra = state.params, {"stage": "rm", "reward_offset": 0.0, "reward_gain": 1.0}
     if rm_cfg.normalize_path:
         rewards = demonstration_rewards(env, model, params, state_shardings.params)
@@ -113,3 +93,7 @@ def run_rm(cfg: Config, workdir: str | pathlib.Path, *, show_progress: bool = Tr
     logger.close()
     return provenance.export(env, params, extra)
 
+
+def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path | None:
+    """The stage table's reward model."""
+    return run_rm(cfg, workdir, show_progress=options.show_progress, stop_after=options.stop_after)

@@ -10,17 +10,15 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import jax
-
 from rlhf_jax import provenance, steps
 from rlhf_jax.config import Config, ModelConfig, SFTConfig
 from rlhf_jax.data import SFTBatches, TextBatches
 from rlhf_jax.evaluation import mean_lm_loss
-from rlhf_jax.logging import MetricsLogger
 from rlhf_jax.models import LanguageModel
 from rlhf_jax.optim import learning_rate_schedule, make_optimizer
 from rlhf_jax.stages import common
-from rlhf_jax.stages.loop import train_loop
+from rlhf_jax.stages.offline import train_offline
+from rlhf_jax.stages.table import RunOptions
 
 
 def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
@@ -53,33 +51,36 @@ def run_sft(cfg: Config, workdir: str | pathlib.Path, *, stage: str = "sft",
     model = LanguageModel(cfg.model, dropout_rate=stage_cfg.dropout)
     tx = make_optimizer(stage_cfg.optim, total_steps)
     init_params = env.initial_params(model, stage_cfg.init_from, f"{stage}.init_from")  # None: fresh
-    state, state_shardings = steps.create_train_state(model, tx, env.mesh, jax.random.PRNGKey(cfg.seed),
-                                                      init_params)
-    ckpts, state, start = common.restore_or_start(env, stage_cfg.checkpoint, state)
-    common.write_run_config(env)
-
     # unpacked rows are one example then padding: a GPU may take cuDNN's fused attention
     right_padded = not stage_cfg.data.packing
-    step_fn = steps.make_sft_step(model, tx, env.mesh, state_shardings, stage_cfg.optim.grad_accum_steps,
-                                  learning_rate_schedule(stage_cfg.optim, total_steps),
-                                  right_padded=right_padded)
-    evaluate = None
-    if val is not None:  # its data config is the training one's, unshuffled: the same layout
+
+    def make_step(state_shardings):
+        return steps.make_sft_step(model, tx, env.mesh, state_shardings, stage_cfg.optim.grad_accum_steps,
+                                   learning_rate_schedule(stage_cfg.optim, total_steps), right_padded=right_padded)
+
+    def make_evaluate(state_shardings):  # its data config is the training one's, unshuffled: the same layout
         eval_fn = steps.make_lm_eval_step(model, env.mesh, state_shardings.params, right_padded)
-        evaluate = lambda s: {"val/loss": mean_lm_loss(eval_fn, s.params, val, env.mesh)}  # noqa: E731
-    logger = MetricsLogger(env.stage_dir, start, total_steps, stage, show_progress)
-    if start == 0 and getattr(train, "num_truncated", 0):
-        logger.log(0, {"data/truncated_examples": train.num_truncated})
-    if start == 0:
-        logger.log(0, common.trainable_summary(state.params, state.opt_state))
-    state, finished = train_loop(
-        env, state=state, step_fn=lambda state, batch, step: step_fn(state, batch), batches=train, total_steps=total_steps, ckpts=ckpts,
-        start_step=start, log_every=stage_cfg.log_every, eval_every=stage_cfg.eval_every,
-        evaluate=evaluate, save_every=stage_cfg.checkpoint.save_every, logger=logger,
-        progress={"loss": "train/loss"}, stop_after=stop_after)
-    logger.close()
-    ckpts.close()
-    if not finished:
+        return lambda s: {"val/loss": mean_lm_loss(eval_fn, s.params, val, env.mesh)}
+
+    trained = train_offline(env, stage_cfg, model=model, tx=tx, params=init_params, total_steps=total_steps,
+                            make_step=make_step, make_evaluate=make_evaluate if val is not None else None,
+                            train=train, eval_every=stage_cfg.eval_every, truncated="data/truncated_examples",
+                            show_progress=show_progress, stop_after=stop_after)
+    if trained is None:
         return None
+    state, _, logger = trained
+    logger.close()
     common.export_adapter(env, state.params, stage_cfg.init_from or cfg.model.hf_path)
     return provenance.export(env, state.params, {"stage": stage, "steps": total_steps})
+
+
+def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path | None:
+    """The stage table's SFT: demonstrations, ``cfg.sft``."""
+    return run_sft(cfg, workdir, stage=options.stage or "sft", show_progress=options.show_progress,
+                   stop_after=options.stop_after)
+
+
+def run_pretrain(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path | None:
+    """The stage table's pretraining: plain LM training on ``cfg.pretrain``'s texts."""
+    return run_sft(cfg, workdir, stage=options.stage or "pretrain", stage_cfg=cfg.pretrain, data_kind="text",
+                   show_progress=options.show_progress, stop_after=options.stop_after)

@@ -180,6 +180,7 @@ def test_the_reward_model_takes_the_lengths_path_and_missing_responses_stay_fini
     batch = RankingBatch(tokens=jax.random.randint(jax.random.key(2), (2, 3, t), 1, 61) * segments,
                          segment_ids=jnp.asarray(segments),
                          positions=jnp.asarray(np.where(segments, np.arange(t), 0)),
+                         response_mask=jnp.asarray(segments, jnp.float32),
                          last_index=jnp.asarray(np.maximum(lengths - 1, 0)),
                          ranks=jnp.array([[0, 1, 2], [1, 0, 0]]), mask=jnp.asarray(lengths > 0))
     params = jax.jit(ScalarModel(CFG).init)(jax.random.key(0), batch.tokens[:, 0])["params"]

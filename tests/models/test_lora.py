@@ -270,15 +270,16 @@ def test_rlhf_jax_compile_builds_ppo_with_lora_as_the_stage_does(eight_devices):
     """``rlhf-jax compile``'s PPO programs hold what stages/ppo.py holds with LoRA: the EMA and
     the gradients of the adapters only, the policy's base as the KL reference, a plain RM."""
     from rlhf_jax.aot.programs import ppo_programs
-    from rlhf_jax.config import DataConfig, PPOConfig, SamplingConfig
+    from rlhf_jax.config import DataConfig, GenerationConfig, PPOConfig, SamplingConfig
     from tests.helpers import tiny_config
 
     cfg = dataclasses.replace(tiny_config("unused.jsonl"), model=dataclasses.replace(LLAMA, lora=ADAPTERS), ppo=PPOConfig(
-        prompts=DataConfig(batch_size=16, max_len=8), sampling=SamplingConfig(max_new_tokens=4), minibatch_size=8))
+        prompts=DataConfig(batch_size=16, max_len=8), minibatch_size=8),
+        generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=4)))
     mesh = sharding.make_mesh(MeshConfig(data=-1), eight_devices)
     programs = {p.name: p for p in ppo_programs(cfg, mesh)}
     update, experience = programs["update"], programs["experience"]
     assert not lora.base_params(update.state.ema_params) and not lora.base_params(update.trainable[0])
-    assert not lora.has_adapters(experience.args[1]) and not lora.has_adapters(experience.args[3])  # ref, RM
+    assert not lora.has_adapters(experience.args[1]) and not lora.has_adapters(experience.args[2])  # ref, RM
     with sharding.activate(mesh):
         update.jitted.lower(*update.args).compile()  # the EMA's tree is the adapters' (else a tree mismatch)

@@ -50,7 +50,7 @@ def test_sft_on_conversations_then_sampling_stops_at_end_of_turn(tmp_path):
     prompt_data = DataConfig(train_path=str(prompts), val_path=str(prompts), batch_size=8, max_len=24)
     cfg = dataclasses.replace(
         cfg, tokenizer=TokenizerConfig(kind="hf", path=str(tok_dir)),
-        ppo=dataclasses.replace(cfg.ppo, sampling=greedy, prompts=prompt_data),
+        generation=dataclasses.replace(cfg.generation, sampling=greedy, prompts=prompt_data),
         comparisons=dataclasses.replace(cfg.comparisons, prompts=prompt_data, n_prompts=8, k_min=2, k_max=2,
                                         sampling=greedy))
     run_sft(cfg, tmp_path / "run", show_progress=False)

@@ -69,8 +69,9 @@ def test_lora_runs_sft_rm_ppo_through_merged_exports(tmp_path):
     cfg = dataclasses.replace(cfg, ppo=PPOConfig(
         prompts=DataConfig(train_path="task:prompts", val_path=None, batch_size=16, max_len=16),
         pretrain=DataConfig(train_path="task:pretrain", val_path=None, batch_size=8, max_len=32),
-        sampling=SamplingConfig(max_new_tokens=6), minibatch_size=8, iterations=2, old_logprobs="recompute",
-        checkpoint=dataclasses.replace(PPOConfig().checkpoint, save_every=1)))
+        minibatch_size=8, iterations=2, old_logprobs="recompute",
+        checkpoint=dataclasses.replace(PPOConfig().checkpoint, save_every=1)),
+        generation=dataclasses.replace(cfg.generation, sampling=SamplingConfig(max_new_tokens=6)))
     ppo = run_ppo(cfg, run, show_progress=False)
     metrics = read_metrics(run / "ppo" / "metrics.jsonl")
     counts = {k: v for m in metrics if m["step"] == 0 for k, v in m.items()}
@@ -87,3 +88,43 @@ def test_lora_runs_sft_rm_ppo_through_merged_exports(tmp_path):
         lora.adapter_params(saved["policy"]["params"]))])
     np.testing.assert_array_equal(_embedding(ppo), _embedding(sft))  # the policy's base stayed the SFT model
     assert (run / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_and_rloo_with_lora_train_adapters_against_the_base(tmp_path):
+    """The methods' seam with LoRA: DPO's reference and RLOO's KL reference are the policy's
+    own base with the adapters off (no second copy), and only the adapters train."""
+    import math
+
+    from rlhf_jax.stages.table import BY_NAME, RunOptions
+    from tests.stages.test_methods import count_target, methods_config
+
+    run = tmp_path / "run"
+    cfg = methods_config(tmp_path)
+    mesh = sharding.make_mesh(MeshConfig(data=-1))
+    base, _ = parameters.create(LanguageModel(cfg.model), mesh, jax.random.PRNGKey(7))
+    base_export = checkpoint.export_params(tmp_path / "base", base, cfg.model)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=ADAPTERS),
+                              sft=dataclasses.replace(cfg.sft, init_from=str(base_export)))
+    run_sft(cfg, run, show_progress=False)
+
+    BY_NAME["dpo"].run(cfg, run, RunOptions(show_progress=False))
+    rows = read_metrics(run / "dpo" / "metrics.jsonl")
+    assert next(r for r in rows if "params/trainable" in r)["params/trainable"] == 4096
+    losses = [r["dpo/loss"] for r in rows if "dpo/loss" in r]
+    # fresh adapters (B = 0): the policy is its base, every log-ratio 0 and the loss log 2 (as
+    # in test_methods: the two passes round ~50-sized f32 sums apart, beta 0.1 leaves ~1e-7);
+    # after one step the adapters moved and the base did not: were the reference the policy
+    # itself, the loss would stay log 2
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] < math.log(2) - 1e-4
+    assert (run / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+    np.testing.assert_array_equal(_embedding(run / "dpo" / "export"), _embedding(run / "sft" / "export"))
+
+    BY_NAME["rloo"].run(cfg, run, RunOptions(show_progress=False, reward_fn=count_target))
+    rows = read_metrics(run / "rloo" / "metrics.jsonl")
+    assert next(r for r in rows if "policy/params/trainable" in r)["policy/params/trainable"] == 4096
+    kls = [r["rloo/kl_to_ref"] for r in rows if "rloo/kl_to_ref" in r]
+    assert abs(kls[0]) < 1e-3 and kls[1] != 0.0  # sampled from the base first, then the adapters moved
+    saved = checkpoint.read_step_state_metadata(run / "rloo" / "checkpoints" / "2")
+    assert not lora.base_params(saved["ema_params"])  # the EMA holds the adapters only
+    assert (run / "rloo" / "adapter" / "adapter_model.safetensors").is_file()

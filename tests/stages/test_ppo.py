@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.config import DataConfig, OptimConfig, PPOConfig, SamplingConfig
+from rlhf_jax.config import DataConfig, GenerationConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.stages.ppo import run_ppo
 from rlhf_jax.stages.sft import run_sft
@@ -26,11 +26,11 @@ def _ppo_cfg(demos, **changes):
     ppo = dataclasses.replace(PPOConfig(
         prompts=DataConfig(train_path="task:prompts", val_path=None, batch_size=32, max_len=16),
         pretrain=DataConfig(train_path="task:pretrain", val_path=None, batch_size=8, max_len=32),
-        sampling=SamplingConfig(max_new_tokens=8), minibatch_size=16, epochs=2, iterations=30,
+        minibatch_size=16, epochs=2, iterations=30,
         policy_optim=OptimConfig(learning_rate=3e-3, final_lr_fraction=1.0),
         value_optim=OptimConfig(learning_rate=3e-3, final_lr_fraction=1.0),
         kl_coef=0.02, missing_eos_penalty=0.0, eval_every=1000), **changes)
-    return dataclasses.replace(cfg, ppo=ppo)
+    return dataclasses.replace(cfg, ppo=ppo, generation=GenerationConfig(sampling=SamplingConfig(max_new_tokens=8)))
 
 
 @pytest.mark.slow

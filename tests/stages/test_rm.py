@@ -85,7 +85,8 @@ def test_one_forward_pass_per_response_not_per_pair():
 
     b, k, t = 3, 9, 7  # 9 responses = 36 pairs per prompt
     batch = RankingBatch(tokens=jnp.ones((b, k, t), jnp.int32), segment_ids=jnp.ones((b, k, t), jnp.int32),
-                         positions=jnp.zeros((b, k, t), jnp.int32), last_index=jnp.full((b, k), t - 1),
+                         positions=jnp.zeros((b, k, t), jnp.int32), response_mask=jnp.ones((b, k, t)),
+                         last_index=jnp.full((b, k), t - 1),
                          ranks=jnp.zeros((b, k), jnp.int32), mask=jnp.ones((b, k), bool))
     rewards = steps.ranking_rewards(CountingModel(), {}, batch)
     assert calls == [(b * k, t)]  # one call, one row per response
