@@ -22,7 +22,7 @@ from rlhf_jax.stages.table import STAGES as TABLE  # the table imports no model
 from rlhf_jax.stages.table import BY_NAME, stage_named
 
 STAGE_COMMANDS = tuple(stage.cli_name for stage in TABLE if stage.command)
-STAGES = ("pipeline", *STAGE_COMMANDS, "sample", "label")
+STAGES = ("pipeline", *STAGE_COMMANDS, "evaluate", "sample", "label")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     # convert, data and compile have their own flags and parsers (rlhf_jax.convert, rlhf_jax.data.cli,
     # rlhf_jax.aot.command); listed here so --help names them
     parser.add_argument("command", choices=(*STAGES, "convert", "data", "compile"),
-                        help="a stage, the whole pipeline, sample, label, convert, data, or compile (for a TPU "
-                             "topology; --help after it for its flags)")
+                        help="a stage, the whole pipeline, evaluate (a run's policies, as the pipeline does), "
+                             "sample, label, convert, data, or compile (for a TPU topology; --help after it for its "
+                             "flags)")
     parser.add_argument("--config", help="experiment file defining get_config(); default: the embedded tiny config")
     parser.add_argument("--workdir", default="runs/default", help="run directory (resumes if it holds checkpoints)")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward", default=None,
                         help="ppo, rloo, grpo, best-of-n: the reward, a reward-model export (default run:rm/export) "
                              "or 'gold' (the embedded task's gold scorer); sets <stage>.reward_init")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="evaluate: replace the run directory's report (report.json, report.md, plots)")
     parser.add_argument("--export", help="sample: the policy export directory to generate from")
     parser.add_argument("--prompt", action="append", default=[],
                         help="sample: a prompt (repeatable); default: the first held-out prompts")
@@ -161,17 +164,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
     if args.command == "pipeline":
         from rlhf_jax.pipeline import run_pipeline
 
-        report = run_pipeline(cfg, args.workdir)
-        print(f"report: {pathlib.Path(args.workdir) / 'report.md'}")
-        print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
-        for stage in ("sft", "sft_large", *cfg.pipeline.methods):
-            if stage in report:
-                sampled = report[stage].get("sampled", {})
-                if "gold_score" not in sampled:
-                    continue
-                wins = [f", win rate vs {b} {sampled[f'win_rate_vs_{b}']:.2f}"
-                        for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in sampled]
-                print(f"  {stage}: gold score {sampled['gold_score']:.3f}" + "".join(wins))
+        _print_summary(run_pipeline(cfg, args.workdir), args.workdir)
     elif args.command in STAGE_COMMANDS:
         from rlhf_jax.stages.table import RunOptions
 
@@ -181,6 +174,10 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
         name = args.stage or stage.name
         done = f"{name} export: {result}" if stage.trains and stage.name != "comparisons" else f"{name}: {result}"
         print(done if result else f"{name}: stopped early; rerun to resume")
+    elif args.command == "evaluate":
+        from rlhf_jax.pipeline import evaluate_run
+
+        _print_summary(evaluate_run(cfg, args.workdir, overwrite=args.overwrite), args.workdir)
     elif args.command == "sample":
         from rlhf_jax.generate import generate_from_export
 
@@ -192,6 +189,21 @@ def _run(args: argparse.Namespace, cfg: Config) -> None:
             print(f"{prompt_text(prompt)} {response}")
     elif args.command == "label":
         _label(args, cfg)
+
+
+def _print_summary(report: dict, workdir: str) -> None:
+    """The report's headline: where it is, the RM's accuracy, each policy's sampled gold score
+    and win rates (with their standard errors over prompts)."""
+    print(f"report: {pathlib.Path(workdir) / 'report.md'}")
+    print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
+    for stage in ("sft", "sft_large", *(s.name for s in TABLE)):
+        sampled = report.get(stage, {}).get("sampled", {})
+        if "gold_score" not in sampled:
+            continue
+        wins = [f", win rate vs {b} {sampled[f'win_rate_vs_{b}']:.3f} +- {sampled[f'win_rate_vs_{b}_stderr']:.3f}"
+                for b in ("sft", "sft_large") if f"win_rate_vs_{b}" in sampled]
+        print(f"  {stage}: gold score {sampled['gold_score']:.3f} +- {sampled['gold_score_stderr']:.3f}"
+              + "".join(wins))
 
 
 def _task_metrics(cfg: Config, stage):

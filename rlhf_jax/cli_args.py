@@ -21,6 +21,9 @@ OTHER_COMMANDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                  "default), then the evaluation and report; a rerun skips finished stages and resumes an "
                  "interrupted one",
                  (), ("pretrain", "sft", "comparisons", "rm", "generation", "ppo", "pipeline")),
+    "evaluate": ("the pipeline's evaluation and report for a run directory of stages run one by one: the SFT "
+                 "policy and every method with an export there, on generation.prompts.val_path, judged by the "
+                 "embedded task's gold scorer", ("--overwrite",), ("generation", "pipeline")),
     "sample": ("prints responses of a policy export to --prompt (or held-out) prompts",
                ("--export", "--prompt"), ("generation.sampling", "generation.prompts")),
     "label": ("serves the labeling page for human comparisons",

@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 from rlhf_jax import losses
 from rlhf_jax.config import SamplingConfig
 from rlhf_jax.data import to_global
+from rlhf_jax.data.chat import Prompt
 from rlhf_jax.policy import RewardFn, response_terms
 from rlhf_jax.sampling import Samples, make_sampler
 from rlhf_jax.sharding import jit_under_mesh
@@ -25,8 +26,10 @@ class Generations:
     """Decoded held-out responses (host side) in prompt-file order, draw after draw when
     there are several per prompt (row ``d * n_prompts + i`` is draw ``d`` of prompt ``i``)."""
 
-    prompts: list[str]
-    responses: list[str]
+    # each row's prompt as the policy was given it: a conversation the tokenizer's chat template
+    # rendered (:meth:`~rlhf_jax.data.HFTokenizer.decode_prompt`), else the decoded text
+    prompts: list[Prompt]
+    responses: list[str]  # decoded without special tokens: the stop token (EOS, end of turn) is not in the text
     scores: np.ndarray  # [N] score of each response (reward model, normalised as exported)
     # [N] summed per-token KL(policy || reference) estimate of each sampled response, at the
     # sampling temperature; None for greedy responses, whose log-ratio is no KL estimate
@@ -88,7 +91,7 @@ class PolicyEvaluator:
             samples_h, scores_h, kl_h, prompt_segments = host
             real = prompt_segments.any(axis=1)  # padding rows of the last batch have no prompt
             for row in np.flatnonzero(real):
-                out["prompt"].append(self.tokenizer.decode(samples_h.prompt_tokens[row][prompt_segments[row] > 0]))
+                out["prompt"].append(self.tokenizer.decode_prompt(samples_h.prompt_tokens[row][prompt_segments[row] > 0]))
                 response = samples_h.tokens[row][samples_h.mask[row]]
                 out["response"].append(self.tokenizer.decode(response))
                 out["score"].append(scores_h[row])

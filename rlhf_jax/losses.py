@@ -276,11 +276,25 @@ def pairwise_accuracy(rewards: Array, ranks: Array, mask: Array) -> tuple[Array,
     return accuracy, {"accuracy": accuracy, "pairs": jnp.sum(pairs)}
 
 
+def win_outcomes(scores: Array, baseline_scores: Array) -> Array:
+    """``[N]`` 1 where ``scores`` beat ``baseline_scores`` (both ``[N]``, e.g. gold scores of
+    two policies' responses to the same prompts), 0.5 on a tie, 0 where they lose."""
+    return jnp.where(scores > baseline_scores, 1.0, jnp.where(scores == baseline_scores, 0.5, 0.0))
+
+
 def win_rate(scores: Array, baseline_scores: Array) -> Array:
-    """Fraction of prompts where ``scores`` beat ``baseline_scores`` (both ``[N]``, e.g. gold
-    scores of two policies' responses to the same prompts); a tie counts half."""
-    wins = jnp.where(scores > baseline_scores, 1.0, jnp.where(scores == baseline_scores, 0.5, 0.0))
-    return jnp.mean(wins)
+    """Fraction of prompts where ``scores`` beat ``baseline_scores`` (both ``[N]``); a tie
+    counts half: the mean of :func:`win_outcomes`."""
+    return jnp.mean(win_outcomes(scores, baseline_scores))
+
+
+def stderr_over_prompts(values: Array, n_prompts: int) -> Array:
+    """Standard error of the mean of ``values`` ``[D * n_prompts]``, D draws for each prompt,
+    draw after draw (row ``d * n_prompts + i``). Draws of one prompt are not independent (the
+    prompt sets how hard it is), so the prompts are the sample: each prompt's mean over its
+    draws, their standard deviation (ddof 1) over ``sqrt(n_prompts)``. NaN for one prompt."""
+    per_prompt = jnp.mean(values.reshape(-1, n_prompts), axis=0)
+    return jnp.std(per_prompt, ddof=1) / jnp.sqrt(n_prompts)
 
 
 def best_of_n(rewards: Array, gold: Array) -> tuple[Array, dict[str, Array]]:

@@ -8,7 +8,8 @@ prompts -> report.
 
 Every stage is the same function the CLI runs; the pipeline only chains them through
 their exports (``run:<stage>/export``). A rerun of the same command skips finished stages
-and resumes an interrupted one from its checkpoint.
+and resumes an interrupted one from its checkpoint. ``rlhf-jax evaluate`` runs the same
+evaluation on a run directory whose stages were run one by one (:func:`evaluate_run`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rlhf_jax.atomic import write_text
 from rlhf_jax.config import GOLD_REWARD, BestOfNConfig, Config, ConfigError, OnlineConfig
 from rlhf_jax.report import write_report
 from rlhf_jax.stages.loop import Interrupted, Preemption
-from rlhf_jax.stages.table import BY_NAME, RunOptions, Stage, check_methods
+from rlhf_jax.stages.table import BY_NAME, STAGES, RunOptions, Stage, check_methods
 
 
 def _stage_done(workdir: pathlib.Path, stage: str) -> bool:
@@ -85,7 +86,7 @@ def run_pipeline(cfg: Config, workdir: str | pathlib.Path, show_progress: bool =
 def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool, preemption: Preemption,
                 methods: tuple[Stage, ...]) -> dict[str, Any]:
     from rlhf_jax.stages.sft import run_sft
-    from rlhf_jax.task_eval import evaluate, task_metrics
+    from rlhf_jax.task_eval import task_metrics
 
     def stage(name: str, run: Callable[[], Any]) -> None:
         """Runs ``run`` unless stage ``name`` is finished; stops the pipeline on a SIGTERM."""
@@ -119,9 +120,17 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool, preempt
             table_stage(method.name, generation_metrics=task_metrics if method.online else None)
     if preemption.signalled:
         raise Interrupted("before the evaluation (every stage finished)")
-    started = time.perf_counter()
     with preemption.raising("during the evaluation (every stage finished; a rerun evaluates again)"):
-        report, samples = evaluate(cfg, workdir, methods)
+        return evaluate_and_report(cfg, workdir, methods)
+
+
+def evaluate_and_report(cfg: Config, workdir: pathlib.Path, methods: tuple[Stage, ...]) -> dict[str, Any]:
+    """The evaluation (:func:`rlhf_jax.task_eval.evaluate`) of the SFT policy and ``methods``
+    in ``workdir``, written as the run's report (report.json, report.md, plots); returns it."""
+    from rlhf_jax.task_eval import evaluate
+
+    started = time.perf_counter()
+    report, samples = evaluate(cfg, workdir, methods)
     # every training stage's seconds over all invocations, and this run's evaluation (a rerun repeats it)
     timings = {**_read_timings(workdir), "evaluation": time.perf_counter() - started}
     report["stage_seconds"] = timings
@@ -130,3 +139,21 @@ def _run_stages(cfg: Config, workdir: pathlib.Path, show_progress: bool, preempt
     if jax.process_index() == 0:  # every process has the same report; one writes it
         write_report(workdir, report, samples, methods)
     return report
+
+
+def evaluate_run(cfg: Config, workdir: str | pathlib.Path, overwrite: bool = False) -> dict[str, Any]:
+    """``rlhf-jax evaluate``: the pipeline's evaluation and report for a run directory whose
+    stages were run one by one (``rlhf-jax sft``, ``rm``, ``ppo``, ...): the SFT policy and
+    every method of the stage table with an export in ``workdir``, on
+    ``generation.prompts.val_path``, judged by the embedded task's gold scorer (text prompts,
+    or conversations whose user message is the task prompt). Needs ``sft`` and ``rm`` exports.
+    Refuses to replace a report already in ``workdir`` unless ``overwrite``."""
+    workdir = pathlib.Path(workdir).absolute()
+    for stage in ("sft", "rm"):
+        if not _stage_done(workdir, stage):
+            raise ConfigError(f"evaluate: {workdir / stage / 'export'} is not a finished export; the evaluation "
+                              f"needs the run's SFT policy and reward model (rlhf-jax {stage} --workdir {workdir})")
+    if (workdir / "report.json").exists() and not overwrite:
+        raise ConfigError(f"evaluate: {workdir / 'report.json'} exists; pass --overwrite to replace the report")
+    methods = tuple(stage for stage in STAGES if stage.method and stage.trains and _stage_done(workdir, stage.name))
+    return evaluate_and_report(cfg, workdir, methods)

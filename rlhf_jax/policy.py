@@ -65,7 +65,8 @@ def reward_model_score(reward_model: nn.Module) -> RewardFn:
 
 
 def gold_reward(tokenizer) -> RewardFn:
-    """The embedded task's gold scorer as a reward: each episode's prompt and response are
+    """The embedded task's gold scorer as a reward: each episode's prompt (a conversation
+    when the chat template rendered one: the scorer reads its user message) and response are
     decoded on the host (``jax.pure_callback``) and scored. Rows with no prompt (batch
     padding) score 0. Single-process runs only: the callback sees the whole batch on one
     host."""
@@ -77,8 +78,9 @@ def gold_reward(tokenizer) -> RewardFn:
     def host_scores(prompt_tokens, prompt_segments, tokens, mask, ended) -> np.ndarray:
         scores = np.zeros(tokens.shape[0], np.float32)
         for i in range(tokens.shape[0]):
-            prompt = tokenizer.decode(prompt_tokens[i][prompt_segments[i] > 0].tolist())
-            if prompt.strip():
+            # a conversation the chat template rendered: the gold scorer reads its user message
+            prompt = tokenizer.decode_prompt(prompt_tokens[i][prompt_segments[i] > 0].tolist())
+            if prompt_segments[i].any():
                 scores[i] = gold_score(prompt, tokenizer.decode(tokens[i][mask[i]].tolist()), bool(ended[i]))
         return scores
 

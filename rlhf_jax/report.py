@@ -213,7 +213,7 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
                      *[f"win vs {b} (greedy)" for b in baselines], "KL to SFT", "pretraining loss", "RM score (sampled)"],
                     [[p, get(p, "sampled", "gold_score"), *[get(p, "sampled", f"win_rate_vs_{b}") for b in baselines],
                       get(p, "greedy", "gold_score"), *[get(p, "greedy", f"win_rate_vs_{b}") for b in baselines],
-                      get(p, "sampled", "kl_to_sft"), report[p]["pretrain_loss"], get(p, "sampled", "rm_score")]
+                      get(p, "sampled", "kl_to_sft"), report[p].get("pretrain_loss", "-"), get(p, "sampled", "rm_score")]
                      for p in policies])
     lines += methods_table(report, methods)
     for split, title in (("sampled", "sampled"), ("greedy", "greedy")):

@@ -8,7 +8,8 @@ and per prompt set (the trained families; with a
 ``heldout_`` prefix, the families only pretraining text asks):
 
 - ``gold_score`` and, for the methods, ``win_rate_vs_sft`` (and ``win_rate_vs_sft_large``):
-  per prompt and draw, ties half;
+  per prompt and draw, ties half; each with its standard error over prompts (``_stderr``:
+  a prompt's draws averaged first, as they are not independent);
 - the flaw rates of :func:`rlhf_jax.tasks.flaw_rates` (``constraint_violation``,
   ``hallucination``, ``offensive_respectful``, ``offensive``, ``rambling``) and
   ``attempts_instruction``;
@@ -17,7 +18,12 @@ and per prompt set (the trained families; with a
   ``generation.kl_estimator`` of KL(policy || SFT) at that temperature, what the online
   methods' ``<method>/kl_to_ref`` measures on training episodes.
 
-Plus each policy's pretraining loss (the alignment tax), the RM's held-out accuracy and
+The gold scorer reads the task prompt: a prompt file of conversations (``rlhf-jax data
+task-conversations``, rendered by a chat template) is judged on each user message, and the
+responses end at the template's end-of-turn token, where the sampler stops.
+
+Plus each policy's pretraining loss (the alignment tax; when ``pipeline.eval_texts.val_path``
+is set), the RM's held-out accuracy and
 best-of-n picks among SFT samples, the best-of-n frontier (``frontier``: the RM's pick of n
 SFT samples at each n of ``pipeline.frontier``, against the analytic KL), best-of-n as a
 method (``best_of_n``: ``best_of_n.n``, sampled only), and how far the labels agree with a
@@ -101,8 +107,9 @@ def label_agreement(comparisons_dir: pathlib.Path, seed: int, temperature: float
             "labels_gold_agreement": float(counts[2] / max(counts[3], 1))}
 
 
-def _summary(generations: Generations, gold: np.ndarray, with_kl: bool) -> dict[str, float]:
+def _summary(generations: Generations, gold: np.ndarray, with_kl: bool, n_prompts: int) -> dict[str, float]:
     out = {**task_metrics(generations), "gold_score": float(gold.mean()),
+           "gold_score_stderr": float(losses.stderr_over_prompts(jnp.asarray(gold), n_prompts)),
            "rm_score": float(generations.scores.mean()), "response_length": float(generations.lengths.mean()),
            "eos_rate": float(generations.ended.mean())}
     if with_kl and generations.kl is not None:
@@ -117,6 +124,8 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
     from rlhf_jax.data import PromptBatches, TextBatches
     from rlhf_jax.models import LanguageModel, ScalarModel
     from rlhf_jax.policy import reward_model_score
+    from rlhf_jax.stages.comparisons import collected
+    from rlhf_jax.tasks import task_prompt
 
     env = common.make_env(cfg, workdir, "eval")
     gen, pipe = cfg.generation, cfg.pipeline
@@ -127,8 +136,8 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
     prompt_sets = {"": prompt_set(gen.prompts.val_path, "generation.prompts.val_path")}
     if pipe.heldout_prompts:
         prompt_sets["heldout_"] = prompt_set(pipe.heldout_prompts, "pipeline.heldout_prompts")
-    texts = env.batches(TextBatches, pipe.eval_texts.val_path, "pipeline.eval_texts.val_path",
-                        dataclasses.replace(pipe.eval_texts, shuffle=False))
+    texts = (env.batches(TextBatches, pipe.eval_texts.val_path, "pipeline.eval_texts.val_path",
+                         dataclasses.replace(pipe.eval_texts, shuffle=False)) if pipe.eval_texts.val_path else None)
     policy = LanguageModel(cfg.model)
     scalar = ScalarModel(parameters.source("run:rm/export", "rm export", workdir).model)
     load = lambda stage, model: env.load_params(f"run:{stage}/export", model, f"{stage} export")[0]  # noqa: E731
@@ -148,13 +157,14 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
     gold: dict[tuple[str, str], np.ndarray] = {}
 
     def measure(name: str, evaluators: dict[str, PolicyEvaluator], params, ref_params, with_kl: bool) -> None:
-        report[name] = {"pretrain_loss": evaluators["greedy"].pretrain_loss(params, texts)}
+        # no pipeline.eval_texts.val_path: no alignment tax measured (a chat run may have no such texts)
+        report[name] = {} if texts is None else {"pretrain_loss": evaluators["greedy"].pretrain_loss(params, texts)}
         for (prefix, batches), (decoding, evaluator) in itertools.product(prompt_sets.items(), evaluators.items()):
             key = (name, prefix + decoding)
             generations[key] = (evaluator.generate(params, ref_params, reward, batches) if decoding == "greedy"
                                 else evaluator.generate_draws(params, ref_params, reward, batches, pipe.eval_samples))
             gold[key] = gold_of(generations[key])
-            report[name][prefix + decoding] = _summary(generations[key], gold[key], with_kl)
+            report[name][prefix + decoding] = _summary(generations[key], gold[key], with_kl, batches.num_rows)
 
     def compare(name: str) -> None:
         """Win rates over the baselines on every split both have, and the alignment tax."""
@@ -162,8 +172,12 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
             if isinstance(report[name][split], dict) and (baseline, split) in gold:
                 ours, theirs = gold[(name, split)], gold[(baseline, split)]
                 ours = np.tile(ours, len(theirs) // len(ours))  # best-of-n: one pick per prompt, each draw
-                report[name][split][f"win_rate_vs_{baseline}"] = float(losses.win_rate(ours, theirs))
-        report[name]["pretrain_loss_regression"] = report[name]["pretrain_loss"] - report["sft"]["pretrain_loss"]
+                wins = losses.win_outcomes(jnp.asarray(ours), jnp.asarray(theirs))
+                n_prompts = prompt_sets["heldout_" if split.startswith("heldout_") else ""].num_rows
+                report[name][split][f"win_rate_vs_{baseline}"] = float(jnp.mean(wins))
+                report[name][split][f"win_rate_vs_{baseline}_stderr"] = float(losses.stderr_over_prompts(wins, n_prompts))
+        if "pretrain_loss" in report[name]:
+            report[name]["pretrain_loss_regression"] = report[name]["pretrain_loss"] - report["sft"]["pretrain_loss"]
 
     small = evaluators_for(policy, sft)
     baselines = ["sft"]
@@ -189,8 +203,9 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
         picked.kl = np.full(len(picked.responses), losses.best_of_n_kl(bon))  # analytic: the pick is a sample
         key = ("best_of_n", "sampled")
         generations[key], gold[key] = picked, gold_of(picked)
-        report["best_of_n"] = {"n": bon, "pretrain_loss": report["sft"]["pretrain_loss"],
-                               "sampled": _summary(picked, gold[key], with_kl=True)}
+        report["best_of_n"] = {"n": bon, **{k: v for k, v in report["sft"].items() if k == "pretrain_loss"},
+                               "sampled": _summary(picked, gold[key], with_kl=True,
+                                                   n_prompts=prompt_sets[""].num_rows)}
         compare("best_of_n")
         report["best_of_n"]["wall_seconds"] = time.perf_counter() - started
         policies.append("best_of_n")
@@ -200,10 +215,10 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
         report["rm"].update(rm_best_of_n(draws[:pipe.best_of_n], draw_golds[:pipe.best_of_n]))
     if pipe.frontier:
         report["frontier"] = frontier(draws, pipe.frontier)
-    if cfg.comparisons.labeler == "task":
+    if cfg.comparisons.labeler == "task" and collected(workdir / "comparisons"):  # a run of its own comparisons
         report["comparisons"] = label_agreement(workdir / "comparisons", cfg.seed, cfg.comparisons.labeler_temperature)
     policies = [*baselines, *policies]
-    samples = {decoding: [{"prompt": generations[("sft", decoding)].prompts[i],
+    samples = {decoding: [{"prompt": task_prompt(generations[("sft", decoding)].prompts[i]),
                            **{p: generations[(p, decoding)].responses[i] for p in policies
                               if (p, decoding) in generations}}
                           for i in range(min(8, len(generations[("sft", decoding)].prompts)))]

@@ -15,7 +15,7 @@ def test_help_names_every_command(capsys):
     assert exit_.value.code == 0
     usage = capsys.readouterr().out
     for command in ("pipeline", "pretrain", "sft", "comparisons", "rm", "ppo", "rloo", "grpo", "dpo", "best-of-n",
-                    "sample", "label", "convert"):
+                    "evaluate", "sample", "label", "convert"):
         assert command in usage, command
 
 

@@ -35,6 +35,8 @@ def test_lora_experiment_reads_the_users_model_and_data(experiment, tmp_path, mo
     splits, kinds = EXPERIMENTS[experiment]
     for stage, data in (("sft", cfg.sft.data), ("rm", cfg.rm.data), ("ppo", cfg.ppo.prompts)):
         directory, name = kinds[stage]
-        assert (data.train_path, data.val_path) == tuple(
+        # PPO's held-out prompts: its own periodic evaluation's, or (none there) rlhf-jax evaluate's
+        val_path = data.val_path or (cfg.generation.prompts.val_path if stage == "ppo" else None)
+        assert (data.train_path, val_path) == tuple(
             str(tmp_path / "data" / directory / split / f"{name}.jsonl") for split in splits)
 

@@ -300,3 +300,12 @@ def test_win_rate_counts_ties_half():
     baseline = jnp.array([0.5, 0.5, 0.3, 0.7])  # win, tie, loss, tie
     assert float(losses.win_rate(scores, baseline)) == pytest.approx((1.0 + 0.5 + 0.0 + 0.5) / 4)
     assert float(losses.win_rate(baseline, baseline)) == 0.5
+
+
+def test_stderr_over_prompts_averages_each_prompts_draws_first():
+    # 2 draws of 3 prompts, draw after draw: prompt means (0 + 1) / 2, (1 + 1) / 2, (0 + 0) / 2 = 0.5, 1, 0;
+    # their mean 0.5, sample variance ((0)^2 + 0.5^2 + 0.5^2) / 2 = 0.25, so the error is sqrt(0.25 / 3)
+    values = jnp.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    assert float(losses.stderr_over_prompts(values, 3)) == pytest.approx((0.25 / 3) ** 0.5, rel=1e-6)
+    # counting the 6 draws as independent would give sqrt(0.3 / 6), a smaller error than the prompts allow
+    assert float(losses.stderr_over_prompts(values, 6)) == pytest.approx((0.3 / 6) ** 0.5, rel=1e-6)

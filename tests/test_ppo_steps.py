@@ -148,6 +148,8 @@ class _Decoder:
     def decode(self, ids):
         return " ".join(map(str, ids))
 
+    decode_prompt = decode  # no chat template: a prompt is its decoded text
+
 
 def test_evaluator_kl_is_the_training_estimate_on_sampled_responses():
     """The held-out KL is what training reports: on the same sampled responses, the summed

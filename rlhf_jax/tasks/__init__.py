@@ -34,7 +34,7 @@ from rlhf_jax.tasks.labeler import (DEFAULT_TEMPERATURE, NoisyLabeler, gold_rank
                                     labeler_gold_accuracy, pairwise_agreement,
                                     plackett_luce_ranks)
 from rlhf_jax.tasks.prompts import (MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, Constraint, Request,
-                                    family_of, generate_prompt, parse, solve)
+                                    family_of, generate_prompt, parse, solve, task_prompt)
 from rlhf_jax.tasks.tokenizer import build_tokenizer, save_tokenizer
 from rlhf_jax.tasks.vocab import EOS, PAD, SEPARATOR, VOCAB, VOCAB_SIZE
 
@@ -45,5 +45,5 @@ __all__ = [
     "assess", "build_tokenizer", "family_of", "flaw_rates", "flawed_response", "generate_prompt",
     "gold_ranks", "gold_score", "gold_scores", "labeler_agreement", "labeler_gold_accuracy",
     "make_splits", "pairwise_agreement", "parse", "plackett_luce_ranks",
-    "sample_responses", "save_tokenizer", "solve", "task_info", "write_task_files",
+    "sample_responses", "save_tokenizer", "solve", "task_info", "task_prompt", "write_task_files",
 ]

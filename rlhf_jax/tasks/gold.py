@@ -39,7 +39,7 @@ import numpy as np
 
 from rlhf_jax.tasks import vocab as V
 from rlhf_jax.tasks.instructions import answer_words
-from rlhf_jax.tasks.prompts import Request, parse
+from rlhf_jax.tasks.prompts import Prompt, Request, parse, task_prompt
 
 WEIGHTS: dict[str, float] = {"correct": 0.2, "constraint": 0.2, "grounded": 0.2, "respectful": 0.2,
                              "concise": 0.2}
@@ -151,27 +151,29 @@ def assess_request(request: Request, prompt_words: Sequence[str], response: str,
         respectful_prompt=request.respectful, toxic_prompt=request.toxic, chatty_prompt=request.chatty)
 
 
-def assess(prompt: str, response: str, ended: bool = True) -> Assessment:
-    """Every dimension of ``response`` to ``prompt``. Text after the first ``<eos>`` is
-    ignored; ``ended=False`` says the response was cut off before any EOS (a decoded
-    response carries none). Raises ``ValueError`` if ``prompt`` is not a task prompt."""
-    return assess_request(parse(prompt), prompt.split(), response, ended)
+def assess(prompt: Prompt, response: str, ended: bool = True) -> Assessment:
+    """Every dimension of ``response`` to ``prompt`` (text, or a conversation whose last user
+    message is the task prompt: :func:`~rlhf_jax.tasks.prompts.task_prompt`). Text after the
+    first ``<eos>`` is ignored; ``ended=False`` says the response was cut off before any EOS
+    (a decoded response carries none). Raises ``ValueError`` if ``prompt`` is not a task prompt."""
+    text = task_prompt(prompt)
+    return assess_request(parse(text), text.split(), response, ended)
 
 
-def gold_score(prompt: str, response: str, ended: bool = True) -> float:
+def gold_score(prompt: Prompt, response: str, ended: bool = True) -> float:
     """Programmatic gold quality of ``response`` to ``prompt`` in [0, 1] (see the module
     docstring for the dimensions and weights)."""
     return assess(prompt, response, ended).gold
 
 
-def gold_scores(prompts: Sequence[str], responses: Sequence[str],
+def gold_scores(prompts: Sequence[Prompt], responses: Sequence[str],
                 ended: Sequence[bool] | None = None) -> np.ndarray:
     """:func:`gold_score` of each pair: ``[N] f64``."""
     ended = [True] * len(prompts) if ended is None else ended
     return np.array([gold_score(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)])
 
 
-def flaw_rates(prompts: Sequence[str], responses: Sequence[str],
+def flaw_rates(prompts: Sequence[Prompt], responses: Sequence[str],
                ended: Sequence[bool] | None = None) -> dict[str, float]:
     """The paper's metadata (Fig. 4) over a set of responses, each a rate in [0, 1]:
     ``constraint_violation`` (over prompts with a constraint), ``hallucination``,

@@ -22,7 +22,7 @@ no side table and works on any prompt, including ones a policy never saw::
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from rlhf_jax.tasks import vocab as V
 from rlhf_jax.tasks.instructions import (FAMILIES, MAX_ANSWER_WORDS, MAX_ITEMS, Instance,
                                          answer_words, generate_instance, match_head,
                                          max_head_len, render_head)
+
+# text, or a conversation: a list of {"role", "content"} messages (as rlhf_jax.data.chat.Prompt)
+Prompt = Union[str, list[dict[str, str]]]
 
 # Small talk a chatty prompt opens with: prose words only, never an answer's.
 CHATTER: tuple[str, ...] = ("here is one ,", "and then next ,", "they see some ,", "we see one ,")
@@ -169,6 +172,18 @@ def generate_prompt(rng: np.random.Generator, families=FAMILIES, mix: PromptMix 
     """A random prompt from a family chosen uniformly among ``families``."""
     family = families[rng.integers(len(families))]
     return render(random_request(rng, generate_instance(rng, family), mix), rng)
+
+
+def task_prompt(prompt: Prompt) -> str:
+    """The task prompt ``prompt`` carries: text as it stands; a conversation (a message list,
+    as ``rlhf-jax data task-conversations`` writes each prompt: one user message) its last
+    user message. A chat template's rendering cannot be parsed; the message can."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise ValueError(f"not a task prompt: a conversation with no user message ({str(prompt)[:80]})")
+    return users[-1]
 
 
 def parse(prompt: str) -> Request:

@@ -73,15 +73,16 @@ def chat_word_id(specials: tuple[str, ...], word: str) -> int:
     return len(specials) + len(ROLE_WORDS) + 1 + int(word[1:])  # +1: <unk>
 
 
-def save_chat_tokenizer(out_dir: pathlib.Path, style: str) -> pathlib.Path:
+def save_chat_tokenizer(out_dir: pathlib.Path, style: str, words: tuple[str, ...] = ()) -> pathlib.Path:
     """A word-level tokenizer with a chat template: ``chatml`` (SmolLM2's: EOS = <|im_end|>, no
     BOS added) or ``llama3`` (EOS <|end_of_text|>, end of turn <|eot_id|>, and BOS added by
-    ``add_special_tokens=True``, as Llama's does)."""
+    ``add_special_tokens=True``, as Llama's does). Its words: ``w0``..``w99``, or ``words``
+    (then :func:`chat_word_id` does not apply)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = CHATML_SPECIALS if style == "chatml" else LLAMA3_SPECIALS
-    words = [*specials, *ROLE_WORDS, "<unk>", *(f"w{i}" for i in range(100))]
+    words = [*specials, *ROLE_WORDS, "<unk>", *(words or (f"w{i}" for i in range(100)))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if style == "chatml":
