@@ -196,7 +196,7 @@ def _print_summary(report: dict, workdir: str) -> None:
     and win rates (with their standard errors over prompts)."""
     print(f"report: {pathlib.Path(workdir) / 'report.md'}")
     print(f"  RM held-out accuracy {report['rm']['val_accuracy']:.3f}; sampled held-out responses:")
-    for stage in ("sft", "sft_large", *(s.name for s in TABLE)):
+    for stage in ("sft", "sft_large", *(s.name for s in TABLE if s.method)):
         sampled = report.get(stage, {}).get("sampled", {})
         if "gold_score" not in sampled:
             continue

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, parameters
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, ConfigError
 from rlhf_jax.evaluation import Generations, PolicyEvaluator, best_of_n_picks, sample_draws
 from rlhf_jax.logging import read_metrics
 from rlhf_jax.stages import common
@@ -131,7 +131,12 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
     gen, pipe = cfg.generation, cfg.pipeline
 
     def prompt_set(spec: str, field: str):
-        return env.batches(PromptBatches, spec, field, dataclasses.replace(gen.prompts, shuffle=False))
+        batches = env.batches(PromptBatches, spec, field, dataclasses.replace(gen.prompts, shuffle=False))
+        if batches.num_truncated:  # a cut prompt (its head, or a chat template's start) is no task prompt
+            raise ConfigError(f"{field}={spec!r}: {batches.num_truncated} of its {batches.num_rows} prompts are longer "
+                              f"than generation.prompts.max_len={gen.prompts.max_len} tokens; the gold scorer needs "
+                              "each whole, so raise generation.prompts.max_len")
+        return batches
 
     prompt_sets = {"": prompt_set(gen.prompts.val_path, "generation.prompts.val_path")}
     if pipe.heldout_prompts:

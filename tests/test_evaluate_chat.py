@@ -133,3 +133,13 @@ def test_the_gold_reward_reads_the_user_message_of_a_rendered_prompt(tmp_path):
     scores = np.asarray(gold_reward(tokenizer)(None, samples))
     assert gold_score(prompt, "7 10 18") == 1.0  # the right answer, ended
     np.testing.assert_array_equal(scores, [1.0, 0.0])  # the padding row scores 0
+
+
+def test_evaluate_refuses_held_out_prompts_it_would_cut(tmp_path):
+    """A prompt cut to ``generation.prompts.max_len`` loses its head (or the template's start
+    and the message's first words): the gold scorer could not read it."""
+    cfg, workdir, _ = _run_with_exports(tmp_path)
+    cfg = dataclasses.replace(cfg, generation=dataclasses.replace(
+        cfg.generation, prompts=dataclasses.replace(cfg.generation.prompts, max_len=16)))
+    with pytest.raises(ConfigError, match=r"6 of its 6 prompts are longer than generation.prompts.max_len=16"):
+        evaluate_run(cfg, workdir)

@@ -13,7 +13,7 @@ from rlhf_jax.pipeline import run_pipeline
 from rlhf_jax.report import PLOTS
 from tests.helpers import f32_rtol
 
-POLICY_KEYS = ["gold_score", "constraint_violation", "hallucination", "offensive", "rambling",
+POLICY_KEYS = ["gold_score", "gold_score_stderr", "constraint_violation", "hallucination", "offensive", "rambling",
                "attempts_instruction", "rm_score", "response_length", "eos_rate"]
 SPLITS = ("greedy", "sampled", "heldout_greedy", "heldout_sampled")
 REPORT_KEYS = (["rm.val_accuracy", "rm.best_of_n_gold", "rm.best_of_n_random_gold", "rm.best_of_n_oracle_gold",
@@ -21,7 +21,7 @@ REPORT_KEYS = (["rm.val_accuracy", "rm.best_of_n_gold", "rm.best_of_n_random_gol
                 "sft.pretrain_loss", "ppo.pretrain_loss", "ppo_ptx.pretrain_loss", "ppo.pretrain_loss_regression",
                 "ppo_ptx.pretrain_loss_regression"]
                + [f"{p}.{s}.{k}" for p in ("sft", "ppo", "ppo_ptx") for s in SPLITS for k in POLICY_KEYS]
-               + [f"{p}.{s}.win_rate_vs_sft" for p in ("ppo", "ppo_ptx") for s in SPLITS]
+               + [f"{p}.{s}.win_rate_vs_sft{e}" for p in ("ppo", "ppo_ptx") for s in SPLITS for e in ("", "_stderr")]
                + [f"{p}.sampled.kl_to_sft" for p in ("ppo", "ppo_ptx")])
 
 
