@@ -14,7 +14,8 @@ import jax
 
 from rlhf_jax import sharding
 from rlhf_jax.aot.estimate import Estimate, device_bytes, estimate
-from rlhf_jax.aot.programs import Program, stage_programs
+from rlhf_jax.aot.programs import Program
+from rlhf_jax.aot.stages import stage_programs
 from rlhf_jax.aot.topology import Topology, topology_devices
 from rlhf_jax.config import Config
 from rlhf_jax.models.attention import compiling_for

@@ -1,4 +1,4 @@
-"""``rlhf-jax compile --config X --topology v5e:2x2 [--stages sft,ppo] [--json F] [--a.b=v ...]``
+"""``rlhf-jax compile --config X --topology v5e:2x2 [--stages sft,dpo|pipeline] [--json F] [--a.b=v ...]``
 
 Compiles, on this host's CPU, every program the stages run for a TPU topology (libtpu, the
 ``tpu`` extra, describes the slice), on the mesh the real launch makes, and prints each one's
@@ -15,7 +15,7 @@ import os
 import pathlib
 import sys
 
-from rlhf_jax.aot.programs import STAGES
+from rlhf_jax.aot.stages import DEFAULT_STAGES, PIPELINE, STAGES, resolve
 from rlhf_jax.config import ConfigError
 
 EXIT_DOES_NOT_FIT = 3
@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True,
                    help="v4-8, v5e-16, v5e-256, v5p-128, v6e-8, or a grid: v5e:2x2, v6e:4x4, v5p:2x4x4")
     p.add_argument("--slices", type=int, default=1, help="slices of that topology (multi-slice), default 1")
-    p.add_argument("--stages", default=",".join(s for s in STAGES if s != "comparisons"),
-                   help=f"comma-separated, of {', '.join(STAGES)} (default: all but comparisons)")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help=f"comma-separated, of {', '.join(STAGES)}, or {PIPELINE}: every stage `rlhf-jax pipeline` "
+                        f"runs with the config's pipeline.methods (default: {','.join(DEFAULT_STAGES)})")
     p.add_argument("--json", help="also write the figures here as JSON")
     p.add_argument("--estimate-only", action="store_true",
                    help="print the analytic estimate of every program without compiling (seconds)")
@@ -37,10 +38,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def stages_of(text: str) -> tuple[str, ...]:
-    stages = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in stages if s not in STAGES]
+    stages = tuple(s.strip().replace("-", "_") for s in text.split(",") if s.strip())  # best-of-n: best_of_n
+    unknown = [s for s in stages if s not in (*STAGES, PIPELINE)]
     if unknown or not stages:
-        raise ConfigError(f"--stages={text!r}: expected a comma-separated subset of {list(STAGES)}")
+        raise ConfigError(f"--stages={text!r}: expected a comma-separated subset of {list(STAGES)}, "
+                          f"or {PIPELINE!r}")
     return stages
 
 
@@ -60,6 +62,7 @@ def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, 
 
     topology = parse_topology(topology_name, slices)
     cfg = apply_overrides(load_experiment(config) if config else default_config(), overrides)
+    stages = resolve(stages, cfg)
     if estimate_only:
         from rlhf_jax.aot.check import estimates
 
