@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                    help=f"comma-separated, of {', '.join(STAGES)}, or {PIPELINE}: every stage `rlhf-jax pipeline` "
                         f"runs with the config's pipeline.methods (default: {','.join(DEFAULT_STAGES)})")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="programs compiled at a time (each takes its own host memory; default 1)")
     p.add_argument("--json", help="also write the figures here as JSON")
     p.add_argument("--estimate-only", action="store_true",
                    help="print the analytic estimate of every program without compiling (seconds)")
@@ -47,7 +49,7 @@ def stages_of(text: str) -> tuple[str, ...]:
 
 
 def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, ...], overrides: list[str],
-        json_path: str | None = None, out=sys.stdout, estimate_only: bool = False):
+        json_path: str | None = None, out=sys.stdout, estimate_only: bool = False, jobs: int = 1):
     """Compiles and reports; returns the :class:`~rlhf_jax.aot.check.Report` (None with
     ``estimate_only``: the estimates are printed, one JSON line a program)."""
     import jax
@@ -71,7 +73,7 @@ def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, 
                               **{k: v for k, v in vars(e).items()}, "total": e.total}), file=out, flush=True)
         return None
     print(f"compiling {', '.join(stages)} of {cfg.name} for {topology.describe()}", file=out, flush=True)
-    report = check(cfg, topology, stages, progress=lambda line: print(line, file=out, flush=True))
+    report = check(cfg, topology, stages, progress=lambda line: print(line, file=out, flush=True), jobs=jobs)
     print(table(report), file=out, flush=True)
     if json_path:
         pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
     try:
         report = run(args.config, args.topology, args.slices, stages_of(args.stages), overrides, args.json,
-                     estimate_only=args.estimate_only)
+                     estimate_only=args.estimate_only, jobs=args.jobs)
     except ConfigError as err:  # ShardingError and friends are ValueErrors naming the field
         print(f"rlhf-jax compile: error: {err}", file=sys.stderr)
         return 2

@@ -211,9 +211,9 @@ class OnlineParts:
 def online_parts(cfg: Config, stage: str, online: OnlineConfig, mesh: Mesh) -> OnlineParts:
     """:class:`OnlineParts` of ``online`` (a method's block) run as ``stage``: the sampler on
     the iteration's ``episodes`` (each prompt ``group_size`` times, as ``_Inputs`` repeats
-    them), the evaluation on ``prompts.batch_size`` held-out prompts (its sampler too where its
-    rows or temperature differ from training's), its KL, and the pretraining loss with
-    ``pretrain.val_path``."""
+    them); with ``prompts.val_path`` the evaluation on ``prompts.batch_size`` held-out prompts
+    (its sampler too where its rows or temperature differ from training's) and its KL; with
+    ``pretrain.val_path`` the pretraining loss."""
     gen = cfg.generation
     policy = LanguageModel(cfg.model)
     policy_tx = make_optimizer(online.policy_optim, SCHEDULE_STEPS)
@@ -230,8 +230,10 @@ def online_parts(cfg: Config, stage: str, online: OnlineConfig, mesh: Mesh) -> O
                                 gen.kl_estimator)
     # else the held-out sampler is the training sampler's program
     own_sampler = eval_temperature != gen.sampling.temperature or online.group_size > 1
-    evaluation = evaluator_programs(stage, "eval_", evaluator, cfg, reward_cfg, state.params, reference,
-                                    reward_params, mesh, b, p, own_sampler)
+    evaluation = []
+    if online.prompts.val_path:  # else no held-out generations
+        evaluation += evaluator_programs(stage, "eval_", evaluator, cfg, reward_cfg, state.params, reference,
+                                         reward_params, mesh, b, p, own_sampler)
     if online.pretrain.val_path:
         rows, length = online.pretrain.batch_size, online.pretrain.max_len
         evaluation.append(Program(stage, "eval_pretrain_loss", evaluator.lm_eval.jitted,
