@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh

@@ -249,6 +249,16 @@ def dpo_preference_loss(logps, batch, beta: float, kind: str, label_smoothing: f
     return losses.dpo_loss(logps, ref_logps, ranking.ranks, ranking.mask, beta, kind, label_smoothing, denominator)
 
 
+def make_dpo_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any, *, beta: float, kind: str,
+                       label_smoothing: float = 0.0) -> Callable:
+    """DPO's validation: :func:`make_preference_eval_step` over each response's summed
+    log-prob against the reference's. eval(params, (RankingBatch, ref_logps [B, K] f32)) -> sums."""
+    return make_preference_eval_step(
+        lambda params, batch: ranking_logprobs(model, params, batch[0]),
+        lambda logps, batch, _: dpo_preference_loss(logps, batch, beta, kind, label_smoothing),
+        mesh, param_shardings, DPO_BATCH)
+
+
 def make_ranking_logprobs_fn(model: nn.Module, mesh: Mesh, param_shardings: Any) -> Callable:
     """logprobs(params, batch: RankingBatch) -> ``[B, K] f32``: :func:`ranking_logprobs`,
     jitted (DPO's reference)."""

@@ -97,3 +97,68 @@ def test_the_pod_experiments_are_valid_configs_for_their_slices(experiment, topo
     batch_shards = chips // cfg.mesh.tensor
     assert chips % cfg.mesh.tensor == 0 and cfg.sft.data.batch_size % batch_shards == 0
     assert cfg.model.compute_dtype == "bfloat16" and cfg.model.stacked and cfg.model.max_len % 128 == 0
+
+
+def test_the_pipeline_s_stages_follow_pipeline_methods():
+    """`--stages pipeline` (what `tpu.py launch -- pipeline` compiles) is what run_pipeline runs:
+    the larger RM's pretraining and SFT too, and the methods of pipeline.methods in their order."""
+    import dataclasses
+
+    from rlhf_jax.aot.stages import resolve
+    from rlhf_jax.default_config import default_config
+
+    cfg = default_config()
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, methods=("grpo", "dpo", "ppo_ptx")))
+    assert command.stages_of("pipeline,best-of-n") == ("pipeline", "best_of_n")
+    assert resolve(("pipeline", "dpo", "best_of_n"), cfg) == (
+        "pretrain", "sft", "comparisons", "rm", "grpo", "dpo", "ppo_ptx", "best_of_n")
+    larger = dataclasses.replace(cfg, rm=dataclasses.replace(cfg.rm, model=cfg.model))
+    assert resolve(("pipeline",), larger)[:4] == ("pretrain", "sft", "pretrain_large", "sft_large")
+    with pytest.raises(ConfigError, match="--stages='dpo,kto'"):
+        command.stages_of("dpo,kto")
+
+
+# what each method's stage runs (stages/dpo.py, stages/online.py, stages/best_of_n.py)
+# (GRPO's held-out evaluation, the same builders as RLOO's, is left out to save its compiles)
+METHOD_PROGRAMS = {
+    "dpo": {"train_step", "eval_step", "reference_logprobs"},
+    "rloo": {"sampler", "experience", "update", "eval_sampler", "eval_score", "eval_kl", "eval_pretrain_loss"},
+    "grpo": {"sampler", "experience", "update"},
+    "best_of_n": {"sampler", "score", "kl"},
+}
+
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
+def test_the_methods_compile_for_v5e_2x2_and_what_does_not_fit_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """DPO, RLOO, GRPO and best-of-n on the embedded default (tiny model, short rows: XLA's
+    attention), compiled for 4 TPU v5e chips: every program each stage runs, the train steps'
+    states donated (their outputs overwrite them), and on a 64 KiB chip each refused by name."""
+    small_chip = topology.Chip("v5e", "TPU v5 lite", 197e12, 64 * 1024, 819e9, "test")
+    monkeypatch.setitem(topology.CHIPS, "v5e", small_chip)
+    out = tmp_path / "methods.json"
+    rc = command.main(["--topology", "v5e:2x2", "--stages", "dpo,rloo,grpo,best-of-n", "--json", str(out), "--jobs", "2",
+                       "--dpo.data.batch_size=4", "--dpo.k_max=2", "--rloo.prompts.batch_size=4",
+                       "--rloo.group_size=2", "--rloo.minibatch_size=8", "--grpo.prompts.batch_size=4",
+                       "--grpo.group_size=2", "--grpo.minibatch_size=4", "--grpo.prompts.val_path=None",
+                       "--grpo.pretrain.val_path=None", "--generation.prompts.batch_size=4"])
+    report = json.loads(out.read_text())
+    compiled = {}
+    for p in report["programs"]:
+        compiled.setdefault(p["stage"], {})[p["program"]] = p
+    assert {stage: set(programs) for stage, programs in compiled.items()} == METHOD_PROGRAMS
+    for stage, name in (("dpo", "train_step"), ("rloo", "update"), ("grpo", "update")):
+        program = compiled[stage][name]
+        # the donated state: its params and optimiser state at least, aliased to the outputs
+        assert program["bytes_per_chip"]["aliased"] >= program["estimate"]["params"] + program["estimate"]["optimizer"] > 0
+        assert program["estimate"]["gradients"] > 0
+    # the sampler draws group_size copies of each prompt; the held-out evaluation each prompt once
+    rloo = compiled["rloo"]
+    assert rloo["sampler"]["bytes_per_chip"]["arguments"] > rloo["eval_sampler"]["bytes_per_chip"]["arguments"]
+    assert rc == command.EXIT_DOES_NOT_FIT
+    err = capsys.readouterr().err
+    for stage, programs in compiled.items():
+        for name, p in programs.items():
+            total = p["bytes_per_chip"]["total"]
+            assert 64 * 1024 < total < 2 ** 30 and not p["fits"]
+            assert f"{stage}/{name} needs {total / 2 ** 30:.2f} GiB per chip ({total} bytes" in err

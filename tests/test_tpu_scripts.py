@@ -183,3 +183,13 @@ def test_without_dry_run_it_runs_what_it_prints_and_stops_at_a_failure(capsys, m
     ran.clear()
     monkeypatch.setattr(tpu.subprocess, "run", lambda command: ran.append(command) or Done(7))
     assert tpu.main(["setup", *WHERE]) == 7 and len(ran) == 1  # the archive failed: nothing copied
+
+
+def test_every_launchable_command_has_programs_rlhf_jax_compile_knows():
+    """`launch` compiles each command's programs first: every command but sample and label
+    (one worker each) names stages `rlhf-jax compile --stages` accepts."""
+    from rlhf_jax.aot.command import stages_of
+
+    for command in cli.STAGES:
+        if command not in ("sample", "label"):
+            assert stages_of(tpu.COMPILED_STAGES[command])

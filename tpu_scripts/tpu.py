@@ -162,9 +162,10 @@ def check_rlhf_jax_args(cli_args: Sequence[str]) -> list[str]:
     return cli_args
 
 
-# the stages whose programs `rlhf-jax compile` checks before each command is launched
-COMPILED_STAGES = {"pipeline": "pretrain,sft,comparisons,rm,ppo", "pretrain": "pretrain", "sft": "sft",
-                   "comparisons": "comparisons", "rm": "rm", "ppo": "ppo"}
+# the stages whose programs `rlhf-jax compile` checks before each command is launched (every
+# command but sample and label; pipeline: the stages the config's pipeline.methods make it run)
+COMPILED_STAGES = {"pipeline": "pipeline", "pretrain": "pretrain", "sft": "sft", "comparisons": "comparisons",
+                   "rm": "rm", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "dpo": "dpo", "best-of-n": "best_of_n"}
 
 
 def compile_check(args, cli_args: Sequence[str]) -> list[Command]:

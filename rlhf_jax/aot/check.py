@@ -5,7 +5,9 @@ per-chip memory against the chip's HBM: the figures XLA:TPU reports
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import re
 import time
 from typing import Any
@@ -14,7 +16,8 @@ import jax
 
 from rlhf_jax import sharding
 from rlhf_jax.aot.estimate import Estimate, device_bytes, estimate
-from rlhf_jax.aot.programs import Program, stage_programs
+from rlhf_jax.aot.programs import Program
+from rlhf_jax.aot.stages import stage_programs
 from rlhf_jax.aot.topology import Topology, topology_devices
 from rlhf_jax.config import Config
 from rlhf_jax.models.attention import compiling_for
@@ -86,17 +89,22 @@ def _refused(program: Program, mesh, lowered, message: str, seconds: float) -> C
                     refused=message.splitlines()[0][:300])
 
 
-def compile_program(program: Program, mesh) -> Compiled:
-    """Lowers and compiles ``program`` for the devices of ``mesh`` (the TPU's attention)."""
-    start = time.perf_counter()
+def lower_program(program: Program, mesh):
+    """``program`` traced and lowered for the devices of ``mesh`` (with the TPU's attention)."""
     with sharding.activate(mesh), compiling_for("tpu"):
-        lowered = program.jitted.lower(*program.args)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as err:
-            if "RESOURCE_EXHAUSTED" not in str(err):
-                raise
-            return _refused(program, mesh, lowered, str(err), time.perf_counter() - start)
+        return program.jitted.lower(*program.args)
+
+
+def compile_program(program: Program, mesh, lowered=None) -> Compiled:
+    """Compiles ``program`` (``lowered``, or lowered here) for the devices of ``mesh``."""
+    start = time.perf_counter()
+    lowered = lowered if lowered is not None else lower_program(program, mesh)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return _refused(program, mesh, lowered, str(err), time.perf_counter() - start)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -111,18 +119,36 @@ def compile_program(program: Program, mesh) -> Compiled:
                                                                    program.args)))
 
 
-def check(cfg: Config, topology: Topology, stages: tuple[str, ...], progress=None) -> Report:
+def check(cfg: Config, topology: Topology, stages: tuple[str, ...], progress=None, jobs: int = 1) -> Report:
     """Compiles the programs of ``stages`` for ``topology`` on the mesh ``cfg.mesh`` makes
-    of its devices (as the real launch does from ``jax.devices()``)."""
+    of its devices (as the real launch does from ``jax.devices()``), ``jobs`` at a time
+    (XLA compiles outside Python's lock; each holds its own host memory). Programs that lower
+    to the same module (two methods' held-out evaluation, PPO's and PPO-ptx's sampler) are
+    compiled once and reported under each name."""
+    say = progress or (lambda line: None)
     mesh = sharding.make_mesh(cfg.mesh, devices=topology_devices(topology))
     programs = stage_programs(cfg, stages, mesh)  # outside the mesh: small eager ops run on this CPU
-    results = []
-    for program in programs:
-        if progress:
-            progress(f"compiling {program.stage}/{program.name} ...")
-        results.append(compile_program(program, mesh))
-        if progress:
-            progress(f"  {results[-1].compile_s:.1f} s, {results[-1].total / GiB:.2f} GiB per chip")
+    lowered = [lower_program(program, mesh) for program in programs]  # tracing holds Python's lock: in turn
+    modules = [hashlib.sha256(module.as_text().encode()).hexdigest() for module in lowered]
+    first = {}
+    for program, module, lowering in zip(programs, modules, lowered):
+        first.setdefault(module, (program, lowering))
+
+    def compile_one(program: Program, lowering) -> Compiled:
+        say(f"compiling {program.stage}/{program.name} ...")
+        result = compile_program(program, mesh, lowering)
+        say(f"  {program.stage}/{program.name}: {result.compile_s:.1f} s, {result.total / GiB:.2f} GiB per chip")
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max(jobs, 1)) as pool:
+        compiled = {module: pool.submit(compile_one, *first_one) for module, first_one in first.items()}
+        results = []
+        for program, module in zip(programs, modules):
+            result = compiled[module].result()
+            if program is not first[module][0]:  # the same module: its figures, no second compile
+                say(f"  {program.stage}/{program.name}: the same program as {result.stage}/{result.name}")
+                result = dataclasses.replace(result, stage=program.stage, name=program.name, compile_s=0.0)
+            results.append(result)
     return Report(topology=topology, mesh=dict(mesh.shape), programs=results)
 
 

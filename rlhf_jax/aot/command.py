@@ -1,4 +1,4 @@
-"""``rlhf-jax compile --config X --topology v5e:2x2 [--stages sft,ppo] [--json F] [--a.b=v ...]``
+"""``rlhf-jax compile --config X --topology v5e:2x2 [--stages sft,dpo|pipeline] [--json F] [--a.b=v ...]``
 
 Compiles, on this host's CPU, every program the stages run for a TPU topology (libtpu, the
 ``tpu`` extra, describes the slice), on the mesh the real launch makes, and prints each one's
@@ -15,7 +15,7 @@ import os
 import pathlib
 import sys
 
-from rlhf_jax.aot.programs import STAGES
+from rlhf_jax.aot.stages import DEFAULT_STAGES, PIPELINE, STAGES, resolve
 from rlhf_jax.config import ConfigError
 
 EXIT_DOES_NOT_FIT = 3
@@ -28,8 +28,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True,
                    help="v4-8, v5e-16, v5e-256, v5p-128, v6e-8, or a grid: v5e:2x2, v6e:4x4, v5p:2x4x4")
     p.add_argument("--slices", type=int, default=1, help="slices of that topology (multi-slice), default 1")
-    p.add_argument("--stages", default=",".join(s for s in STAGES if s != "comparisons"),
-                   help=f"comma-separated, of {', '.join(STAGES)} (default: all but comparisons)")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help=f"comma-separated, of {', '.join(STAGES)}, or {PIPELINE}: every stage `rlhf-jax pipeline` "
+                        f"runs with the config's pipeline.methods (default: {','.join(DEFAULT_STAGES)})")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="programs compiled at a time (each takes its own host memory; default 1)")
     p.add_argument("--json", help="also write the figures here as JSON")
     p.add_argument("--estimate-only", action="store_true",
                    help="print the analytic estimate of every program without compiling (seconds)")
@@ -37,15 +40,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def stages_of(text: str) -> tuple[str, ...]:
-    stages = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in stages if s not in STAGES]
+    stages = tuple(s.strip().replace("-", "_") for s in text.split(",") if s.strip())  # best-of-n: best_of_n
+    unknown = [s for s in stages if s not in (*STAGES, PIPELINE)]
     if unknown or not stages:
-        raise ConfigError(f"--stages={text!r}: expected a comma-separated subset of {list(STAGES)}")
+        raise ConfigError(f"--stages={text!r}: expected a comma-separated subset of {list(STAGES)}, "
+                          f"or {PIPELINE!r}")
     return stages
 
 
 def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, ...], overrides: list[str],
-        json_path: str | None = None, out=sys.stdout, estimate_only: bool = False):
+        json_path: str | None = None, out=sys.stdout, estimate_only: bool = False, jobs: int = 1):
     """Compiles and reports; returns the :class:`~rlhf_jax.aot.check.Report` (None with
     ``estimate_only``: the estimates are printed, one JSON line a program)."""
     import jax
@@ -60,6 +64,7 @@ def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, 
 
     topology = parse_topology(topology_name, slices)
     cfg = apply_overrides(load_experiment(config) if config else default_config(), overrides)
+    stages = resolve(stages, cfg)
     if estimate_only:
         from rlhf_jax.aot.check import estimates
 
@@ -68,7 +73,7 @@ def run(config: str | None, topology_name: str, slices: int, stages: tuple[str, 
                               **{k: v for k, v in vars(e).items()}, "total": e.total}), file=out, flush=True)
         return None
     print(f"compiling {', '.join(stages)} of {cfg.name} for {topology.describe()}", file=out, flush=True)
-    report = check(cfg, topology, stages, progress=lambda line: print(line, file=out, flush=True))
+    report = check(cfg, topology, stages, progress=lambda line: print(line, file=out, flush=True), jobs=jobs)
     print(table(report), file=out, flush=True)
     if json_path:
         pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
     try:
         report = run(args.config, args.topology, args.slices, stages_of(args.stages), overrides, args.json,
-                     estimate_only=args.estimate_only)
+                     estimate_only=args.estimate_only, jobs=args.jobs)
     except ConfigError as err:  # ShardingError and friends are ValueErrors naming the field
         print(f"rlhf-jax compile: error: {err}", file=sys.stderr)
         return 2

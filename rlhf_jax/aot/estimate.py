@@ -130,9 +130,10 @@ def estimate(program, mesh: Mesh, output_bytes: int) -> Estimate:
     est.params = device_bytes(getattr(state, "params", state)) if not isinstance(state, tuple) else device_bytes(state)
     if hasattr(state, "opt_state"):
         est.optimizer = device_bytes(state.opt_state)
-    elif hasattr(state, "policy"):  # PPO: both train states and the EMA
-        est.params = device_bytes((state.policy.params, state.value.params, state.ema_params))
-        est.optimizer = device_bytes((state.policy.opt_state, state.value.opt_state))
+    elif hasattr(state, "policy"):  # an online method's: its train states (PPO's value model too) and the EMA
+        trained = [state.policy] + ([state.value] if hasattr(state, "value") else [])
+        est.params = device_bytes(([t.params for t in trained], state.ema_params))
+        est.optimizer = device_bytes([t.opt_state for t in trained])
     if program.trainable is not None:
         est.gradients = device_bytes(program.trainable)
         # Observed in every train step compiled for TPU (docs/tpu.md): beyond the rest, a step

@@ -196,8 +196,11 @@ def restore_or_start(env: StageEnv, ckpt_cfg: CheckpointConfig, state: Any,
 
 
 def trainable_summary(params: Any, opt_state: Any) -> dict[str, int]:
-    """What a stage trains (metrics at its first step): parameters trained and in all, and
-    the optimiser state's bytes (with ``model.lora``, the adapters' and a scalar head's)."""
+    """What a stage trains with ``model.lora`` (metrics at its first step): parameters
+    trained (the adapters and a scalar head) and in all, and the optimiser state's bytes.
+    Empty without adapters: a full fine-tuning run's metrics stay as they were."""
+    if not lora.has_adapters(params):
+        return {}
     trainable, frozen = lora.split_trainable(params)
     n_trainable = lora.count_params(trainable)
     return {"params/trainable": n_trainable, "params/total": n_trainable + lora.count_params(frozen),

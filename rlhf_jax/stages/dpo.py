@@ -19,6 +19,12 @@ from rlhf_jax.stages.offline import evaluate_preferences, train_offline
 from rlhf_jax.stages.table import RunOptions
 
 
+def reference_is_base(cfg: Config) -> bool:
+    """LoRA without ``dpo.reference_init``: the reference is the policy's own base with the
+    adapters off (no second copy)."""
+    return cfg.model.lora.enabled and not cfg.dpo.reference_init
+
+
 def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathlib.Path | None:
     """Trains the policy with DPO; returns its export (None if stopped early)."""
     d, stage = cfg.dpo, options.stage or "dpo"
@@ -36,8 +42,7 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
     model = LanguageModel(cfg.model, dropout_rate=d.dropout)
     tx = make_optimizer(d.optim, total_steps)
     params, _ = env.load_params(d.policy_init, model, "dpo.policy_init")
-    # LoRA: the reference is the policy's own base with the adapters off (no second copy)
-    base_is_reference = cfg.model.lora.enabled and not d.reference_init
+    base_is_reference = reference_is_base(cfg)
     ref_params = None
     if not base_is_reference:
         ref_spec, ref_field = (d.reference_init, "dpo.reference_init") if d.reference_init else \
@@ -61,10 +66,8 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
         return lambda state, batch: step(state, with_reference(state.params, batch))
 
     def make_evaluate(state_shardings):
-        eval_fn = steps.make_preference_eval_step(
-            lambda p, batch: steps.ranking_logprobs(model, p, batch[0]),
-            lambda logps, batch, _: steps.dpo_preference_loss(logps, batch, d.beta, d.kind, d.label_smoothing),
-            env.mesh, state_shardings.params, steps.DPO_BATCH)
+        eval_fn = steps.make_dpo_eval_step(model, env.mesh, state_shardings.params, beta=d.beta, kind=d.kind,
+                                           label_smoothing=d.label_smoothing)
         with_reference = reference_of(state_shardings.params)
         return lambda s: evaluate_preferences(eval_fn, s.params, val, env.mesh, "dpo",
                                               lambda batch: with_reference(s.params, batch))

@@ -34,10 +34,12 @@ def train_offline(env: common.StageEnv, stage_cfg: Any, *, model: Any, tx: Any, 
     step = make_step(shardings)
     evaluate = make_evaluate(shardings) if make_evaluate is not None else None
     logger = MetricsLogger(env.stage_dir, start, total_steps, env.stage, show_progress)
-    if start == 0 and getattr(train, "num_truncated", 0):
-        logger.log(0, {truncated: train.num_truncated})
-    if start == 0:
-        logger.log(0, common.trainable_summary(state.params, state.opt_state))
+    if start == 0:  # one step-0 record: what trains (LoRA) and how many examples were cut
+        first = common.trainable_summary(state.params, state.opt_state)
+        if getattr(train, "num_truncated", 0):
+            first[truncated] = train.num_truncated
+        if first:
+            logger.log(0, first)
     state, finished = train_loop(
         env, state=state, step_fn=lambda state, batch, _: step(state, batch), batches=train,
         total_steps=total_steps, ckpts=ckpts, start_step=start, log_every=stage_cfg.log_every,

@@ -187,13 +187,13 @@ def run_online(cfg: Config, workdir: str | pathlib.Path, method: OnlineMethod, w
         return metrics
 
     logger = MetricsLogger(env.stage_dir, start, mcfg.iterations, stage, options.show_progress)
-    if start == 0 and prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
-        logger.log(0, {"data/truncated_prompts": prompts.num_truncated})
-    if start == 0:
-        for name in ("policy", "value"):  # what trains (the value model: PPO's)
-            if (trained := getattr(state, name, None)) is not None:
-                summary = common.trainable_summary(trained.params, trained.opt_state)
-                logger.log(0, {f"{name}/{k}": v for k, v in summary.items()})
+    if start == 0:  # one step-0 record: what trains (LoRA; the value model: PPO's) and cut prompts
+        first = {f"{name}/{k}": v for name in ("policy", "value") if (trained := getattr(state, name, None))
+                 for k, v in common.trainable_summary(trained.params, trained.opt_state).items()}
+        if prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
+            first["data/truncated_prompts"] = prompts.num_truncated
+        if first:
+            logger.log(0, first)
     if start == 0 and (val_prompts is not None or pretrain_val is not None):
         logger.log(0, evaluate(state))  # the SFT policy's numbers, for comparison
 
