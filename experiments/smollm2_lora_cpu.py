@@ -20,9 +20,10 @@ PPO's policy is the merged SFT model plus fresh adapters with that model as its 
 
 Sized so that the three stages and the evaluation take under 20 minutes on 2 CPU cores
 (docs/lora.md: what it measured). The chat template puts SmolLM2's default system message in
-front of every prompt: a task prompt renders to 40-54 tokens, a demonstration to 45-69 with
-its reply and <|im_end|>, so rows are 72 (SFT), 80 (RM) and 56 + 24 (PPO) tokens. The
-evaluation: the held-out prompts (``rlhf-jax data task-conversations --n-prompts-val``), one
+front of every prompt: a task prompt renders to 40-59 tokens, a demonstration to 45-69 with
+its reply and <|im_end|>, so rows are 72 (SFT), 80 (RM) and 56 + 24 (PPO) tokens (21 of the
+4,000 PPO prompts lose the start of the system message; the 96 held-out ones fit, and
+``rlhf-jax evaluate`` refuses a cut one). The evaluation: the held-out prompts (``rlhf-jax data task-conversations --n-prompts-val``), one
 greedy and one sampled response per prompt, no pretraining-loss pass, no best-of-n.
 """
 

@@ -82,7 +82,7 @@ def _launched(remote: str) -> list[str]:
     return words[start:words.index(">", start)]
 
 
-@pytest.mark.parametrize("stage", [s for s in cli.STAGES if s not in ("evaluate", "sample", "label")])
+@pytest.mark.parametrize("stage", [s for s in cli.STAGES if s not in ("sample", "label")])
 def test_launch_runs_the_stage_on_every_worker_and_the_cli_accepts_it(capsys, stage):
     experiment = "experiments/llama_tpu_pod.py"
     check, ssh = dry_run(capsys, "launch", "--topology", "v5p-32", "--env", "RLHF_JAX_DATA_DIR=/mnt/disks/b/data",

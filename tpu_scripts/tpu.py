@@ -163,9 +163,11 @@ def check_rlhf_jax_args(cli_args: Sequence[str]) -> list[str]:
 
 
 # the stages whose programs `rlhf-jax compile` checks before each command is launched (every
-# command but sample and label; pipeline: the stages the config's pipeline.methods make it run)
+# command but sample and label; pipeline: the stages the config's pipeline.methods make it run;
+# evaluate: best-of-n's, the held-out evaluator's sampler, RM score and KL on generation.prompts)
 COMPILED_STAGES = {"pipeline": "pipeline", "pretrain": "pretrain", "sft": "sft", "comparisons": "comparisons",
-                   "rm": "rm", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "dpo": "dpo", "best-of-n": "best_of_n"}
+                   "rm": "rm", "ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "dpo": "dpo", "best-of-n": "best_of_n",
+                   "evaluate": "best_of_n"}
 
 
 def compile_check(args, cli_args: Sequence[str]) -> list[Command]:
