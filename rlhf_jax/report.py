@@ -192,6 +192,14 @@ def methods_table(report: dict[str, Any], methods: tuple[Any, ...]) -> list[str]
     return lines
 
 
+def _stage_times(report: dict[str, Any]) -> str:
+    """What the wall time adds up: `` (sft 205 s, ..., evaluation 175 s)``. A stage run by its
+    own command records no time (only the pipeline does), so ``rlhf-jax evaluate``'s report
+    counts what it knows, and says so."""
+    seconds = report.get("stage_seconds", {})
+    return f" ({', '.join(f'{name} {value:.0f} s' for name, value in seconds.items())})" if seconds else ""
+
+
 def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[str, list[dict[str, str]]],
                  methods: tuple[Any, ...]) -> None:
     """Writes report.json, the plots and report.md into ``workdir``; ``methods``: the stages
@@ -203,7 +211,7 @@ def write_report(workdir: pathlib.Path, report: dict[str, Any], samples: dict[st
     baselines = [b for b in ("sft", "sft_large") if b in report]
     ev = report["evaluation"]
     get = lambda policy, split, key: report[policy].get(split, {}).get(key, "-")  # noqa: E731
-    lines = [f"# rlhf_jax report: {report.get('name', '')}", "", f"Wall time: {report['wall_seconds']:.0f} s.", "",
+    lines = [f"# rlhf_jax report: {report.get('name', '')}", "", f"Wall time: {report['wall_seconds']:.0f} s{_stage_times(report)}.", "",
              f"Held-out prompts ({ev['prompts']}): *sampled* is {ev['samples_per_prompt']} responses per prompt at "
              f"the sampling temperature {ev['temperature']} (generation.sampling, the online methods' too), *greedy* "
              f"one; win rates pair each response with the baseline's to the same prompt (and draw), ties half. "
