@@ -33,6 +33,7 @@ import pathlib
 import statistics
 import sys
 
+from rlhf_jax.atomic import write_text
 from rlhf_jax.stages.table import METHODS
 from rlhf_jax.tasks.gold import FLAWS
 
@@ -160,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         reports[seed] = run_pipeline(dataclasses.replace(base, seed=seed), run_dir)
     summary = summarize(reports)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "sweep.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    # whole or not at all, as the report is (a full disk leaves the previous summary)
+    write_text(workdir / "sweep.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     table = markdown(summary, base.name)
-    (workdir / "sweep.md").write_text(table)
+    write_text(workdir / "sweep.md", table)
     print(table)
     return 0
 
