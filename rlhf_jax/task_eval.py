@@ -177,7 +177,8 @@ def evaluate(cfg: Config, workdir: pathlib.Path, methods: tuple[Any, ...]) -> tu
             if isinstance(report[name][split], dict) and (baseline, split) in gold:
                 ours, theirs = gold[(name, split)], gold[(baseline, split)]
                 ours = np.tile(ours, len(theirs) // len(ours))  # best-of-n: one pick per prompt, each draw
-                wins = losses.win_outcomes(jnp.asarray(ours), jnp.asarray(theirs))
+                # compared as computed (float64): in float32 close gold scores would tie
+                wins = losses.win_outcomes(ours, theirs)
                 n_prompts = prompt_sets["heldout_" if split.startswith("heldout_") else ""].num_rows
                 report[name][split][f"win_rate_vs_{baseline}"] = float(jnp.mean(wins))
                 report[name][split][f"win_rate_vs_{baseline}_stderr"] = float(losses.stderr_over_prompts(wins, n_prompts))

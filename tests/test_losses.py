@@ -300,6 +300,10 @@ def test_win_rate_counts_ties_half():
     baseline = jnp.array([0.5, 0.5, 0.3, 0.7])  # win, tie, loss, tie
     assert float(losses.win_rate(scores, baseline)) == pytest.approx((1.0 + 0.5 + 0.0 + 0.5) / 4)
     assert float(losses.win_rate(baseline, baseline)) == 0.5
+    # gold scores are float64 (numpy): compared as given, 1e-9 apart is a win, not the tie it
+    # would be in float32 (whose spacing at 0.5 is 6e-8): the evaluation passes them unconverted
+    gold = np.array([0.5 + 1e-9, 0.25]), np.array([0.5, 0.25 + 1e-9])
+    assert losses.win_outcomes(*gold).tolist() == [1.0, 0.0]
 
 
 def test_stderr_over_prompts_averages_each_prompts_draws_first():
