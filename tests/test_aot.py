@@ -130,6 +130,7 @@ METHOD_PROGRAMS = {
 
 @needs_libtpu
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
+@pytest.mark.slow
 def test_the_methods_compile_for_v5e_2x2_and_what_does_not_fit_is_refused_by_name(tmp_path, monkeypatch, capsys):
     """DPO, RLOO, GRPO and best-of-n on the embedded default (tiny model, short rows: XLA's
     attention), compiled for 4 TPU v5e chips: every program each stage runs, the train steps'

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from benchmarks import run
 
 
@@ -17,6 +19,7 @@ def _numbers(tree, path=""):
         yield path, tree
 
 
+@pytest.mark.slow
 def test_quick_ours_only_writes_finite_results_and_never_recompiles(tmp_path):
     run.main(["--quick", "--ours-only", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())

@@ -46,6 +46,7 @@ def test_a_rerun_compiles_nothing_new_and_run_paths_live_in_the_run_directory(tm
     assert _entries(cache) == written and not (second / "xla_cache").exists()
 
 
+@pytest.mark.slow
 def test_without_the_field_nothing_is_cached(tmp_path):
     task = common.task_files(tmp_path / "task", 0)["manifest"].parent
     demos = write_demonstrations(tmp_path / "demos.jsonl", 64)

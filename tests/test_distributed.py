@@ -248,6 +248,7 @@ def _run_both(tmp_path, cfg, command: str, reference) -> tuple[pathlib.Path, pat
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_train_sft_like_one_and_write_one_checkpoint(tmp_path, eight_devices):
     cfg = _cfg(tmp_path)
     two, one = _run_both(tmp_path, cfg, "sft", lambda w: run_sft(cfg, w, show_progress=False))
@@ -265,6 +266,7 @@ def test_two_processes_train_sft_like_one_and_write_one_checkpoint(tmp_path, eig
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_train_the_reward_model_like_one(tmp_path, eight_devices):
     """Starts from an SFT export, validates each epoch and normalises on demonstrations:
     restores, evaluation sums and gathered rewards all cross processes."""

@@ -223,6 +223,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_rerun_is_exact(tmp_path, dat
     _assert_same_export(workdir / stage / "export", reference(stage), stage)
 
 
+@pytest.mark.slow
 def test_truncated_prompts_are_counted_in_the_metrics(reference):
     """PPO prompts over ``prompts.max_len`` are cut (the default ``on_too_long='truncate'``)
     and the count is the first line of metrics.jsonl; SFT and RM do the same for examples."""

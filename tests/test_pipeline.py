@@ -50,6 +50,7 @@ def _get(report, dotted):
     return value
 
 
+@pytest.mark.slow
 def test_micro_pipeline_writes_a_complete_report(tmp_path):
     report = run_pipeline(micro_config(), tmp_path, show_progress=False)
     on_disk = json.loads((tmp_path / "report.json").read_text())
@@ -96,6 +97,7 @@ def test_micro_pipeline_writes_a_complete_report(tmp_path):
     assert again["wall_seconds"] > again["stage_seconds"]["evaluation"] + report["stage_seconds"]["pretrain"]
 
 
+@pytest.mark.slow
 def test_micro_pipeline_with_a_larger_reward_model_and_a_gold_reward_run(tmp_path):
     """rm.model: the RM (and so the value model) starts from a larger model that the
     pipeline pretrains and fine-tunes too; PPO and evaluation read its architecture from the

@@ -217,6 +217,7 @@ def test_a_truncated_jsonl_line_is_named_without_a_doubled_word(run, capsys):
     assert "at at" not in err
 
 
+@pytest.mark.slow
 def test_a_refused_restore_prints_one_error_line_and_no_asyncio_noise(run):
     workdir, demos = run
     experiment = str(write_experiment(tiny_config(demos, steps=4, save_every=2), workdir.parent / "exp.py"))
@@ -255,6 +256,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(run, damage):
     workdir, demos = run
     experiment = str(write_experiment(tiny_config(demos, steps=6, save_every=2), workdir.parent / "exp.py"))
@@ -273,6 +275,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
     assert (workdir / "sft" / "export" / "export.json").exists()
 
 
+@pytest.mark.slow
 def test_when_every_checkpoint_is_damaged_the_message_names_the_steps(run):
     workdir, demos = run
     experiment = str(write_experiment(tiny_config(demos, steps=6, save_every=2), workdir.parent / "exp.py"))

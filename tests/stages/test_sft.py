@@ -36,6 +36,7 @@ def test_tiny_model_overfits_tiny_dataset(tmp_path):
     assert [m["val/loss"] for m in metrics if "val/loss" in m][-1] < 0.05
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_exact(tmp_path):
     demos = write_demonstrations(tmp_path / "demos.jsonl", 64)
     cfg = tiny_config(demos, steps=8, save_every=2, dropout=0.1)  # dropout: RNG must resume too
