@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf_jax.config.checks import ConfigError, check_dropout, require_at_least
-from rlhf_jax.config.stages import CheckpointConfig, DataConfig, OptimConfig
+from rlhf_jax.config.checks import ConfigError, require_at_least
+from rlhf_jax.config.stages import CheckpointConfig, DataConfig, OptimConfig, validate_ranking_training
 
 GOLD_REWARD = "gold"  # reward_init: the embedded task's gold scorer instead of a reward model
 
@@ -169,13 +169,7 @@ class DPOConfig:
     reference_init: str | None = None  # the frozen reference; None: policy_init
 
     def validate(self, where: str) -> None:
-        self.data.validate(f"{where}.data")
-        self.optim.validate(f"{where}.optim")
-        self.checkpoint.validate(f"{where}.checkpoint")
-        require_at_least(self, where, 1, "epochs", "log_every")
-        require_at_least(self, where, 1, "max_steps", "eval_every", optional=True)
-        require_at_least(self, where, 2, "k_max")
-        check_dropout(self.dropout, f"{where}.dropout")
+        validate_ranking_training(self, where)
         if self.beta <= 0:
             raise ConfigError(f"{where}.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:

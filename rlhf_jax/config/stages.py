@@ -84,6 +84,18 @@ class SFTConfig:
         check_dropout(self.dropout, f"{where}.dropout")
 
 
+def validate_ranking_training(block, where: str) -> None:
+    """The checks every stage that trains on ranked comparisons shares (the RM, DPO): its
+    data, optimiser and checkpoint blocks, step counts, ``k_max`` >= 2 and dropout."""
+    block.data.validate(f"{where}.data")
+    block.optim.validate(f"{where}.optim")
+    block.checkpoint.validate(f"{where}.checkpoint")
+    require_at_least(block, where, 1, "epochs", "log_every")
+    require_at_least(block, where, 1, "max_steps", "eval_every", optional=True)
+    require_at_least(block, where, 2, "k_max")
+    check_dropout(block.dropout, f"{where}.dropout")
+
+
 @dataclass(frozen=True)
 class RMConfig:
     """Reward model on ranked comparisons (paper: 1 epoch; the RM starts from the SFT model)."""
@@ -108,13 +120,7 @@ class RMConfig:
     model: ModelConfig | None = None
 
     def validate(self, where: str) -> None:
-        self.data.validate(f"{where}.data")
-        self.optim.validate(f"{where}.optim")
-        self.checkpoint.validate(f"{where}.checkpoint")
-        require_at_least(self, where, 1, "epochs", "log_every")
-        require_at_least(self, where, 1, "max_steps", "eval_every", optional=True)
-        require_at_least(self, where, 2, "k_max")
-        check_dropout(self.dropout, f"{where}.dropout")
+        validate_ranking_training(self, where)
         if self.model is not None:
             self.model.validate(f"{where}.model")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Any
 
 from rlhf_jax import parameters, provenance, steps
 from rlhf_jax.config import Config
@@ -49,12 +50,16 @@ def run(cfg: Config, workdir: str | pathlib.Path, options: RunOptions) -> pathli
             (d.policy_init, "dpo.policy_init")
         ref_params, _ = env.load_params(ref_spec, LanguageModel(cfg.model), ref_field)
 
+    built: dict[str, Any] = {}  # one jitted reference pass for the step and the evaluation: one compile
+
     def reference_of(param_shardings):
         """with_reference(policy params, batch) -> (batch, the frozen reference's log-probs):
         a forward pass, no gradient."""
-        ref_shardings = (lora.base_params(param_shardings) if base_is_reference
-                         else parameters.shardings_of(ref_params))
-        ref_logprobs = steps.make_ranking_logprobs_fn(LanguageModel(cfg.model), env.mesh, ref_shardings)
+        if "ref_logprobs" not in built:
+            ref_shardings = (lora.base_params(param_shardings) if base_is_reference
+                             else parameters.shardings_of(ref_params))
+            built["ref_logprobs"] = steps.make_ranking_logprobs_fn(LanguageModel(cfg.model), env.mesh, ref_shardings)
+        ref_logprobs = built["ref_logprobs"]
         return lambda params, batch: (batch, ref_logprobs(lora.base_params(params) if base_is_reference
                                                           else ref_params, batch))
 
