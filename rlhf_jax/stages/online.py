@@ -31,7 +31,7 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages.loop import count_tokens, train_loop
 from rlhf_jax.stages.table import RunOptions
 from rlhf_jax.steps import create_train_state
-from rlhf_jax.types import PolicyState, TokenBatch
+from rlhf_jax.types import PolicyState, TokenBatch, TrainState
 
 GenerationMetrics = Callable[[Generations], dict[str, float]]
 
@@ -187,9 +187,12 @@ def run_online(cfg: Config, workdir: str | pathlib.Path, method: OnlineMethod, w
         return metrics
 
     logger = MetricsLogger(env.stage_dir, start, mcfg.iterations, stage, options.show_progress)
-    if start == 0:  # one step-0 record: what trains (LoRA; the value model: PPO's) and cut prompts
-        first = {f"{name}/{k}": v for name in ("policy", "value") if (trained := getattr(state, name, None))
-                 for k, v in common.trainable_summary(trained.params, trained.opt_state).items()}
+    if start == 0:  # one step-0 record: what each trained model of the state trains (LoRA), cut prompts
+        first = {}
+        for part in dataclasses.fields(state):  # the policy, and PPO's value model
+            if isinstance(trained := getattr(state, part.name), TrainState):
+                summary = common.trainable_summary(trained.params, trained.opt_state)
+                first.update({f"{part.name}/{k}": v for k, v in summary.items()})
         if prompts.num_truncated:  # on_too_long='truncate' cut them: say how many
             first["data/truncated_prompts"] = prompts.num_truncated
         if first:
